@@ -1,0 +1,130 @@
+"""Conv1D/2D/3D: `z[p] = Σ_k patch[p, k] W[k] + b`, any strides, padding, dilation, groups.
+
+Example n's gradient of W is Σ_p patch[n, p] ⊗ g[n, p] over output positions p: the
+patches of the input are gathered once (one strided slice per kernel offset), each
+example's gradient is formed by a batched matrix product, in chunks, and squared.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import keras
+import tensorflow as tf
+
+from keras_ewc.fisher.kernels._common import (
+    broadcast_sum_squared,
+    f32,
+    over_examples,
+    stop,
+)
+
+LAYERS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
+METHODS = ("convolution_op", "kernel")
+
+
+def supports(layer) -> bool:
+    if getattr(layer, "lora_enabled", False) or layer.quantization_mode is not None:
+        return False
+    return layer.padding in ("valid", "same", "causal")
+
+
+def params(layer) -> dict:
+    out = {"kernel": layer._kernel}
+    if layer.use_bias:
+        out["bias"] = layer.bias
+    return out
+
+
+def forward(layer, args, kwargs):
+    x = args[0]
+    padding = layer.padding
+    if padding == "causal":
+        x = keras.ops.pad(x, layer._compute_causal_padding())
+        padding = "valid"
+    z = keras.ops.conv(
+        x,
+        stop(layer.kernel),
+        strides=list(layer.strides),
+        padding=padding,
+        dilation_rate=layer.dilation_rate,
+        data_format=layer.data_format,
+    )
+    if layer.use_bias:
+        if layer.data_format == "channels_last":
+            shape = (1,) * (layer.rank + 1) + (layer.filters,)
+        else:
+            shape = (1, layer.filters) + (1,) * layer.rank
+        z = z + tf.reshape(stop(layer.bias), shape)
+    return (x, padding), z, _activation(layer)
+
+
+def _channels_last(t, rank, leading):
+    """Moves the channel axis of a channels_first tensor (after `leading` axes) last."""
+    perm = list(range(leading)) + [leading + 1 + i for i in range(rank)] + [leading]
+    return tf.transpose(t, perm)
+
+
+def patches(x, kernel_size, strides, dilation, padding):
+    """`[B, *out, K, C]`: the input under each of the K kernel offsets, channels last."""
+    spatial = x.shape[1:-1]
+    pads = [[0, 0]]
+    out = []
+    for size, k, s, d in zip(spatial, kernel_size, strides, dilation):
+        span = (k - 1) * d + 1
+        if padding == "same":
+            count = -(-int(size) // s)
+            total = max((count - 1) * s + span - int(size), 0)
+            pads.append([total // 2, total - total // 2])
+        else:
+            count = (int(size) - span) // s + 1
+            pads.append([0, 0])
+        out.append(count)
+    x = tf.pad(x, pads + [[0, 0]])
+    slices = []
+    for offset in itertools.product(*[range(k) for k in kernel_size]):
+        index = [slice(None)]
+        for o, d, s, count in zip(offset, dilation, strides, out):
+            index.append(slice(o * d, o * d + (count - 1) * s + 1, s))
+        slices.append(x[tuple(index)])
+    return tf.stack(slices, axis=-2)
+
+
+def _activation(layer):
+    return layer.activation if layer.activation is not None else (lambda z: z)
+
+
+def sum_squared(layer, records, grads) -> dict:
+    rank, groups = layer.rank, layer.groups
+    first = layer.data_format == "channels_first"
+    batch = int(grads[0].shape[1])
+    xs, gs = [], []
+    for (x, padding), g in zip(records, grads):
+        x, g = f32(x), f32(g)
+        if first:
+            x, g = _channels_last(x, rank, 1), _channels_last(g, rank, 2)
+        p = patches(x, layer.kernel_size, layer.strides, layer.dilation_rate, padding)
+        xs.append(tf.reshape(p, [batch, -1, p.shape[-2], groups, p.shape[-1] // groups]))
+        gs.append(tf.reshape(g, [g.shape[0], batch, -1, groups, g.shape[-1] // groups]))
+    # Positions of every call are summed within an example before squaring.
+    x, g = tf.concat(xs, 1), tf.concat(gs, 2)
+
+    def chunk(x, g):
+        per_example = tf.einsum("npkgc,tnpgo->tnkcgo", x, g)
+        return tf.reduce_sum(tf.square(per_example), axis=[0, 1])
+
+    size = int(g.shape[0]) * _size(layer._kernel.shape)
+    kernel = over_examples(chunk, size, (0, 1), x, g)
+    out = {"kernel": tf.reshape(kernel, layer._kernel.shape)}
+    if layer.use_bias:
+        out["bias"] = broadcast_sum_squared(
+            [_channels_last(f32(g), rank, 2) if first else g for g in grads], layer.bias.shape
+        )
+    return out
+
+
+def _size(shape):
+    size = 1
+    for d in shape:
+        size *= int(d)
+    return size
