@@ -53,7 +53,8 @@ def build_sum_squared_grads(
     With `fast=True` (the default), the variables of layers that have a kernel take the
     fast path and all others the reference path; the result is the same either way, to
     floating-point rounding. `fast=False` forces the reference path for all variables.
-    The function is traced once for each batch shape.
+    The function is traced once for each batch shape; after a call, its `paths`
+    attribute maps each variable's path to the path it took ("fast" or "reference").
     """
     variables = list(variables)
     layers = fast_module.plan(model, variables) if fast else []
@@ -63,12 +64,15 @@ def build_sum_squared_grads(
     def reference(rest, inputs, extra):
         return reference_sums(model, rest, terms_fn, inputs, extra)
 
+    paths = {}
+
     @tf.function
     def fn(inputs, extra):
         return fast_module.sum_squared_grads(
-            model, layers, variables, terms_fn, reference, inputs, extra
+            model, layers, variables, terms_fn, reference, inputs, extra, paths
         )
 
+    fn.paths = paths
     return fn
 
 
@@ -82,6 +86,7 @@ def build_reference(
     def fn(inputs, extra):
         return reference_sums(model, variables, terms_fn, inputs, extra)
 
+    fn.paths = {getattr(v, "path", v.name): "reference" for v in variables}
     return fn
 
 
@@ -109,8 +114,16 @@ def reference_sums(model, variables, terms_fn, inputs, extra) -> list:
         del tape
         return acc
 
-    if extra is None:
-        per_example = tf.vectorized_map(lambda x: one((x, None)), inputs)
-    else:
-        per_example = tf.vectorized_map(one, (inputs, extra))
+    def each(x, e):
+        return one((x, e))
+
+    elems = (inputs, extra) if extra is not None else inputs
+    fn = (lambda args: each(*args)) if extra is not None else (lambda x: each(x, None))
+    try:
+        per_example = tf.vectorized_map(fn, elems)
+    except (TypeError, ValueError, NotImplementedError):
+        # pfor cannot vectorise some backward passes (a recurrent layer's loop):
+        # one example after another instead.
+        signature = [tf.TensorSpec(v.shape, tf.float32) for v in variables]
+        per_example = tf.map_fn(fn, elems, fn_output_signature=signature)
     return [tf.reduce_sum(p, axis=0) for p in per_example]

@@ -86,11 +86,14 @@ class Recorder:
         return call
 
 
-def sum_squared_grads(model, layers, variables, terms_fn, reference, inputs, extra):
+def sum_squared_grads(
+    model, layers, variables, terms_fn, reference, inputs, extra, paths=None
+):
     """Per-variable Σ_n Σ_t (∂ terms[n, t] / ∂ v)² for one batch (call while tracing).
 
     `reference(variables, inputs, extra)` computes the same for the variables no kernel
-    covers.
+    covers. `paths`, a dict, if given, is filled with each variable's path ("fast" or
+    "reference") under its `path` (or name), for tests and diagnostics.
     """
     batch_size = tf.nest.flatten(inputs)[0].shape[0]
     with tf.GradientTape(persistent=True) as tape:
@@ -106,17 +109,13 @@ def sum_squared_grads(model, layers, variables, terms_fn, reference, inputs, ext
     for layer, module, params in layers:
         names = list(params)
         leaks = tape.gradient(total, [params[k] for k in names])
-        if batch_size is None or any(g is not None for g in leaks):
-            continue
-        fast.append((layer, module, params, recorder.calls[id(layer)]))
+        # A leaked variable is read outside the recorded calls; the others stay exact,
+        # as the gradients at z cover every use of z.
+        kept = {k: params[k] for k, g in zip(names, leaks) if g is None}
+        if batch_size is not None and kept:
+            fast.append((layer, module, kept, recorder.calls[id(layer)]))
     zs = [z for _, _, _, calls in fast for _, z in calls]
-    grads = []
-    if zs:
-        if terms.shape[1] == 1:
-            grads = tape.gradient(total, zs, unconnected_gradients="zero")
-            grads = [g[None] for g in grads]
-        else:
-            grads = tape.jacobian(columns, zs, unconnected_gradients="zero")
+    grads = _column_grads(tape, terms, columns, total, zs) if zs else []
     del tape
 
     sums = {}
@@ -127,8 +126,33 @@ def sum_squared_grads(model, layers, variables, terms_fn, reference, inputs, ext
         else:
             values = {}
         for name, v in params.items():
-            sums[id(v)] = values.get(name, tf.zeros(v.shape, tf.float32))
+            sums[id(v)] = values[name] if name in values else tf.zeros(v.shape, tf.float32)
     rest = [v for v in variables if id(v) not in sums]
+    if paths is not None:
+        for v in variables:
+            paths[getattr(v, "path", v.name)] = "reference" if id(v) not in sums else "fast"
     if rest:
         sums.update(zip((id(v) for v in rest), reference(rest, inputs, extra)))
     return [tf.convert_to_tensor(sums[id(v)]) for v in variables]
+
+
+def _column_grads(tape, terms, columns, total, zs):
+    """`[T, *z.shape]` for each z: the gradient of each term column summed over examples.
+
+    Vectorised over the T columns (`tape.jacobian` with pfor); where pfor cannot
+    vectorise the backward pass (recurrent layers' loops), one pass a column.
+    """
+    # Targets must be computed while the tape records: `total`, or `columns` as a whole.
+    if terms.shape[1] == 1:
+        return [g[None] for g in tape.gradient(total, zs, unconnected_gradients="zero")]
+    try:
+        return tape.jacobian(columns, zs, unconnected_gradients="zero")
+    except (ValueError, TypeError, NotImplementedError):
+        pass
+    count = int(terms.shape[1])
+    per_column = [
+        tape.gradient(columns, zs, output_gradients=tf.one_hot(t, count),
+                      unconnected_gradients="zero")
+        for t in range(count)
+    ]
+    return [tf.stack(list(g)) for g in zip(*per_column)]

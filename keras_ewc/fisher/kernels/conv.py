@@ -26,7 +26,10 @@ METHODS = ("convolution_op", "kernel")
 def supports(layer) -> bool:
     if getattr(layer, "lora_enabled", False) or layer.quantization_mode is not None:
         return False
-    return layer.padding in ("valid", "same", "causal")
+    # channels_first cannot run on CPU in TensorFlow, so it is left to the reference.
+    return layer.data_format == "channels_last" and layer.padding in (
+        "valid", "same", "causal"
+    )
 
 
 def params(layer) -> dict:
@@ -51,18 +54,8 @@ def forward(layer, args, kwargs):
         data_format=layer.data_format,
     )
     if layer.use_bias:
-        if layer.data_format == "channels_last":
-            shape = (1,) * (layer.rank + 1) + (layer.filters,)
-        else:
-            shape = (1, layer.filters) + (1,) * layer.rank
-        z = z + tf.reshape(stop(layer.bias), shape)
+        z = z + stop(layer.bias)
     return (x, padding), z, _activation(layer)
-
-
-def _channels_last(t, rank, leading):
-    """Moves the channel axis of a channels_first tensor (after `leading` axes) last."""
-    perm = list(range(leading)) + [leading + 1 + i for i in range(rank)] + [leading]
-    return tf.transpose(t, perm)
 
 
 def patches(x, kernel_size, strides, dilation, padding):
@@ -95,14 +88,11 @@ def _activation(layer):
 
 
 def sum_squared(layer, records, grads) -> dict:
-    rank, groups = layer.rank, layer.groups
-    first = layer.data_format == "channels_first"
+    groups = layer.groups
     batch = int(grads[0].shape[1])
     xs, gs = [], []
     for (x, padding), g in zip(records, grads):
         x, g = f32(x), f32(g)
-        if first:
-            x, g = _channels_last(x, rank, 1), _channels_last(g, rank, 2)
         p = patches(x, layer.kernel_size, layer.strides, layer.dilation_rate, padding)
         xs.append(tf.reshape(p, [batch, -1, p.shape[-2], groups, p.shape[-1] // groups]))
         gs.append(tf.reshape(g, [g.shape[0], batch, -1, groups, g.shape[-1] // groups]))
@@ -117,9 +107,7 @@ def sum_squared(layer, records, grads) -> dict:
     kernel = over_examples(chunk, size, (0, 1), x, g)
     out = {"kernel": tf.reshape(kernel, layer._kernel.shape)}
     if layer.use_bias:
-        out["bias"] = broadcast_sum_squared(
-            [_channels_last(f32(g), rank, 2) if first else g for g in grads], layer.bias.shape
-        )
+        out["bias"] = broadcast_sum_squared(grads, layer.bias.shape)
     return out
 
 
