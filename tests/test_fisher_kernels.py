@@ -15,7 +15,7 @@ from keras_ewc.fisher import diagonal, engine, likelihoods
 from keras_ewc.fisher.kernels import _common
 from tests import oracle
 
-N = 6
+N = 4
 CLASSES = 3
 
 
@@ -84,7 +84,7 @@ CONFIGS = {
     "masked_sequence_dense": lambda: (
         _seq((5, 4), L.Masking(0.0), L.Dense(4, activation="tanh"),
              L.GlobalAveragePooling1D()),
-        _x((5, 4)) * (np.arange(5)[None, :, None] < np.array([5, 3, 2, 5, 1, 4])[:, None, None])),
+        _x((5, 4)) * (np.arange(5)[None, :, None] < np.array([5, 3, 2, 1])[:, None, None])),
     "batchnorm": lambda: (
         _bn(_seq((5,), L.Dense(6), L.BatchNormalization(), L.Dense(4, activation="relu"))),
         _x((5,))),
@@ -230,10 +230,10 @@ def _paths_by_layer(paths):
 def test_model_mixing_fast_and_fallback_layers():
     keras.utils.set_random_seed(3)
     model = keras.Sequential([
-        keras.Input((4, 5)), L.Dense(6, activation="tanh", name="d1"),
-        L.SimpleRNN(4, return_sequences=True, name="rnn"), Scale(name="scale"),
+        keras.Input((2, 3)), L.Dense(3, activation="tanh", name="d1"),
+        L.SimpleRNN(2, return_sequences=True, name="rnn"), Scale(name="scale"),
         L.Flatten(), DoubledDense(5, name="doubled"), L.Dense(CLASSES, name="d2")])
-    x = _x((4, 5))
+    x = _x((2, 3))
     fisher, paths = _sums(model, x)
     by_layer = _paths_by_layer(paths)
     assert by_layer["d1"] == by_layer["d2"] == "fast"
@@ -315,5 +315,6 @@ def test_memory_is_bounded_by_chunks(monkeypatch):
         # One batch of per-example kernel gradients would be batch * classes * 16 * 32.
         assert max(sizes) <= max(4096, activations) * 3, max(sizes)
         assert set(fn.paths.values()) == {"fast"}
-    fisher = [s / 64 for s in fn(x, None)]
-    oracle.assert_close(fisher, oracle.categorical_exact(model, model.trainable_variables, x.numpy()))
+    reference = engine.build_sum_squared_grads(
+        model, model.trainable_variables, diagonal._terms_fn(lik, "exact", 1), fast=False)
+    oracle.assert_close(fn(x, None), reference(x, None))

@@ -35,15 +35,15 @@ def forward(layer, args, kwargs):
 def sum_squared(layer, records, grads) -> dict:
     rows, width = (int(d) for d in layer._embeddings.shape)
     batch = int(grads[0].shape[1])
-    terms = int(grads[0].shape[0])
     ids = tf.concat([tf.reshape(tf.cast(r, tf.int64), [batch, -1]) for r in records], 1)
-    # [T, B, S, D] -> [B, S, T, D]: one (example, position) a row, the T terms side by side.
-    g = tf.concat(
-        [tf.reshape(f32(g), [terms, batch, -1, width]) for g in grads], 2
-    )
-    g = tf.reshape(tf.transpose(g, [1, 2, 0, 3]), [-1, terms * width])
+    # [T, B * S, D]: one (example, position) a row, for each term.
+    g = tf.concat([tf.reshape(f32(g), [g.shape[0], batch, -1, width]) for g in grads], 2)
+    g = tf.reshape(g, [g.shape[0], -1, width])
     example = tf.range(batch, dtype=tf.int64)[:, None] * rows
-    keys, index = tf.unique(tf.reshape(example + ids, [-1]))
-    per_pair = tf.math.unsorted_segment_sum(g, index, tf.shape(keys)[0])
-    squares = tf.reduce_sum(tf.reshape(tf.square(per_pair), [-1, terms, width]), axis=1)
+    keys, pair = tf.unique(tf.reshape(example + ids, [-1]))
+    pairs = tf.shape(keys)[0]
+    # Σ_t (Σ_{s: ids[n, s] = r} g[t, n, s])², one (example, row) pair at a time.
+    squares = tf.add_n([
+        tf.square(tf.math.unsorted_segment_sum(g[t], pair, pairs)) for t in range(g.shape[0])
+    ])
     return {"embeddings": tf.math.unsorted_segment_sum(squares, keys % rows, rows)}
