@@ -6,9 +6,9 @@ For each model, on the same N examples and batch size, measured side by side in 
 - `grad`: one batched gradient of the mean loss, the unit;
 - `exact`, `sampled`, `empirical`: the engine's sums of squared per-example gradients
   (`keras_ewc.fisher.engine.build_sum_squared_grads`), fast path;
-- `loop`: a per-example loop (a compiled function of one example, called N times) for
-  the same estimator, timed on `--loop-examples` examples and scaled to N;
-- `reference`: the engine's per-example reference path (`tf.vectorized_map`).
+- per-example loops for the same estimator, timed on a few examples and scaled to N:
+  `compiled` (a `tf.function` of one example, called N times: the strongest loop) and
+  `eager` (one `GradientTape` an example and a term, as most EWC code does).
 
 Run: `PYTHONPATH=. python benchmarks/fisher_speed.py` (`--quick` for a smoke run).
 """
@@ -47,6 +47,18 @@ def cnn():
     ]), lambda rng, n: rng.normal(size=(n, 28, 28, 1)).astype("float32"), 10
 
 
+def cnn_pooled():
+    return keras.Sequential([
+        keras.Input((28, 28, 1)),
+        keras.layers.Conv2D(32, 3, activation="relu"),
+        keras.layers.MaxPooling2D(2),
+        keras.layers.Conv2D(64, 3, activation="relu"),
+        keras.layers.MaxPooling2D(2),
+        keras.layers.Flatten(),
+        keras.layers.Dense(10),
+    ]), lambda rng, n: rng.normal(size=(n, 28, 28, 1)).astype("float32"), 10
+
+
 def text():
     return keras.Sequential([
         keras.Input((100,), dtype="int32"),
@@ -57,7 +69,12 @@ def text():
     ]), lambda rng, n: rng.integers(0, 10000, size=(n, 100)).astype("int32"), 4
 
 
-MODELS = {"MLP 784-1000-1000-10": mlp, "CNN 2 conv + dense": cnn, "Embedding + Dense": text}
+MODELS = {
+    "MLP 784-1000-1000-10": mlp,
+    "CNN conv32-conv64/2-dense": cnn,
+    "Embedding(10k, 64) + Dense": text,
+    "CNN with max-pooling": cnn_pooled,
+}
 
 
 def best_time(fn, batches, repeats):
@@ -73,7 +90,7 @@ def best_time(fn, batches, repeats):
     return min(times)
 
 
-def run(name, build, n, batch_size, repeats, loop_examples):
+def run(name, build, n, batch_size, repeats, loop_examples, eager_examples):
     keras.utils.set_random_seed(0)
     model, make_x, classes = build()
     rng = np.random.default_rng(0)
@@ -121,8 +138,10 @@ def run(name, build, n, batch_size, repeats, loop_examples):
         ]
         loops[e](*singles[0])
         loop = best_time(loops[e], singles, 1) * n / loop_examples
+        eager = best_time(loops[e].python_function, singles[:eager_examples], 1)
+        eager *= n / eager_examples
         fast = min(times[e])
-        rows.append((name, e, fast, fast / unit, loop / fast))
+        rows.append((name, e, fast, fast / unit, loop / fast, eager / fast))
     return unit, rows
 
 
@@ -147,22 +166,26 @@ def main():
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--loop-examples", type=int, default=128)
+    parser.add_argument("--eager-examples", type=int, default=16)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--models", default=",".join(str(i) for i in range(len(MODELS))))
+    parser.add_argument("--models", default="0,1,2",
+                        help="indices into " + ", ".join(f"{i}: {k}" for i, k in enumerate(MODELS)))
     args = parser.parse_args()
     if args.quick:
-        args.examples, args.repeats, args.loop_examples = 256, 1, 16
+        args.examples, args.repeats, args.loop_examples, args.eager_examples = 256, 1, 16, 4
     chosen = [list(MODELS.items())[int(i)] for i in args.models.split(",")]
     print(f"N={args.examples} examples, batch size {args.batch_size}, "
           f"tensorflow {tf.__version__}, keras {keras.__version__}")
-    print("| model | estimator | time (s) | × batched gradient | speed-up vs per-example loop |")
-    print("|---|---|---|---|---|")
+    print("| model | estimator | time (s) | × batched gradient "
+          "| speed-up vs compiled loop | vs eager loop |")
+    print("|---|---|---|---|---|---|")
     for name, build in chosen:
         unit, rows = run(name, build, args.examples, args.batch_size, args.repeats,
-                         args.loop_examples)
-        print(f"| {name} | batched gradient | {unit:.3f} | 1.00 | |")
-        for model_name, e, t, ratio, speedup in rows:
-            print(f"| {model_name} | {e} | {t:.3f} | {ratio:.2f} | {speedup:.0f}× |", flush=True)
+                         args.loop_examples, args.eager_examples)
+        print(f"| {name} | batched gradient | {unit:.3f} | 1.00 | | |")
+        for model_name, e, t, ratio, compiled, eager in rows:
+            print(f"| {model_name} | {e} | {t:.3f} | {ratio:.2f} | {compiled:.0f}× "
+                  f"| {eager:.0f}× |", flush=True)
 
 
 if __name__ == "__main__":

@@ -75,7 +75,8 @@ CONFIGS = {
              L.Conv2D(4, 3, dilation_rate=2, activation="tanh"),
              L.Conv2D(2, 1, use_bias=False)), _x((9, 8, 2))),
     "conv3d": lambda: (
-        _seq((4, 5, 4, 2), L.Conv3D(3, 2, strides=(1, 2, 1), padding="same")),
+        _seq((4, 5, 4, 2), L.Conv3D(3, 2, strides=(1, 2, 1), padding="same"),
+             L.Conv3D(2, 2, dilation_rate=(2, 1, 1))),
         _x((4, 5, 4, 2))),
     "embedding": lambda: (_seq((6,), L.Embedding(7, 4)), _tokens(6)),
     "embedding_mask_zero": lambda: (

@@ -59,28 +59,40 @@ def forward(layer, args, kwargs):
 
 
 def patches(x, kernel_size, strides, dilation, padding):
-    """`[B, *out, K, C]`: the input under each of the K kernel offsets, channels last."""
-    spatial = x.shape[1:-1]
+    """`[B, *out, K * C]`: the input under each of the K kernel offsets, channels last.
+
+    Offsets are ordered as the kernel's spatial axes, channels fastest, like the rows
+    of the kernel reshaped to `[K * C, filters]`.
+    """
     pads = [[0, 0]]
-    out = []
-    for size, k, s, d in zip(spatial, kernel_size, strides, dilation):
+    for size, k, s, d in zip(x.shape[1:-1], kernel_size, strides, dilation):
         span = (k - 1) * d + 1
+        total = 0
         if padding == "same":
-            count = -(-int(size) // s)
-            total = max((count - 1) * s + span - int(size), 0)
-            pads.append([total // 2, total - total // 2])
-        else:
-            count = (int(size) - span) // s + 1
-            pads.append([0, 0])
-        out.append(count)
+            total = max((-(-int(size) // s) - 1) * s + span - int(size), 0)
+        pads.append([total // 2, total - total // 2])
     x = tf.pad(x, pads + [[0, 0]])
+    rank = len(kernel_size)
+    if rank <= 2:
+        # tf.image.extract_patches is 2D; a 1D input is an image of height 1.
+        y = x[:, None] if rank == 1 else x
+        lift = (lambda v: [1, 1, v[0], 1]) if rank == 1 else (lambda v: [1, *v, 1])
+        y = tf.image.extract_patches(
+            y, lift(kernel_size), lift(strides), lift(dilation), "VALID"
+        )
+        return y[:, 0] if rank == 1 else y
+    if all(d == 1 for d in dilation):
+        return tf.extract_volume_patches(x, [1, *kernel_size, 1], [1, *strides, 1], "VALID")
+    # Dilated 3D: one strided slice per kernel offset.
+    out = [(int(n) - (k - 1) * d - 1) // s + 1
+           for n, k, s, d in zip(x.shape[1:-1], kernel_size, strides, dilation)]
     slices = []
     for offset in itertools.product(*[range(k) for k in kernel_size]):
         index = [slice(None)]
         for o, d, s, count in zip(offset, dilation, strides, out):
             index.append(slice(o * d, o * d + (count - 1) * s + 1, s))
         slices.append(x[tuple(index)])
-    return tf.stack(slices, axis=-2)
+    return tf.concat(slices, axis=-1)
 
 
 def _activation(layer):
@@ -88,19 +100,24 @@ def _activation(layer):
 
 
 def sum_squared(layer, records, grads) -> dict:
-    groups = layer.groups
+    groups, channels = layer.groups, int(layer._kernel.shape[-2])
     batch = int(grads[0].shape[1])
     xs, gs = [], []
     for (x, padding), g in zip(records, grads):
-        x, g = f32(x), f32(g)
-        p = patches(x, layer.kernel_size, layer.strides, layer.dilation_rate, padding)
-        xs.append(tf.reshape(p, [batch, -1, p.shape[-2], groups, p.shape[-1] // groups]))
-        gs.append(tf.reshape(g, [g.shape[0], batch, -1, groups, g.shape[-1] // groups]))
+        p = patches(f32(x), layer.kernel_size, layer.strides, layer.dilation_rate, padding)
+        xs.append(tf.reshape(p, [batch, -1, p.shape[-1]]))
+        gs.append(tf.reshape(f32(g), [g.shape[0], batch, -1, g.shape[-1]]))
     # Positions of every call are summed within an example before squaring.
     x, g = tf.concat(xs, 1), tf.concat(gs, 2)
 
     def chunk(x, g):
-        per_example = tf.einsum("npkgc,tnpgo->tnkcgo", x, g)
+        if groups == 1:
+            # [T, n, K * C, filters]: Σ_p patch[n, p] ⊗ g[t, n, p], a matmul an example.
+            per_example = tf.matmul(x[None], g, transpose_a=True)
+        else:
+            x = tf.reshape(x, [x.shape[0], x.shape[1], -1, groups, channels])
+            g = tf.reshape(g, [g.shape[0], g.shape[1], g.shape[2], groups, -1])
+            per_example = tf.einsum("npkgc,tnpgo->tnkcgo", x, g)
         return tf.reduce_sum(tf.square(per_example), axis=[0, 1])
 
     size = int(g.shape[0]) * _size(layer._kernel.shape)
