@@ -1,7 +1,8 @@
 """How fast is the Fisher engine? Times as multiples of one batched gradient pass.
 
 For each model, on the same N examples and batch size, measured side by side in one run
-(these machines are noisy: each timing is the best of `--repeats` interleaved rounds):
+(these machines are noisy: each ratio is the median over `--repeats` rounds of the
+ratio within a round; times are the best round):
 
 - `grad`: one batched gradient of the mean loss, the unit;
 - `exact`, `sampled`, `empirical`: the engine's sums of squared per-example gradients
@@ -123,12 +124,18 @@ def run(name, build, n, batch_size, repeats, loop_examples, eager_examples):
         grad(*grad_batches[0])
         for e in ESTIMATORS:
             fns[e](*batches(extras[e])[0])
-    unit = []
+    # Each round times the unit and every estimator back to back; a ratio is taken
+    # within a round and the median over rounds is reported, so that load from other
+    # processes, which drifts over seconds, cancels out of the ratios.
+    units, ratios = [], {e: [] for e in ESTIMATORS}
     for _ in range(repeats):
-        unit.append(best_time(grad, grad_batches, 1))
+        unit = best_time(grad, grad_batches, 1)
+        units.append(unit)
         for e in ESTIMATORS:
-            times[e].append(best_time(fns[e], batches(extras[e]), 1))
-    unit = min(unit)
+            t = best_time(fns[e], batches(extras[e]), 1)
+            times[e].append(t)
+            ratios[e].append(t / unit)
+    unit = min(units)
     rows = []
     for e in ESTIMATORS:
         extra = extras[e]
@@ -141,7 +148,7 @@ def run(name, build, n, batch_size, repeats, loop_examples, eager_examples):
         eager = best_time(loops[e].python_function, singles[:eager_examples], 1)
         eager *= n / eager_examples
         fast = min(times[e])
-        rows.append((name, e, fast, fast / unit, loop / fast, eager / fast))
+        rows.append((name, e, fast, float(np.median(ratios[e])), loop / fast, eager / fast))
     return unit, rows
 
 
@@ -164,7 +171,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--loop-examples", type=int, default=128)
     parser.add_argument("--eager-examples", type=int, default=16)
     parser.add_argument("--quick", action="store_true")

@@ -16,8 +16,10 @@ diagonal times the number of examples:
   LayerNormalization, BatchNormalization), one batched backward pass a term column
   (vectorised over the columns) gives the gradients there, and each kernel forms the
   sums from them without materialising per-example gradients where it can;
-- the reference path, used for every other variable: `tf.vectorized_map` over the
-  examples of the batch, one tape per example, exact for every layer kind.
+- the reference path, used for every other variable (layers without a kernel, subclasses
+  that override `call`, weights read outside their layer's call): `tf.vectorized_map`
+  over the examples of the batch, one tape per example, exact for every layer kind
+  (`tf.map_fn` where pfor cannot vectorise the model, as for recurrent layers).
 
 Both follow the same contract:
 
@@ -27,7 +29,8 @@ Both follow the same contract:
 - The model is called in inference mode (`training=False`), so dropout and batch
   normalisation act on each example alone and examples do not interact.
 
-Memory is bounded by the batch: callers chunk the data into batches.
+Memory is bounded by the batch: callers chunk the data into batches, and kernels that
+form per-example gradients do so in chunks of examples (`kernels._common.BUDGET`).
 """
 
 from __future__ import annotations

@@ -43,6 +43,8 @@ def lookup(layer):
     A subclass of a supported class qualifies only when it overrides none of the
     methods the kernel relies on (`call` first of all).
     """
+    if "call" in vars(layer) or getattr(layer, "_remat_mode", None) is not None:
+        return None  # a patched instance, or a rematerialised call: not plain Keras.
     table = registry()
     for cls in type(layer).__mro__:
         module = table.get(cls)

@@ -111,16 +111,20 @@ def sum_squared(layer, records, grads) -> dict:
     x, g = tf.concat(xs, 1), tf.concat(gs, 2)
 
     def chunk(x, g):
-        if groups == 1:
-            # [T, n, K * C, filters]: Σ_p patch[n, p] ⊗ g[t, n, p], a matmul an example.
-            per_example = tf.matmul(x[None], g, transpose_a=True)
-        else:
-            x = tf.reshape(x, [x.shape[0], x.shape[1], -1, groups, channels])
-            g = tf.reshape(g, [g.shape[0], g.shape[1], g.shape[2], groups, -1])
-            per_example = tf.einsum("npkgc,tnpgo->tnkcgo", x, g)
-        return tf.reduce_sum(tf.square(per_example), axis=[0, 1])
+        # One term at a time: T small batched matmuls beat one broadcast over T.
+        total = 0.0
+        for t in range(g.shape[0]):
+            if groups == 1:
+                # [n, K * C, filters]: Σ_p patch[n, p] ⊗ g[t, n, p], a matmul an example.
+                per_example = tf.matmul(x, g[t], transpose_a=True)
+            else:
+                xg = tf.reshape(x, [x.shape[0], x.shape[1], -1, groups, channels])
+                gg = tf.reshape(g[t], [g.shape[1], g.shape[2], groups, -1])
+                per_example = tf.einsum("npkgc,npgo->nkcgo", xg, gg)
+            total += tf.reduce_sum(tf.square(per_example), axis=0)
+        return total
 
-    size = int(g.shape[0]) * _size(layer._kernel.shape)
+    size = _size(layer._kernel.shape)
     kernel = over_examples(chunk, size, (0, 1), x, g)
     out = {"kernel": tf.reshape(kernel, layer._kernel.shape)}
     if layer.use_bias:

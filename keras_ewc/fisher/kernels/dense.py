@@ -64,8 +64,12 @@ def kernel_sum_squared(records, grads):
     )
 
     def chunk(x, g):
-        per_example = tf.einsum("nsi,tnso->tnio", x, g)
-        return tf.reduce_sum(tf.square(per_example), axis=[0, 1])
+        # One term at a time: T small batched matmuls beat one broadcast over T.
+        total = 0.0
+        for t in range(g.shape[0]):
+            per_example = tf.matmul(x, g[t], transpose_a=True)  # [n, I, O]
+            total += tf.reduce_sum(tf.square(per_example), axis=0)
+        return total
 
-    size = int(g.shape[0]) * int(x.shape[-1]) * int(g.shape[-1])
+    size = int(x.shape[-1]) * int(g.shape[-1])
     return over_examples(chunk, size, (0, 1), x, g)

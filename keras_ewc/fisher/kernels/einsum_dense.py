@@ -76,21 +76,23 @@ def sum_squared(layer, records, grads) -> dict:
 def kernel_sum_squared(equation, records, grads):
     x_spec, w_spec, z_spec = _explicit(equation, records[0].shape.rank)
     n = x_spec[0]
-    t = next(c for c in string.ascii_letters if c not in x_spec + w_spec + z_spec)
     if len(records) == 1 and set(x_spec + z_spec) - {n} <= set(w_spec):
         x2 = tf.square(f32(records[0]))
         g2 = tf.reduce_sum(tf.square(f32(grads[0])), axis=0)
         return tf.einsum(f"{x_spec},{z_spec}->{w_spec}", x2, g2)
 
-    per_example = f"{x_spec},{t}{z_spec}->{t}{n}{w_spec}"
+    per_example = f"{x_spec},{z_spec}->{n}{w_spec}"
 
     def chunk(*tensors):
+        xs, gs = tensors[: len(records)], tensors[len(records):]
         total = 0.0
-        for x, g in zip(tensors[: len(records)], tensors[len(records):]):
-            total += tf.einsum(per_example, f32(x), f32(g))
-        return tf.reduce_sum(tf.square(total), axis=[0, 1])
+        for t in range(gs[0].shape[0]):
+            # Example n's gradient for term t, summed over the layer's calls.
+            g_t = sum(tf.einsum(per_example, f32(x), f32(g[t])) for x, g in zip(xs, gs))
+            total += tf.reduce_sum(tf.square(g_t), axis=0)
+        return total
 
-    size = int(grads[0].shape[0]) * _num_elements(w_spec, x_spec, z_spec, records[0], grads[0])
+    size = _num_elements(w_spec, x_spec, z_spec, records[0], grads[0])
     axes = (0,) * len(records) + (1,) * len(grads)
     return over_examples(chunk, size, axes, *records, *grads)
 
