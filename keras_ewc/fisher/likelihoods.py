@@ -225,7 +225,7 @@ def get(likelihood, model=None) -> Likelihood:
         compiled = _from_compiled_loss(model)
         if compiled is not None and compiled.name == name:
             return compiled
-        return _CLASSES[name](from_logits=_guess_from_logits(model))
+        return _CLASSES[name](from_logits=_guess_from_logits(getattr(model, "network", model)))
     raise ValueError(
         f"Unknown likelihood. Expected one of {list(LIKELIHOODS)} or a Likelihood "
         f"instance. Received: likelihood={likelihood!r}"
@@ -242,7 +242,7 @@ def _from_compiled_loss(model):
         name = _LOSS_NAMES.get(loss.lower())
         return None if name is None else _CLASSES[name](from_logits=False)
     key = type(loss).__name__.lower()
-    if hasattr(loss, "fn") and getattr(loss, "fn", None) is not None and key == "lossfunctionwrapper":
+    if key == "lossfunctionwrapper" and getattr(loss, "fn", None) is not None:
         key = loss.fn.__name__.lower()
     elif callable(loss) and hasattr(loss, "__name__"):
         key = loss.__name__.lower()
