@@ -319,3 +319,26 @@ def test_memory_is_bounded_by_chunks(monkeypatch):
     reference = engine.build_sum_squared_grads(
         model, model.trainable_variables, diagonal._terms_fn(lik, "exact", 1), fast=False)
     oracle.assert_close(fn(x, None), reference(x, None))
+
+
+class ScaledKernelDense(keras.layers.Dense):
+    """Overrides the `kernel` property, which Dense.call reads: not the plain kernel."""
+
+    @property
+    def kernel(self):
+        return self._kernel * 2.0
+
+
+@pytest.mark.filterwarnings("ignore:You passed `rms_scaling=True`")
+def test_unsupported_configurations_take_the_reference_path():
+    keras.utils.set_random_seed(7)
+    lora = L.Dense(4, name="lora")
+    model = _seq((5,), lora, ScaledKernelDense(4, name="scaled"),
+                 L.LayerNormalization(rms_scaling=True, name="rms"), L.Dense(4, name="plain"))
+    lora.enable_lora(2)
+    x = _x((5,))
+    fisher, paths = _sums(model, x)
+    by_layer = _paths_by_layer(paths)
+    assert by_layer["lora"] == by_layer["scaled"] == by_layer["rms"] == "reference"
+    assert by_layer["plain"] == "fast"
+    oracle.assert_close(fisher, oracle.categorical_exact(model, model.trainable_variables, x))
