@@ -342,3 +342,21 @@ def test_unsupported_configurations_take_the_reference_path():
     assert by_layer["lora"] == by_layer["scaled"] == by_layer["rms"] == "reference"
     assert by_layer["plain"] == "fast"
     oracle.assert_close(fisher, oracle.categorical_exact(model, model.trainable_variables, x))
+
+
+def test_mixed_precision_matches_reference_path():
+    """float16 compute: records and gradients are squared and summed in float32."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        keras.utils.set_random_seed(8)
+        model = _seq((8, 6), L.Conv1D(4, 3), L.LayerNormalization(),
+                     L.Dense(5, activation="relu"))
+        x = _x((8, 6))
+        fisher, paths = _sums(model, x)
+        reference, _ = _sums(model, x, fast=False)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert set(paths.values()) == {"fast"}
+    assert all(f.dtype == tf.float32 for f in fisher)
+    # Both paths round in float16, in different orders.
+    oracle.assert_close(fisher, reference, rtol=2e-3)

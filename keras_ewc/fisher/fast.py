@@ -64,7 +64,8 @@ class Recorder:
     def _recordable(self, args) -> bool:
         x = args[0] if args else None
         return (
-            isinstance(x, tf.Tensor)
+            self.batch_size is not None
+            and isinstance(x, tf.Tensor)
             and tf.compat.v1.get_default_graph() is self.graph
             and x.shape.rank is not None
             and x.shape.rank >= 1
