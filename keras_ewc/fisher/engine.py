@@ -122,11 +122,15 @@ def reference_sums(model, variables, terms_fn, inputs, extra) -> list:
 
     elems = (inputs, extra) if extra is not None else inputs
     fn = (lambda args: each(*args)) if extra is not None else (lambda x: each(x, None))
-    try:
-        per_example = tf.vectorized_map(fn, elems)
-    except (TypeError, ValueError, NotImplementedError):
-        # pfor cannot vectorise some backward passes (a recurrent layer's loop):
-        # one example after another instead.
-        signature = [tf.TensorSpec(v.shape, tf.float32) for v in variables]
+    signature = [tf.TensorSpec(v.shape, tf.float32) for v in variables]
+    if fast_module.has_loops(model):
+        # pfor cannot vectorise a recurrent layer's backward loop; failing to try is slow.
         per_example = tf.map_fn(fn, elems, fn_output_signature=signature)
+    else:
+        try:
+            per_example = tf.vectorized_map(fn, elems)
+        except (TypeError, ValueError, NotImplementedError):
+            # Other graphs pfor cannot vectorise: one example after another instead.
+            per_example = tf.map_fn(fn, elems, fn_output_signature=signature)
     return [tf.reduce_sum(p, axis=0) for p in per_example]
+

@@ -16,6 +16,7 @@ still finds for them reveals such a use.
 
 from __future__ import annotations
 
+import keras
 import tensorflow as tf
 
 from keras_ewc.fisher import kernels
@@ -116,7 +117,7 @@ def sum_squared_grads(
         if batch_size is not None and kept:
             fast.append((layer, module, kept, recorder.calls[id(layer)]))
     zs = [z for _, _, _, calls in fast for _, z in calls]
-    grads = _column_grads(tape, terms, columns, total, zs) if zs else []
+    grads = _column_grads(tape, terms, columns, total, zs, has_loops(model)) if zs else []
     del tape
 
     sums = {}
@@ -137,19 +138,20 @@ def sum_squared_grads(
     return [tf.convert_to_tensor(sums[id(v)]) for v in variables]
 
 
-def _column_grads(tape, terms, columns, total, zs):
+def _column_grads(tape, terms, columns, total, zs, loops=False):
     """`[T, *z.shape]` for each z: the gradient of each term column summed over examples.
 
     Vectorised over the T columns (`tape.jacobian` with pfor); where pfor cannot
-    vectorise the backward pass (recurrent layers' loops), one pass a column.
+    vectorise the backward pass (`loops`: recurrent layers), one pass a column.
     """
     # Targets must be computed while the tape records: `total`, or `columns` as a whole.
     if terms.shape[1] == 1:
         return [g[None] for g in tape.gradient(total, zs, unconnected_gradients="zero")]
-    try:
-        return tape.jacobian(columns, zs, unconnected_gradients="zero")
-    except (ValueError, TypeError, NotImplementedError):
-        pass
+    if not loops:
+        try:
+            return tape.jacobian(columns, zs, unconnected_gradients="zero")
+        except (ValueError, TypeError, NotImplementedError):
+            pass
     count = int(terms.shape[1])
     per_column = [
         tape.gradient(columns, zs, output_gradients=tf.one_hot(t, count),
@@ -157,3 +159,11 @@ def _column_grads(tape, terms, columns, total, zs):
         for t in range(count)
     ]
     return [tf.stack(list(g)) for g in zip(*per_column)]
+
+
+def has_loops(model) -> bool:
+    """Whether the model holds a Keras recurrent layer (a `while` loop in its graph),
+    which pfor cannot vectorise: trying and failing is slow, so callers loop instead."""
+    flatten = getattr(model, "_flatten_layers", None)
+    layers = flatten(include_self=True, recursive=True) if flatten else []
+    return any(isinstance(layer, keras.layers.RNN) for layer in layers)
