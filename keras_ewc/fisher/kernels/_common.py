@@ -13,6 +13,11 @@ def stop(variable):
     return tf.stop_gradient(tf.convert_to_tensor(variable))
 
 
+def activation(layer):
+    """The layer's activation, as a function of its pre-activation output."""
+    return layer.activation if layer.activation is not None else (lambda z: z)
+
+
 def f32(t):
     return tf.cast(t, tf.float32)
 

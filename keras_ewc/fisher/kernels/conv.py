@@ -13,6 +13,7 @@ import keras
 import tensorflow as tf
 
 from keras_ewc.fisher.kernels._common import (
+    activation,
     broadcast_sum_squared,
     f32,
     over_examples,
@@ -55,7 +56,7 @@ def forward(layer, args, kwargs):
     )
     if layer.use_bias:
         z = z + stop(layer.bias)
-    return (x, padding), z, _activation(layer)
+    return (x, padding), z, activation(layer)
 
 
 def patches(x, kernel_size, strides, dilation, padding):
@@ -93,10 +94,6 @@ def patches(x, kernel_size, strides, dilation, padding):
             index.append(slice(o * d, o * d + (count - 1) * s + 1, s))
         slices.append(x[tuple(index)])
     return tf.concat(slices, axis=-1)
-
-
-def _activation(layer):
-    return layer.activation if layer.activation is not None else (lambda z: z)
 
 
 def sum_squared(layer, records, grads) -> dict:

@@ -11,6 +11,7 @@ import keras
 import tensorflow as tf
 
 from keras_ewc.fisher.kernels._common import (
+    activation,
     broadcast_sum_squared,
     f32,
     over_examples,
@@ -37,11 +38,7 @@ def forward(layer, args, kwargs):
     z = keras.ops.matmul(x, stop(layer.kernel))
     if layer.bias is not None:
         z = z + stop(layer.bias)
-    return x, z, _activation(layer)
-
-
-def _activation(layer):
-    return layer.activation if layer.activation is not None else (lambda z: z)
+    return x, z, activation(layer)
 
 
 def sum_squared(layer, records, grads) -> dict:

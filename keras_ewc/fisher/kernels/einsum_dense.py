@@ -14,6 +14,7 @@ import keras
 import tensorflow as tf
 
 from keras_ewc.fisher.kernels._common import (
+    activation,
     broadcast_sum_squared,
     f32,
     over_examples,
@@ -47,7 +48,7 @@ def forward(layer, args, kwargs):
     z = keras.ops.einsum(layer.equation, x, stop(layer.kernel))
     if layer.bias is not None:
         z = z + stop(layer.bias)
-    return x, z, _activation(layer)
+    return x, z, activation(layer)
 
 
 def _explicit(equation, x_rank):
@@ -60,10 +61,6 @@ def _explicit(equation, x_rank):
         dots = "".join(free[: x_rank - (len(x_spec) - 3)])
         x_spec, z_spec = x_spec.replace("...", dots), z_spec.replace("...", dots)
     return x_spec, w_spec, z_spec
-
-
-def _activation(layer):
-    return layer.activation if layer.activation is not None else (lambda z: z)
 
 
 def sum_squared(layer, records, grads) -> dict:
