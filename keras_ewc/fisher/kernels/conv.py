@@ -1,8 +1,9 @@
 """Conv1D/2D/3D: `z[p] = Σ_k patch[p, k] W[k] + b`, any strides, padding, dilation, groups.
 
 Example n's gradient of W is Σ_p patch[n, p] ⊗ g[n, p] over output positions p: the
-patches of the input are gathered once (one strided slice per kernel offset), each
-example's gradient is formed by a batched matrix product, in chunks, and squared.
+patches of the input are gathered once (`tf.image.extract_patches`), and each example's
+gradient is formed by a batched matrix product, a term at a time, in chunks of examples,
+and squared — the sum over positions must come before the square.
 """
 
 from __future__ import annotations
