@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 
-from keras_ewc.continual.idx import load_idx_dataset  # noqa: E402
+from keras_ewc.continual.idx import load_idx_dataset
 
 NAME = "fashion_mnist_subset.npz"
 

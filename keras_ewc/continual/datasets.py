@@ -153,11 +153,10 @@ def load_tfds(name: str, data_dir: str | None = None, download: bool = True) -> 
         data_dir=data_dir, download=download,
     )
     info_classes = None
-    try:
-        info = tfds.builder(name, data_dir=data_dir).info
-        info_classes = info.features["label"].num_classes
-    except Exception:  # a builder without a `label` ClassLabel: infer from the labels
-        pass
+    features = tfds.builder(name, data_dir=data_dir).info.features
+    label = features["label"] if "label" in features else None
+    if isinstance(label, tfds.features.ClassLabel):
+        info_classes = label.num_classes
     x_train, x_test = np.asarray(x_train), np.asarray(x_test)
     # MNIST-like images come as (28, 28, 1); drop a single channel so every source agrees.
     if x_train.ndim == 4 and x_train.shape[-1] == 1:

@@ -79,7 +79,7 @@ class ContinualResults:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ContinualResults":
+    def from_dict(cls, d: dict) -> ContinualResults:
         matrix = [[float("nan") if v is None else v for v in row]
                   for row in d["accuracy_matrix"]]
         return cls(matrix, d.get("task_names"), d.get("label", ""), d.get("config", {}))
@@ -93,7 +93,7 @@ class ContinualResults:
         return text
 
     @classmethod
-    def from_json(cls, path: str) -> "ContinualResults":
+    def from_json(cls, path: str) -> ContinualResults:
         with open(path, encoding="utf-8") as f:
             return cls.from_dict(json.load(f))
 
