@@ -154,7 +154,7 @@ def load_tfds(name: str, data_dir: str | None = None, download: bool = True) -> 
     )
     info_classes = None
     features = tfds.builder(name, data_dir=data_dir).info.features
-    label = features["label"] if "label" in features else None
+    label = features.get("label", None)
     if isinstance(label, tfds.features.ClassLabel):
         info_classes = label.num_classes
     x_train, x_test = np.asarray(x_train), np.asarray(x_test)
