@@ -122,8 +122,8 @@ def load_bundled() -> ArrayDataset:
 def load_tfds(name: str, data_dir: str | None = None, download: bool = True) -> ArrayDataset:
     """Loads the `train` and `test` splits of a TensorFlow Datasets image dataset.
 
-    Uses `tfds.load(name, split=["train", "test"], as_supervised=True, batch_size=-1)`, so
-    the dataset is downloaded and prepared on first use (network needed once).
+    Uses `tfds.load(name, split=["train", "test"], as_supervised=True)`, so the dataset
+    is downloaded and prepared on first use (network needed once).
 
     Args:
         name: a TFDS name, e.g. `"mnist"`, `"fashion_mnist"`, `"kmnist"`.
@@ -148,21 +148,32 @@ def load_tfds(name: str, data_dir: str | None = None, download: bool = True) -> 
             f"Unknown dataset. Expected 'bundled', a directory of MNIST-format IDX files, "
             f"or a TensorFlow Datasets name such as 'mnist'. Received: dataset={name!r}"
         )
-    (x_train, y_train), (x_test, y_test) = tfds.load(
-        name, split=["train", "test"], as_supervised=True, batch_size=-1,
-        data_dir=data_dir, download=download,
-    )
+    train, test = tfds.load(name, split=["train", "test"], as_supervised=True,
+                            data_dir=data_dir, download=download)
+    # Batches of a fixed size rather than `batch_size=-1`: the latter needs the split's
+    # size up front, which streamed and mocked datasets do not always report.
+    x_train, y_train = _collect(train)
+    x_test, y_test = _collect(test)
     info_classes = None
     features = tfds.builder(name, data_dir=data_dir).info.features
-    label = features.get("label", None)
+    label = features["label"] if "label" in features else None  # noqa: SIM401
     if isinstance(label, tfds.features.ClassLabel):
         info_classes = label.num_classes
-    x_train, x_test = np.asarray(x_train), np.asarray(x_test)
     # MNIST-like images come as (28, 28, 1); drop a single channel so every source agrees.
     if x_train.ndim == 4 and x_train.shape[-1] == 1:
         x_train, x_test = x_train[..., 0], x_test[..., 0]
     return ArrayDataset(x_train, np.asarray(y_train), x_test, np.asarray(y_test),
                         num_classes=info_classes, name=name)
+
+
+def _collect(ds) -> tuple[np.ndarray, np.ndarray]:
+    xs, ys = [], []
+    for x, y in ds.batch(4096).as_numpy_iterator():
+        xs.append(x)
+        ys.append(y)
+    if not xs:
+        raise ValueError("The TFDS split is empty.")
+    return np.concatenate(xs), np.concatenate(ys)
 
 
 def load_dataset(source: Any = None, data_dir: str | None = None) -> ArrayDataset:
