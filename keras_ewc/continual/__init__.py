@@ -14,6 +14,7 @@ from keras_ewc.continual.metrics import (
     backward_transfer,
     forgetting,
 )
+from keras_ewc.continual.plots import plot_results
 from keras_ewc.continual.results import (
     ContinualResults,
     results_table,
@@ -56,6 +57,7 @@ __all__ = [
     "mlp",
     "permutations",
     "permuted_sequence",
+    "plot_results",
     "read_idx",
     "results_table",
     "rotate_images",
