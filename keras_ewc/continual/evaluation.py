@@ -165,8 +165,8 @@ class ContinualEvaluation(keras.callbacks.Callback):
         with self._writer.as_default():
             for name, a in zip(self.sequence.task_names, row):
                 if not np.isnan(a):
-                    tf.summary.scalar(f"task_accuracy/{_tag(name)}", a, step=step)
-            tf.summary.scalar("average_accuracy", self.results.average_accuracy, step=step)
+                    _scalar(f"task_accuracy/{_tag(name)}", a, step)
+            _scalar("average_accuracy", self.results.average_accuracy, step)
         self._writer.flush()
 
     @property
@@ -174,6 +174,22 @@ class ContinualEvaluation(keras.callbacks.Callback):
         if not self.rows:
             raise ValueError("No task has been trained yet: call fit with this callback.")
         return ContinualResults(np.array(self.rows), self.sequence.task_names, self.label)
+
+
+def _scalar(tag: str, value: float, step: int) -> None:
+    """Writes a scalar TensorBoard shows; needs no `tensorboard` package installed.
+
+    `tf.summary.scalar` lives in the tensorboard package; this writes the same record
+    (a float32 tensor tagged for the "scalars" plugin) with TensorFlow alone.
+    """
+    import tensorflow as tf
+    from tensorflow.core.framework import summary_pb2
+
+    metadata = summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
+        data_class=summary_pb2.DATA_CLASS_SCALAR,
+    )
+    tf.summary.write(tag, tf.constant(value, tf.float32), step=step, metadata=metadata)
 
 
 def _tag(name: str) -> str:

@@ -127,10 +127,11 @@ def train_sequence(
         if steps_per_task is not None:
             ds = task.dataset("train", batch_size, seed=seed + t, repeat=True)
             model.fit(ds, epochs=1, steps_per_epoch=steps_per_task, verbose=verbose,
-                      callbacks=fit_callbacks)
+                      callbacks=fit_callbacks, shuffle=False)
         else:
             ds = task.dataset("train", batch_size, seed=seed + t)
-            model.fit(ds, epochs=epochs, verbose=verbose, callbacks=fit_callbacks)
+            model.fit(ds, epochs=epochs, verbose=verbose, callbacks=fit_callbacks,
+                      shuffle=False)
         if can_consolidate and (t < len(sequence) - 1 or consolidate_last):
             data = task.dataset("train", fisher_batch_size, shuffle=False,
                                 limit=fisher_examples, seed=seed)
