@@ -140,7 +140,9 @@ def load_idx_dataset(
         raise FileNotFoundError(
             f"IDX dataset directory not found. Received: directory={directory!r}"
         )
-    arrays = {split: read_idx(find_idx_file(directory, split)) for split in SPLIT_FILES}
+    # Find all four before reading any, so a missing file is reported first and fast.
+    paths = {split: find_idx_file(directory, split) for split in SPLIT_FILES}
+    arrays = {split: read_idx(path) for split, path in paths.items()}
     for part in ("train", "test"):
         x, y = arrays[f"x_{part}"], arrays[f"y_{part}"]
         if len(x) != len(y):
