@@ -75,7 +75,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "demo", help="fine-tuning vs EWC on permuted Fashion-MNIST (bundled, offline)",
         description="Plain fine-tuning against EWC on a permuted sequence of the bundled "
                     "Fashion-MNIST subset. Offline; a few minutes on 2 CPU cores.")
-    common(demo, tasks=5, steps=400, hidden="400,400", fisher=500)
+    common(demo, tasks=5, steps=400, hidden="400,400", fisher=300)
     demo.add_argument("--strength", type=float, default=DEMO_STRENGTH,
                       help="EWC strength λ (default %(default)s)")
 
@@ -249,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     >>> main(["demo", "--tasks", "2", "--steps", "50", "--out", "/tmp/demo"])  # doctest: +SKIP
     0
     """
+    # TensorFlow's start-up chatter (CUDA probing, CPU features) buries the results;
+    # a user who wants it back sets TF_CPP_MIN_LOG_LEVEL themselves.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = _build_parser()
     try:
         args = parser.parse_args(argv)
@@ -257,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    import tensorflow as tf
+
+    tf.get_logger().setLevel("ERROR")  # retracing notices are not the user's concern
     try:
         return _demo(args) if args.command == "demo" else _run(args)
     except (ValueError, FileNotFoundError, ImportError) as e:
