@@ -249,9 +249,6 @@ def main(argv: list[str] | None = None) -> int:
     >>> main(["demo", "--tasks", "2", "--steps", "50", "--out", "/tmp/demo"])  # doctest: +SKIP
     0
     """
-    # TensorFlow's start-up chatter (CUDA probing, CPU features) buries the results;
-    # a user who wants it back sets TF_CPP_MIN_LOG_LEVEL themselves.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = _build_parser()
     try:
         args = parser.parse_args(argv)
