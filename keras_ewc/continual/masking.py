@@ -28,7 +28,7 @@ class ActiveClassMask(keras.layers.Layer):
     >>> import keras, numpy as np
     >>> from keras_ewc.continual import ActiveClassMask, set_active_classes
     >>> net = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), ActiveClassMask()])
-    >>> set_active_classes(net, [2, 3])
+    >>> _ = set_active_classes(net, [2, 3])
     >>> probs = keras.ops.softmax(net(np.ones((1, 3), "float32")))
     >>> np.asarray(probs)[0, :2].tolist()
     [0.0, 0.0]
