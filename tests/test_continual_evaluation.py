@@ -117,3 +117,30 @@ def test_plot_writes_png(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="at least one"):
         plot_results([], str(tmp_path / "q.png"))
+
+
+def test_train_sequence_with_ewc_consolidates_between_tasks():
+    import keras_ewc
+
+    if not hasattr(keras_ewc, "EWCModel"):
+        pytest.skip("keras_ewc.EWCModel not available")
+    seq = split_sequence(data4(), num_tasks=2, scenario="task")
+    net = mlp(seq.input_shape, seq.num_outputs, hidden=(8,), task_il=True, seed=0)
+    model = keras_ewc.EWCModel(net, strength=5.0)
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    assert continual_masks(model) == 1  # found through the wrapper
+    res = train_sequence(model, seq, steps_per_task=2, batch_size=4, verbose=0,
+                         fisher_examples=8, label="ewc")
+    # One consolidation: after task 0, none after the last task.
+    assert int(np.asarray(model.regularizer.tasks)) == 1
+    assert res.config["strength"] == 5.0 and res.config["estimator"] == "exact"
+    # Task 0's classes only: the Fisher of the other task's logit columns is zero.
+    precision = [np.asarray(p) for p in model.regularizer.precision]
+    logits_kernel = next(p for p in precision if p.shape == (8, 4))
+    assert np.all(logits_kernel[:, 2:] == 0) and np.any(logits_kernel[:, :2] > 0)
+
+
+def continual_masks(model):
+    from keras_ewc.continual import set_active_classes
+
+    return set_active_classes(model, None)

@@ -67,3 +67,27 @@ def test_nested_models_are_searched_and_bad_classes_rejected():
         set_active_classes(outer, [7])
     assert set_active_classes(keras.Sequential([keras.Input((3,)),
                                                 keras.layers.Dense(2)]), [0]) == 0
+
+
+def test_exact_fisher_respects_active_classes():
+    import keras_ewc
+
+    if not hasattr(keras_ewc, "fisher_diagonal"):
+        pytest.skip("keras_ewc.fisher_diagonal not available")
+    model = net()
+    x = np.random.default_rng(1).normal(size=(8, 3)).astype("float32")
+    set_active_classes(model, [0, 2])
+    kernel, bias = keras_ewc.fisher_diagonal(model, x, estimator="exact",
+                                             likelihood="categorical", verbose=0)
+    kernel, bias = np.asarray(kernel), np.asarray(bias)
+    # Units 1 and 3 have probability 0: no Fisher information reaches their weights.
+    assert np.all(kernel[:, [1, 3]] == 0) and np.all(bias[[1, 3]] == 0)
+    assert np.all(kernel[:, [0, 2]] > 0)
+    # Two active classes with probabilities a, b: d log p_y / d z_0 = [y = 0] - a, so the
+    # bias Fisher is E_y[([y = 0] - a)^2] = a b^2 + b a^2 = a b, averaged over examples.
+    # Without the mask it would include the other two classes and differ.
+    logits = np.asarray(model.get_layer("d")(x))[:, [0, 2]]
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    expected = np.mean(p[:, 0] * p[:, 1])
+    assert bias[0] == pytest.approx(expected, rel=1e-4)
+    assert bias[2] == pytest.approx(expected, rel=1e-4)
