@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     tf.get_logger().setLevel("ERROR")  # retracing notices are not the user's concern
     try:
         return _demo(args) if args.command == "demo" else _run(args)
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as e:
         print(f"keras-ewc: error: {e}", file=sys.stderr)
         return 2
 

@@ -148,8 +148,16 @@ def load_tfds(name: str, data_dir: str | None = None, download: bool = True) -> 
             f"Unknown dataset. Expected 'bundled', a directory of MNIST-format IDX files, "
             f"or a TensorFlow Datasets name such as 'mnist'. Received: dataset={name!r}"
         )
-    train, test = tfds.load(name, split=["train", "test"], as_supervised=True,
-                            data_dir=data_dir, download=download)
+    try:
+        train, test = tfds.load(name, split=["train", "test"], as_supervised=True,
+                                data_dir=data_dir, download=download)
+    except Exception as e:  # download, preparation and split errors come in many types
+        raise RuntimeError(
+            f"Could not load the TFDS dataset {name!r} (train and test splits). It is "
+            "downloaded and prepared on first use, which needs network access; offline, "
+            "use dataset='bundled' or a directory of IDX files. Cause: "
+            f"{type(e).__name__}: {e}"
+        ) from e
     # Batches of a fixed size rather than `batch_size=-1`: the latter needs the split's
     # size up front, which streamed and mocked datasets do not always report.
     x_train, y_train = _collect(train)
