@@ -86,7 +86,8 @@ def train_sequence(
         fisher_batch_size: batch size of the Fisher computation.
         consolidate_last: also consolidate after the last task (not needed to evaluate).
         callbacks: more Keras callbacks for every `fit`.
-        log_dir: TensorBoard directory for per-task accuracies (see `ContinualEvaluation`).
+        log_dir: TensorBoard directory for per-task accuracies (see `ContinualEvaluation`);
+            by default that of a `keras.callbacks.TensorBoard` in `callbacks`, if any.
         verbose: 0 silent, 1 a header and a progress bar per task, 2 one line per epoch.
         seed: seed of the shuffling and of the Fisher subset.
         label: the method's name in the results.
@@ -115,6 +116,11 @@ def train_sequence(
         )
     if steps_per_task is not None and steps_per_task < 1:
         raise ValueError(f"Expected steps_per_task >= 1. Received: {steps_per_task}")
+    if log_dir is None:
+        # A TensorBoard callback among `callbacks` gets the per-task accuracies too (it
+        # already records loss and ewc_penalty every epoch).
+        log_dir = next((c for c in callbacks or []
+                        if isinstance(c, keras.callbacks.TensorBoard)), None)
     evaluation = ContinualEvaluation(sequence, log_dir=log_dir, label=label)
     can_consolidate = consolidate and hasattr(model, "consolidate")
     start = time.perf_counter()
