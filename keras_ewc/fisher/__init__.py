@@ -1,0 +1,13 @@
+"""The Fisher engine: estimators, likelihoods and per-example squared gradients."""
+
+from keras_ewc.fisher.diagonal import ESTIMATORS, fisher_diagonal
+from keras_ewc.fisher.likelihoods import Bernoulli, Categorical, Gaussian, Likelihood
+
+__all__ = [
+    "ESTIMATORS",
+    "Bernoulli",
+    "Categorical",
+    "Gaussian",
+    "Likelihood",
+    "fisher_diagonal",
+]

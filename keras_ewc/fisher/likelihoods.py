@@ -1,0 +1,265 @@
+"""Likelihoods: how a model's outputs define p(y | x, θ), for the Fisher estimators.
+
+Each likelihood gives, for a batch of outputs, the pseudo-losses ("terms", `[B, T]`)
+whose squared per-example gradients sum to the Fisher of one estimator:
+
+- `exact_terms(outputs)`: Σ_t (∇ term_t)² = E_{y∼p(y|x)} (∇ log p(y|x))², in closed form
+  over the model's predictive distribution (C terms for C classes).
+- `nll(outputs, y)`: −log p(y|x) per example, for the `empirical` (true labels) and
+  `sampled` (labels drawn from the model) estimators.
+- `sample(outputs, noise)`: labels drawn from the model, deterministic given `noise`,
+  whose shape is `noise_shape(outputs, k)` for k draws per example.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+_EPS = 1e-7
+
+LIKELIHOODS = ("categorical", "bernoulli", "gaussian")
+
+
+def _flat(outputs):
+    """Outputs as `[B, K]`."""
+    outputs = tf.cast(outputs, tf.float32)
+    if outputs.shape.rank == 1:
+        return outputs[:, None]
+    if outputs.shape.rank > 2:
+        return tf.reshape(outputs, [tf.shape(outputs)[0], -1])
+    return outputs
+
+
+class Likelihood:
+    """Base class. `from_logits` says whether outputs are logits or probabilities."""
+
+    name = "base"
+
+    def __init__(self, from_logits: bool = True):
+        self.from_logits = bool(from_logits)
+
+    def __repr__(self):
+        return f"{type(self).__name__}(from_logits={self.from_logits})"
+
+    def num_outputs(self, outputs) -> int:
+        return int(_flat(outputs).shape[-1])
+
+    def num_exact_terms(self, outputs) -> int:
+        return self.num_outputs(outputs)
+
+
+class Categorical(Likelihood):
+    """One label out of C classes; outputs are logits or probabilities, `[B, C]`."""
+
+    name = "categorical"
+
+    def log_probs(self, outputs):
+        outputs = tf.cast(outputs, tf.float32)
+        if self.from_logits:
+            return tf.nn.log_softmax(outputs, axis=-1)
+        probs = outputs / tf.reduce_sum(outputs, axis=-1, keepdims=True)
+        return tf.math.log(tf.clip_by_value(probs, _EPS, 1.0))
+
+    def exact_terms(self, outputs):
+        # Σ_c p_c (∇ log p_c)² = Σ_c (∇ [sg(√p_c) log p_c])²: one term a class.
+        log_p = self.log_probs(outputs)
+        return tf.stop_gradient(tf.sqrt(tf.exp(log_p))) * log_p
+
+    def nll(self, outputs, y):
+        log_p = self.log_probs(outputs)
+        y = tf.convert_to_tensor(y)
+        if _is_one_hot(y, log_p):
+            return -tf.reduce_sum(tf.cast(y, tf.float32) * log_p, axis=-1)
+        y = tf.reshape(tf.cast(y, tf.int32), [-1])
+        return -tf.gather(log_p, y, axis=-1, batch_dims=1)
+
+    def noise_shape(self, outputs, k):
+        return [int(outputs.shape[0]), k, int(outputs.shape[-1])]
+
+    def sample(self, outputs, noise):
+        # Gumbel-max: argmax(log p + G) is a draw from p; noise is uniform in (0, 1).
+        log_p = tf.stop_gradient(self.log_probs(outputs))
+        u = tf.clip_by_value(tf.cast(noise, tf.float32), 1e-12, 1.0 - 1e-7)
+        gumbel = -tf.math.log(-tf.math.log(u))
+        return tf.argmax(log_p[:, None, :] + gumbel, axis=-1, output_type=tf.int32)
+
+    def nll_of_samples(self, outputs, labels):
+        """`[B, k]` negative log-likelihoods of `[B, k]` sampled labels."""
+        log_p = self.log_probs(outputs)
+        return -tf.gather(log_p, labels, axis=-1, batch_dims=1)
+
+    def check_labels(self, outputs, y):
+        y = np.asarray(y)
+        classes = int(outputs.shape[-1])
+        if y.ndim == len(outputs.shape) and y.shape[-1] == classes and y.ndim > 1:
+            return
+        if y.size and (not np.all(np.isfinite(y)) or np.any(y != np.round(y))):
+            raise ValueError(
+                "Expected integer class labels for a categorical likelihood. Received "
+                f"labels of dtype {y.dtype} with non-integer values."
+            )
+        if y.size and (y.min() < 0 or y.max() >= classes):
+            raise ValueError(
+                f"Expected labels in [0, {classes}) for a model with {classes} outputs. "
+                f"Received labels in [{y.min()}, {y.max()}]."
+            )
+
+
+class Bernoulli(Likelihood):
+    """K independent binary labels; outputs are logits or probabilities, `[B, K]`."""
+
+    name = "bernoulli"
+
+    def logits(self, outputs):
+        outputs = _flat(outputs)
+        if self.from_logits:
+            return outputs
+        p = tf.clip_by_value(outputs, _EPS, 1.0 - _EPS)
+        return tf.math.log(p) - tf.math.log1p(-p)
+
+    def exact_terms(self, outputs):
+        # E_y (∇ log p(y))² = σ(1-σ) (∇z)² for each output; the outputs are independent
+        # and each score has zero mean, so cross terms vanish.
+        z = self.logits(outputs)
+        s = tf.sigmoid(z)
+        return tf.stop_gradient(tf.sqrt(s * (1.0 - s))) * z
+
+    def nll(self, outputs, y):
+        z = self.logits(outputs)
+        y = tf.reshape(tf.cast(y, tf.float32), tf.shape(z))
+        return tf.reduce_sum(tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=z), -1)
+
+    def noise_shape(self, outputs, k):
+        return [int(outputs.shape[0]), k, self.num_outputs(outputs)]
+
+    def sample(self, outputs, noise):
+        z = tf.stop_gradient(self.logits(outputs))
+        return tf.cast(tf.cast(noise, tf.float32) < tf.sigmoid(z)[:, None, :], tf.float32)
+
+    def nll_of_samples(self, outputs, labels):
+        z = self.logits(outputs)[:, None, :]
+        return tf.reduce_sum(
+            tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=z + 0 * labels), -1
+        )
+
+    def check_labels(self, outputs, y):
+        y = np.asarray(y, dtype=np.float64)
+        if y.size and (y.min() < 0 or y.max() > 1):
+            raise ValueError(
+                "Expected binary labels in [0, 1] for a bernoulli likelihood. Received "
+                f"labels in [{y.min()}, {y.max()}]."
+            )
+
+
+class Gaussian(Likelihood):
+    """Regression targets with unit variance around the outputs: −log p = ½‖y − f‖²."""
+
+    name = "gaussian"
+
+    def __init__(self, from_logits: bool = True):
+        super().__init__(True)
+
+    def exact_terms(self, outputs):
+        # E_y ((y − f)ᵀ ∇f)² = Σ_k (∇f_k)² for y ∼ N(f, I).
+        return _flat(outputs)
+
+    def nll(self, outputs, y):
+        f = _flat(outputs)
+        y = tf.reshape(tf.cast(y, tf.float32), tf.shape(f))
+        return 0.5 * tf.reduce_sum(tf.square(y - f), axis=-1)
+
+    def noise_shape(self, outputs, k):
+        return [int(outputs.shape[0]), k, self.num_outputs(outputs)]
+
+    def sample(self, outputs, noise):
+        # noise is uniform in (0, 1): map it to a standard normal.
+        u = tf.clip_by_value(tf.cast(noise, tf.float32), 1e-7, 1.0 - 1e-7)
+        eps = tf.math.sqrt(2.0) * tf.math.erfinv(2.0 * u - 1.0)
+        return tf.stop_gradient(_flat(outputs))[:, None, :] + eps
+
+    def nll_of_samples(self, outputs, labels):
+        f = _flat(outputs)[:, None, :]
+        return 0.5 * tf.reduce_sum(tf.square(labels - f), axis=-1)
+
+    def check_labels(self, outputs, y):
+        return
+
+
+def _is_one_hot(y, log_p) -> bool:
+    return y.shape.rank == log_p.shape.rank and y.shape.rank > 1 and (
+        y.shape[-1] == log_p.shape[-1] and y.shape[-1] != 1
+    )
+
+
+_CLASSES = {"categorical": Categorical, "bernoulli": Bernoulli, "gaussian": Gaussian}
+
+_LOSS_NAMES = {
+    "sparse_categorical_crossentropy": "categorical",
+    "categorical_crossentropy": "categorical",
+    "sparsecategoricalcrossentropy": "categorical",
+    "categoricalcrossentropy": "categorical",
+    "binary_crossentropy": "bernoulli",
+    "binarycrossentropy": "bernoulli",
+    "mean_squared_error": "gaussian",
+    "meansquarederror": "gaussian",
+    "mse": "gaussian",
+}
+
+
+def get(likelihood, model=None) -> Likelihood:
+    """Resolves `likelihood` (an instance, a name, or None: from the compiled loss)."""
+    if isinstance(likelihood, Likelihood):
+        return likelihood
+    if likelihood is None:
+        found = _from_compiled_loss(model)
+        if found is None:
+            raise ValueError(
+                "Could not infer the likelihood: the model is not compiled with one of "
+                f"the losses {sorted(set(_LOSS_NAMES))}. Pass likelihood= one of "
+                f"{list(LIKELIHOODS)}."
+            )
+        return found
+    if isinstance(likelihood, str) and likelihood.lower() in _CLASSES:
+        name = likelihood.lower()
+        compiled = _from_compiled_loss(model)
+        if compiled is not None and compiled.name == name:
+            return compiled
+        return _CLASSES[name](from_logits=_guess_from_logits(getattr(model, "network", model)))
+    raise ValueError(
+        f"Unknown likelihood. Expected one of {list(LIKELIHOODS)} or a Likelihood "
+        f"instance. Received: likelihood={likelihood!r}"
+    )
+
+
+def _from_compiled_loss(model):
+    loss = getattr(model, "loss", None) if model is not None else None
+    if loss is None:
+        return None
+    if isinstance(loss, (list, tuple, dict)):
+        return None
+    if isinstance(loss, str):
+        name = _LOSS_NAMES.get(loss.lower())
+        return None if name is None else _CLASSES[name](from_logits=False)
+    key = type(loss).__name__.lower()
+    if key == "lossfunctionwrapper" and getattr(loss, "fn", None) is not None:
+        key = loss.fn.__name__.lower()
+    elif callable(loss) and hasattr(loss, "__name__"):
+        key = loss.__name__.lower()
+    name = _LOSS_NAMES.get(key)
+    if name is None:
+        return None
+    config = loss.get_config() if hasattr(loss, "get_config") else {}
+    return _CLASSES[name](from_logits=bool(config.get("from_logits", False)))
+
+
+def _guess_from_logits(model) -> bool:
+    """Logits unless the model's last layer applies a softmax or sigmoid."""
+    layers = getattr(model, "layers", None)
+    if not layers:
+        return True
+    activation = getattr(layers[-1], "activation", None)
+    name = getattr(activation, "__name__", "")
+    if name in ("softmax", "sigmoid"):
+        return False
+    return type(layers[-1]).__name__ not in ("Softmax",)

@@ -1,0 +1,306 @@
+"""EWCModel: wraps any Keras model and trains it with Elastic Weight Consolidation."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_ewc.fisher import diagonal, likelihoods
+from keras_ewc.penalty import EWCRegularizer
+
+Selector = Sequence[str] | Callable | None
+
+
+@keras.saving.register_keras_serializable(package="keras_ewc")
+class EWCModel(keras.Model):
+    """Wraps a Keras model so that `fit` learns new tasks without forgetting old ones.
+
+    The wrapper delegates `call` to the wrapped model and adds the EWC penalty
+    `strength * (½ Σ P (θ − m)² + c)` to the compiled loss during training (scaled for
+    `tf.distribute` exactly as Keras scales the loss, so it counts once, not once a
+    replica). It logs the penalty as `ewc_penalty` (in `fit` and `evaluate`; only `fit`
+    adds it to the logged `loss`). After each task, `consolidate(data)` computes the
+    diagonal Fisher on the task's data and merges it, anchored at the current weights,
+    into `regularizer`: non-trainable float32 variables that are saved with the model.
+
+    Args:
+        model: the Keras model to wrap (Sequential, Functional or subclassed).
+        strength: λ ≥ 0, the weight of the penalty.
+        mode: `"separate"` (the tasks' penalties add up; held as one quadratic) or
+            `"online"` (precision decays by `gamma`; the anchor is the latest weights).
+        gamma: decay of the precision in online mode, in (0, 1].
+        include: which variables to regularise: layer names (a name covers every
+            variable of that layer, nested layers included) or a predicate
+            `fn(variable) -> bool`. Default: all trainable variables.
+        exclude: variables to leave out, in the same forms as `include`.
+
+    Example:
+
+    >>> import keras, numpy as np, keras_ewc
+    >>> net = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, "relu"),
+    ...                         keras.layers.Dense(3)])
+    >>> model = keras_ewc.EWCModel(net, strength=100.0)
+    >>> model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    >>> rng = np.random.default_rng(0)
+    >>> xa, ya = rng.normal(size=(64, 8)), rng.integers(0, 3, 64)
+    >>> _ = model.fit(xa, ya, epochs=1, verbose=0)
+    >>> _ = model.consolidate((xa, ya), verbose=0)      # Fisher on task A
+    >>> int(model.regularizer.tasks.numpy())
+    1
+    >>> logs = model.fit(xa + 1.0, ya, epochs=1, verbose=0).history
+    >>> sorted(logs)
+    ['ewc_penalty', 'loss']
+    """
+
+    def __init__(
+        self,
+        model,
+        strength: float = 1.0,
+        mode: str = "separate",
+        gamma: float = 1.0,
+        include: Selector = None,
+        exclude: Selector = None,
+        **kwargs,
+    ):
+        selected = kwargs.pop("variable_indices", None)
+        super().__init__(**kwargs)
+        if not isinstance(model, keras.layers.Layer):
+            raise ValueError(
+                "Expected a Keras model (or layer) to wrap. Received: "
+                f"model={model!r} of type {type(model).__name__}"
+            )
+        self.network = model
+        self.regularizer = EWCRegularizer(strength=strength, mode=mode, gamma=gamma,
+                                          name="ewc_state")
+        self.include = _check_selector(include, "include")
+        self.exclude = _check_selector(exclude, "exclude")
+        self._selected_indices = None if selected is None else [int(i) for i in selected]
+        self.penalty_tracker = keras.metrics.Mean(name="ewc_penalty")
+        if model.built and model.weights:
+            self._build_state()
+
+    # --- building ------------------------------------------------------------------
+
+    def build(self, input_shape=None):
+        if not (self.network.built and self.network.weights):
+            if input_shape is None:
+                raise ValueError("Cannot build an EWCModel without an input shape.")
+            # Any model, subclassed ones included, gets its weights from one call.
+            self.network(_zeros_like_shape(input_shape), training=False)
+        if not self.regularizer.built:
+            self._build_state()
+        self.built = True
+
+    def _build_state(self):
+        variables = self._regularised_variables()
+        self.regularizer.build_for(variables)
+        self.built = True
+
+    def _regularised_variables(self) -> list:
+        variables = list(self.network.trainable_variables)
+        if not variables:
+            raise ValueError(
+                "The wrapped model has no trainable variables, so there is nothing for EWC "
+                "to regularise."
+            )
+        if self._selected_indices is not None:
+            if max(self._selected_indices, default=-1) >= len(variables):
+                raise ValueError(
+                    f"The saved EWC selection names variable {max(self._selected_indices)}, "
+                    f"but the wrapped model has only {len(variables)} trainable variables."
+                )
+            return [variables[i] for i in self._selected_indices]
+        owners = _layer_names_by_variable(self.network)
+        chosen = variables
+        if self.include is not None:
+            keep = _match(self.include, variables, owners, "include")
+            chosen = [v for v in variables if id(v) in keep]
+        if self.exclude is not None:
+            drop = _match(self.exclude, variables, owners, "exclude")
+            chosen = [v for v in chosen if id(v) not in drop]
+        if not chosen:
+            raise ValueError(
+                "include/exclude leave no variable to regularise. Received: "
+                f"include={self.include!r}, exclude={self.exclude!r}"
+            )
+        ids = [id(v) for v in variables]
+        self._selected_indices = [ids.index(id(v)) for v in chosen]
+        return chosen
+
+    @property
+    def regularised_variables(self) -> list:
+        """The wrapped model's variables that the penalty anchors."""
+        return self.regularizer.targets
+
+    # --- forward and loss ----------------------------------------------------------
+
+    def call(self, inputs, training=None, mask=None):
+        return self.network(inputs, training=training)
+
+    def penalty(self) -> tf.Tensor:
+        """The current EWC penalty (float32 scalar); 0 before any consolidation."""
+        if not self.regularizer.built:
+            return tf.constant(0.0, tf.float32)
+        return self.regularizer.penalty()
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        loss = super().compute_loss(
+            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training
+        )
+        penalty = self.penalty()
+        self.penalty_tracker.update_state(penalty)
+        if training and loss is not None:
+            # Keras divides each replica's loss by the number of replicas before the
+            # gradients are summed; the penalty must be divided the same way.
+            scaled = keras.src.losses.loss.scale_loss_for_distribution(penalty)
+            loss = loss + tf.cast(scaled, loss.dtype)
+        return loss
+
+    # --- consolidation -------------------------------------------------------------
+
+    def consolidate(
+        self,
+        data,
+        estimator: str = "exact",
+        samples: int | None = None,
+        batch_size: int | None = None,
+        verbose="auto",
+        likelihood=None,
+        seed: int | None = None,
+    ) -> list:
+        """Computes the Fisher on `data` and anchors the current weights with it.
+
+        The new task's Fisher diagonal `F` (see `keras_ewc.fisher_diagonal`) and the
+        current weights `θ*` are merged into the state: in separate mode
+        `P' = P + F`, `m' = (P m + F θ*) / P'` plus a constant offset, in online mode
+        `P' = γ P + F`, `m' = θ*`. The Fisher is computed in full before any variable is
+        assigned, so a failure (bad data, NaN) leaves the state as it was.
+
+        Args:
+            data: the task's data: a `tf.data.Dataset` of batches, an array of inputs,
+                or `(x, y)`; the `empirical` and `batched` estimators need labels.
+            estimator: `"exact"` (default), `"sampled"`, `"empirical"` or `"batched"`.
+            samples: labels drawn per example by the `sampled` estimator (default 1).
+            batch_size: examples a batch (bounds the memory used).
+            verbose: 0 for silence, 1 or "auto" for a progress bar.
+            likelihood: as in `fisher_diagonal`; inferred from the compiled loss when
+                None.
+            seed: seed for the `sampled` estimator.
+
+        Returns:
+            The Fisher diagonal of this task, a list aligned with
+            `regularised_variables`.
+        """
+        if not self.regularizer.built:
+            raise ValueError(
+                "The EWCModel is not built: it has no weights to anchor yet. Train it, "
+                "call it on a batch, or call `build(input_shape)` before `consolidate`."
+            )
+        fisher = diagonal.fisher_diagonal(
+            self.network,
+            data,
+            estimator=estimator,
+            likelihood=likelihoods.get(likelihood, self),
+            samples=samples,
+            batch_size=batch_size,
+            seed=seed,
+            verbose=verbose,
+            variables=self.regularizer.targets,
+        )
+        self.regularizer.consolidate(fisher)
+        return fisher
+
+    # --- configuration -------------------------------------------------------------
+
+    @property
+    def strength(self) -> float:
+        return self.regularizer.strength
+
+    @property
+    def mode(self) -> str:
+        return self.regularizer.mode
+
+    @property
+    def gamma(self) -> float:
+        return self.regularizer.gamma
+
+    def get_config(self):
+        config = {
+            "name": self.name,
+            "trainable": self.trainable,
+            "model": keras.saving.serialize_keras_object(self.network),
+            "strength": self.strength,
+            "mode": self.mode,
+            "gamma": self.gamma,
+            "include": None if callable(self.include) else self.include,
+            "exclude": None if callable(self.exclude) else self.exclude,
+        }
+        if self._selected_indices is not None:
+            # The exact selection, so a reloaded model (also one selected by a
+            # predicate, which cannot be serialised) rebuilds the same state layout.
+            config["variable_indices"] = list(self._selected_indices)
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        config["model"] = keras.saving.deserialize_keras_object(
+            config["model"], custom_objects=custom_objects
+        )
+        return cls(**config)
+
+
+def _check_selector(selector, what):
+    if selector is None or callable(selector):
+        return selector
+    if isinstance(selector, str):
+        return [selector]
+    try:
+        names = list(selector)
+    except TypeError:
+        names = None
+    if names is None or not all(isinstance(n, str) for n in names):
+        raise ValueError(
+            f"Expected {what} to be None, a list of layer names, or a predicate "
+            f"fn(variable) -> bool. Received: {what}={selector!r}"
+        )
+    return names
+
+
+def _layer_names_by_variable(network) -> dict:
+    owners: dict = {}
+    for layer in network._flatten_layers(include_self=True, recursive=True):
+        for v in layer.trainable_variables:
+            owners.setdefault(id(v), set()).add(layer.name)
+    return owners
+
+
+def _match(selector, variables, owners, what) -> set:
+    if callable(selector):
+        chosen = {id(v) for v in variables if selector(v)}
+        if not chosen:
+            raise ValueError(f"The {what} predicate matches no trainable variable.")
+        return chosen
+    known = set().union(*owners.values()) if owners else set()
+    missing = [n for n in selector if n not in known]
+    if missing:
+        raise ValueError(
+            f"{what} names layers that hold no trainable variable: {missing}. "
+            f"Layers with trainable variables: {sorted(known)}"
+        )
+    return {id(v) for v in variables if owners.get(id(v), set()) & set(selector)}
+
+
+def _zeros_like_shape(input_shape):
+    if isinstance(input_shape, dict):
+        return {k: _zeros_like_shape(s) for k, s in input_shape.items()}
+    if isinstance(input_shape, (list, tuple)) and input_shape and isinstance(
+        input_shape[0], (list, tuple, dict)
+    ):
+        return [_zeros_like_shape(s) for s in input_shape]
+    shape = [1 if d is None else int(d) for d in input_shape]
+    shape[0] = 1
+    return np.zeros(shape, "float32")

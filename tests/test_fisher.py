@@ -1,0 +1,234 @@
+"""fisher_diagonal against brute-force oracles (one example at a time, own tape).
+
+Tolerance: relative 1e-5 of each entry, plus 1e-11 of the tensor's largest entry for
+entries that are float32 round-off away from zero.
+"""
+
+import keras
+import numpy as np
+import oracle
+import pytest
+import tensorflow as tf
+
+from keras_ewc import fisher_diagonal
+from keras_ewc.fisher import likelihoods
+
+
+class Subclassed(keras.Model):
+    def __init__(self, classes=4):
+        super().__init__()
+        self.hidden = keras.layers.Dense(6, activation="tanh")
+        self.out = keras.layers.Dense(classes)
+
+    def call(self, x, training=False):
+        return self.out(self.hidden(x) * 1.5)
+
+
+def dense_model(classes=4, activation=None):
+    return keras.Sequential([
+        keras.Input((5,)), keras.layers.Dense(7, activation="tanh"),
+        keras.layers.Dense(classes, activation=activation)])
+
+
+def conv_model(classes=3):
+    return keras.Sequential([
+        keras.Input((6, 6, 2)),
+        keras.layers.Conv2D(3, 3, strides=1, activation="relu"),
+        keras.layers.Conv2D(2, 2, strides=2, padding="same"),
+        keras.layers.Flatten(),
+        keras.layers.Dense(classes)])
+
+
+def built_subclassed():
+    model = Subclassed()
+    model(np.zeros((1, 5), "float32"))
+    return model
+
+
+def _data(model, n=13, classes=4, seed=0):
+    rng = np.random.default_rng(seed)
+    shape = (n,) + tuple(model.inputs[0].shape[1:]) if getattr(model, "inputs", None) else (n, 5)
+    x = rng.normal(size=shape).astype("float32")
+    y = rng.integers(0, classes, n)
+    return x, y
+
+
+MODELS = {"dense": (dense_model, 4), "conv": (conv_model, 3), "subclassed": (built_subclassed, 4)}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_exact_categorical_matches_oracle(name):
+    build, classes = MODELS[name]
+    model = build()
+    x, _ = _data(model, classes=classes)
+    fisher = fisher_diagonal(model, x, likelihood="categorical", batch_size=5, verbose=0)
+    oracle.assert_close(fisher, oracle.categorical_exact(model, model.trainable_variables, x))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_empirical_matches_oracle(name):
+    build, classes = MODELS[name]
+    model = build()
+    x, y = _data(model, classes=classes)
+    fisher = fisher_diagonal(model, (x, y), estimator="empirical", likelihood="categorical",
+                             batch_size=4, verbose=0)
+    expected = oracle.categorical_labels(model, model.trainable_variables, x, y)
+    oracle.assert_close(fisher, expected)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_sampled_matches_oracle_on_the_drawn_labels(name):
+    build, classes = MODELS[name]
+    model = build()
+    x, _ = _data(model, classes=classes)
+    fisher = fisher_diagonal(model, x, estimator="sampled", samples=3, seed=11,
+                             likelihood="categorical", batch_size=8, verbose=0)
+    # The labels the estimator drew: its documented noise, batch by batch.
+    lik = likelihoods.Categorical(from_logits=True)
+    labels = []
+    for index, start in enumerate(range(0, len(x), 8)):
+        xb = x[start:start + 8]
+        noise = tf.random.stateless_uniform([len(xb), 3, classes], seed=[11, index])
+        labels.append(lik.sample(model(xb, training=False), noise).numpy())
+    labels = np.concatenate(labels)
+    expected = oracle.categorical_labels(model, model.trainable_variables, x, labels)
+    oracle.assert_close(fisher, expected)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_batched_matches_squared_batch_gradients(name):
+    build, classes = MODELS[name]
+    model = build()
+    x, y = _data(model, classes=classes)
+    fisher = fisher_diagonal(model, (x, y), estimator="batched", likelihood="categorical",
+                             batch_size=5, verbose=0)
+    expected = oracle.batched(model, model.trainable_variables, x, y, 5)
+    oracle.assert_close(fisher, expected)
+
+
+def test_sampled_is_seeded_and_converges_to_exact():
+    model = dense_model()
+    x, _ = _data(model, n=6)
+    a = fisher_diagonal(model, x, estimator="sampled", seed=3, likelihood="categorical", verbose=0)
+    b = fisher_diagonal(model, x, estimator="sampled", seed=3, likelihood="categorical", verbose=0)
+    c = fisher_diagonal(model, x, estimator="sampled", seed=4, likelihood="categorical", verbose=0)
+    np.testing.assert_array_equal(a[0].numpy(), b[0].numpy())
+    assert not np.allclose(a[0].numpy(), c[0].numpy())
+    # 24,000 draws an example: the 6 examples repeated 3,000 times, 8 labels each.
+    many = fisher_diagonal(model, np.tile(x, (3000, 1)), estimator="sampled", samples=8,
+                           seed=5, likelihood="categorical", batch_size=2000, verbose=0)
+    exact = fisher_diagonal(model, x, likelihood="categorical", verbose=0)
+    for m, e in zip(many, exact):
+        # Monte Carlo: a few percent of the total mass.
+        assert np.abs(m - e).sum() < 0.05 * np.abs(e).sum()
+
+
+def test_probability_outputs_and_one_hot_labels():
+    model = dense_model(activation="softmax")
+    x, y = _data(model)
+    exact = fisher_diagonal(model, x, likelihood="categorical", verbose=0)
+    expected = oracle.categorical_exact(model, model.trainable_variables, x, from_logits=False)
+    oracle.assert_close(exact, expected)
+    one_hot = np.eye(4, dtype="float32")[y]
+    emp = fisher_diagonal(model, (x, one_hot), estimator="empirical", likelihood="categorical",
+                          verbose=0)
+    expected = oracle.categorical_labels(model, model.trainable_variables, x, y,
+                                         from_logits=False)
+    oracle.assert_close(emp, expected)
+
+
+def test_likelihood_is_inferred_from_the_compiled_loss():
+    model = dense_model(activation="softmax")
+    x, _ = _data(model)
+    model.compile("sgd", "sparse_categorical_crossentropy")
+    inferred = fisher_diagonal(model, x, verbose=0)
+    expected = oracle.categorical_exact(model, model.trainable_variables, x, from_logits=False)
+    oracle.assert_close(inferred, expected)
+
+
+def test_bernoulli_exact_matches_enumeration_of_all_label_vectors():
+    model = dense_model(classes=3)
+    x, _ = _data(model, n=7)
+    fisher = fisher_diagonal(model, x, likelihood=likelihoods.Bernoulli(from_logits=True),
+                             verbose=0)
+    oracle.assert_close(fisher, oracle.bernoulli_exact(model, model.trainable_variables, x))
+    # Probability outputs give the same Fisher as the logits that produce them.
+    probs = keras.Sequential([model, keras.layers.Activation("sigmoid")])
+    again = fisher_diagonal(probs, x, likelihood=likelihoods.Bernoulli(from_logits=False),
+                            verbose=0)
+    oracle.assert_close(again, oracle.bernoulli_exact(model, model.trainable_variables, x),
+                        rtol=1e-4)
+
+
+def test_gaussian_exact_matches_oracle_and_monte_carlo():
+    model = dense_model(classes=2)
+    x, _ = _data(model, n=5)
+    fisher = fisher_diagonal(model, x, likelihood="gaussian", verbose=0)
+    oracle.assert_close(fisher, oracle.gaussian_exact(model, model.trainable_variables, x))
+    sampled = fisher_diagonal(model, np.tile(x, (600, 1)), estimator="sampled", samples=5,
+                              seed=0, likelihood="gaussian", batch_size=600, verbose=0)
+    for s, e in zip(sampled, fisher):
+        assert np.abs(s - e).sum() < 0.06 * np.abs(e).sum()
+
+
+def test_dataset_input_and_rebatching_give_the_same_fisher():
+    model = dense_model()
+    x, y = _data(model, n=10)
+    from_arrays = fisher_diagonal(model, x, likelihood="categorical", verbose=0)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(3)
+    from_ds = fisher_diagonal(model, ds, likelihood="categorical", verbose=0)
+    rebatched = fisher_diagonal(model, ds, likelihood="categorical", batch_size=4, verbose=0)
+    for a, b, c in zip(from_arrays, from_ds, rebatched):
+        np.testing.assert_allclose(a, b, rtol=1e-5)
+        np.testing.assert_allclose(a, c, rtol=1e-5)
+
+
+def test_progress_bar_counts_batches(capsys):
+    model = dense_model()
+    x, _ = _data(model, n=10)
+    fisher_diagonal(model, x, likelihood="categorical", batch_size=4, verbose=1)
+    out = capsys.readouterr().out
+    assert "3/3" in out and "examples: 10" in out
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"estimator": "fast"}, "Unknown estimator"),
+    ({"likelihood": "poisson"}, "Unknown likelihood"),
+    ({"samples": 3}, "applies only to estimator='sampled'"),
+    ({"estimator": "sampled", "samples": 0}, "samples >= 1"),
+    ({"batch_size": 0}, "batch_size >= 1"),
+])
+def test_bad_arguments(kwargs, message):
+    model = dense_model()
+    x, _ = _data(model)
+    kwargs.setdefault("likelihood", "categorical")
+    with pytest.raises(ValueError, match=message):
+        fisher_diagonal(model, x, verbose=0, **kwargs)
+
+
+def test_bad_data():
+    model = dense_model()
+    x, y = _data(model)
+    with pytest.raises(ValueError, match="no examples"):
+        fisher_diagonal(model, x[:0], likelihood="categorical", verbose=0)
+    bad = x.copy()
+    bad[3, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        fisher_diagonal(model, bad, likelihood="categorical", verbose=0)
+    with pytest.raises(ValueError, match=r"labels in \[0, 4\)"):
+        fisher_diagonal(model, (x, y + 4), estimator="empirical", likelihood="categorical",
+                        verbose=0)
+    with pytest.raises(ValueError, match="needs the true labels"):
+        fisher_diagonal(model, x, estimator="empirical", likelihood="categorical", verbose=0)
+    with pytest.raises(ValueError, match="first .* dimension"):
+        fisher_diagonal(model, (x, y[:4]), estimator="empirical", likelihood="categorical",
+                        verbose=0)
+    with pytest.raises(ValueError, match="infer the likelihood"):
+        fisher_diagonal(model, x, verbose=0)
+
+
+def test_unbuilt_model_is_rejected():
+    model = keras.Sequential([keras.layers.Dense(3)])
+    with pytest.raises(ValueError, match="not built"):
+        fisher_diagonal(model, np.zeros((2, 4), "float32"), likelihood="categorical",
+                        verbose=0)

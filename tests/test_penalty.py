@@ -1,0 +1,145 @@
+"""The consolidated state: pure merges, the penalty, and the Keras object."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_ewc
+from keras_ewc import penalty as P
+
+
+def _random_tasks(rng, shapes, count):
+    tasks = []
+    for _ in range(count):
+        fisher = [rng.gamma(0.5, 1.0, size=s).astype("float32") for s in shapes]
+        # Some entries carry no information in some tasks: exercises P' = 0.
+        fisher[0][..., 0] = 0.0
+        theta = [rng.normal(size=s).astype("float32") for s in shapes]
+        tasks.append((fisher, theta))
+    return tasks
+
+
+def _explicit_sum(tasks, theta, strength):
+    """Σ_t (λ/2) Σ F_t (θ − θ*_t)², written out with its own tape for the gradient."""
+    with tf.GradientTape() as tape:
+        tape.watch(theta)
+        total = tf.constant(0.0, tf.float64)
+        for fisher, anchor in tasks:
+            for f, a, t in zip(fisher, anchor, theta):
+                total += 0.5 * strength * tf.reduce_sum(
+                    tf.cast(f, tf.float64) * tf.square(tf.cast(t, tf.float64) - a))
+    return total.numpy(), [g.numpy() for g in tape.gradient(total, theta)]
+
+
+def test_separate_mode_equals_sum_of_three_task_penalties():
+    rng = np.random.default_rng(0)
+    shapes = [(4, 3), (3,)]
+    net = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    reg = keras_ewc.EWCRegularizer(strength=7.0)
+    reg.build_for(net.trainable_variables)
+    tasks = _random_tasks(rng, shapes, 3)
+    for fisher, theta in tasks:
+        reg.consolidate(fisher, theta)
+    assert int(reg.tasks.numpy()) == 3
+    # Evaluate at a point unrelated to every anchor.
+    for v, s in zip(net.trainable_variables, shapes):
+        v.assign(rng.normal(size=s).astype("float32"))
+    with tf.GradientTape() as tape:
+        value = reg.penalty()
+    grads = tape.gradient(value, net.trainable_variables)
+    theta = [tf.constant(v.numpy(), tf.float64) for v in net.trainable_variables]
+    expected, expected_grads = _explicit_sum(tasks, theta, 7.0)
+    np.testing.assert_allclose(value.numpy(), expected, rtol=1e-6)
+    for g, e in zip(grads, expected_grads):
+        np.testing.assert_allclose(g.numpy(), e, rtol=1e-6, atol=1e-6 * np.abs(e).max())
+    # Two numbers a parameter, plus the scalars, whatever the number of tasks.
+    assert len(reg.weights) == 2 * len(shapes) + 2
+
+
+def test_online_mode_follows_its_recursion():
+    rng = np.random.default_rng(1)
+    shapes = [(2, 2)]
+    var = keras.Variable(np.zeros((2, 2), "float32"))
+    reg = keras_ewc.EWCRegularizer(strength=2.0, mode="online", gamma=0.5)
+    reg.build_for([var])
+    expected_p = np.zeros((2, 2))
+    for fisher, theta in _random_tasks(rng, shapes, 3):
+        reg.consolidate(fisher, theta)
+        expected_p = 0.5 * expected_p + fisher[0]
+        np.testing.assert_allclose(reg.precision[0].numpy(), expected_p, rtol=1e-6)
+        np.testing.assert_allclose(reg.anchors[0].numpy(), theta[0])
+    assert float(reg.offset.numpy()) == 0.0
+    var.assign(np.ones((2, 2), "float32"))
+    expected = 2.0 * 0.5 * np.sum(expected_p * (1.0 - theta[0]) ** 2)
+    np.testing.assert_allclose(float(reg.penalty()), expected, rtol=1e-6)
+
+
+def test_first_merge_anchors_exactly_at_the_weights():
+    fisher = [tf.constant([0.0, 2.0, 1e-30])]
+    theta = [tf.constant([1.5, -2.0, 3.0])]
+    zeros = [tf.zeros(3)]
+    p, m, c = P.merge_separate(zeros, zeros, tf.constant(0.0), fisher, theta)
+    np.testing.assert_array_equal(m[0].numpy(), theta[0].numpy())
+    np.testing.assert_array_equal(p[0].numpy(), fisher[0].numpy())
+    assert float(c) == 0.0
+
+
+def test_penalty_is_zero_before_any_consolidation():
+    net = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    net.layers[0].kernel.assign(np.full((3, 2), 5.0, "float32"))
+    reg = keras_ewc.EWCRegularizer(strength=1e6)
+    reg.build_for(net.trainable_variables)
+    assert float(reg.penalty()) == 0.0
+
+
+def test_state_is_float32_under_mixed_precision_weights():
+    var = keras.Variable(np.ones(4, "float16"), dtype="float16")
+    reg = keras_ewc.EWCRegularizer(strength=1.0)
+    reg.build_for([var])
+    reg.consolidate([np.full(4, 1e-12, "float32")], [np.zeros(4, "float32")])
+    assert reg.precision[0].dtype == "float32"
+    assert reg.penalty().dtype == tf.float32
+    # 1e-12 survives: it would underflow to 0 in float16.
+    np.testing.assert_allclose(reg.precision[0].numpy(), 1e-12)
+    np.testing.assert_allclose(float(reg.penalty()), 0.5 * 4 * 1e-12, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"strength": -1.0}, "strength >= 0"),
+    ({"strength": float("nan")}, "strength >= 0"),
+    ({"gamma": 0.0}, "gamma in (0, 1]"),
+    ({"gamma": 1.5}, "gamma in (0, 1]"),
+    ({"mode": "sum"}, "mode in"),
+])
+def test_bad_arguments_are_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")
+                       .replace("[", r"\[").replace("]", r"\]")):
+        keras_ewc.EWCRegularizer(**kwargs)
+
+
+def test_bad_fisher_leaves_the_state_unchanged():
+    var = keras.Variable(np.ones(3, "float32"))
+    reg = keras_ewc.EWCRegularizer(strength=1.0)
+    reg.build_for([var])
+    reg.consolidate([np.ones(3, "float32")])
+    before = [w.numpy().copy() for w in reg.weights]
+    for bad in ([np.array([1.0, np.nan, 1.0], "float32")],
+                [np.array([1.0, -1.0, 1.0], "float32")],
+                [np.ones(4, "float32")]):
+        with pytest.raises(ValueError):
+            reg.consolidate(bad)
+    for w, b in zip(reg.weights, before):
+        np.testing.assert_array_equal(w.numpy(), b)
+
+
+def test_unbuilt_regularizer_says_so():
+    reg = keras_ewc.EWCRegularizer()
+    with pytest.raises(ValueError, match="build_for"):
+        reg.penalty()
+
+
+def test_config_round_trip():
+    reg = keras_ewc.EWCRegularizer(strength=3.0, mode="online", gamma=0.9)
+    again = keras_ewc.EWCRegularizer.from_config(reg.get_config())
+    assert (again.strength, again.mode, again.gamma) == (3.0, "online", 0.9)
