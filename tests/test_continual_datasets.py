@@ -122,7 +122,8 @@ def test_arrays_and_tf_data_sources():
 
 
 def test_array_dataset_bad_input():
-    with pytest.raises(ValueError, match="differ in length.*len\\(x_train\\)=3, len\\(y_train\\)=2"):
+    with pytest.raises(ValueError,
+                       match=r"differ in length.*len\(x_train\)=3, len\(y_train\)=2"):
         ArrayDataset(np.zeros((3, 2)), [0, 1], np.zeros((1, 2)), [0])
     with pytest.raises(ValueError, match="largest label is 5.*num_classes=3"):
         ArrayDataset(np.zeros((2, 2)), [0, 5], np.zeros((1, 2)), [0], num_classes=3)
