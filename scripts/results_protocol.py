@@ -95,7 +95,8 @@ def run_joint(sequence, seed, args):
     ds = (tf.data.Dataset.from_tensor_slices(((x, masks), y))
           .shuffle(len(y), seed=seed).repeat().batch(args.batch_size)
           .map(lambda xm, t: ((tf.cast(xm[0], tf.float32) * scale, xm[1]), t)))
-    joint.fit(ds, steps_per_epoch=args.iterations * len(sequence), epochs=1, verbose=0)
+    joint.fit(ds, steps_per_epoch=args.iterations * len(sequence), epochs=1, verbose=0,
+              shuffle=False)
     accs = continual.evaluate_tasks(net, sequence)
     return continual.ContinualResults([accs], sequence.task_names)
 
