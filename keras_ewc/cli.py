@@ -18,28 +18,24 @@ def _ewc_class():
     return EWCModel
 
 
-def _floats(text: str, name: str) -> list[float]:
+def _numbers(text: str, name: str, cast, minimum, kind: str, example: str) -> list:
     try:
-        values = [float(v) for v in text.split(",") if v.strip()]
+        values = [cast(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise ValueError(
-            f"Expected {name} as comma-separated numbers, e.g. 1e2,1e3. Received: {text!r}"
+            f"Expected {name} as comma-separated {kind}, e.g. {example}. Received: {text!r}"
         ) from None
-    if not values or any(v < 0 for v in values):
-        raise ValueError(f"Expected {name} >= 0 (at least one). Received: {text!r}")
+    if not values or any(v < minimum for v in values):
+        raise ValueError(f"Expected {name} >= {minimum} (at least one). Received: {text!r}")
     return values
+
+
+def _floats(text: str, name: str) -> list[float]:
+    return _numbers(text, name, float, 0, "numbers", "1e2,1e3")
 
 
 def _ints(text: str, name: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(
-            f"Expected {name} as comma-separated integers, e.g. 400,400. Received: {text!r}"
-        ) from None
-    if not values or any(v < 1 for v in values):
-        raise ValueError(f"Expected {name} >= 1 (at least one). Received: {text!r}")
-    return values
+    return _numbers(text, name, int, 1, "integers", "400,400")
 
 
 def _positive(value: int | None, name: str) -> None:
