@@ -209,7 +209,10 @@ class EWCModel(keras.Model):
             seed=seed,
             verbose=verbose,
             variables=self.regularizer.targets,
+            strategy=self.distribute_strategy,
         )
+        # Outside `strategy.run`: cross-replica context, where mirrored state variables
+        # are assigned on every replica at once.
         self.regularizer.consolidate(fisher)
         return fisher
 
