@@ -97,3 +97,38 @@ def distribute_sum_fn(
         return step(split(inputs, size), split(extra, size))
 
     return fn
+
+
+def first_local_batch(strategy, iterator):
+    """The first batch of a Keras epoch iterator, as this process's first replica sees it.
+
+    Used by `EWCModel` to build its optimizer and metrics before `fit`: only the shapes
+    matter, and unlike `strategy.reduce` this works on every strategy (Keras' own path
+    fails on `MultiWorkerMirroredStrategy` for `(x, y)` batches). Returns None when
+    the iterator yields nothing.
+    """
+    for _, _, it in iterator:
+        batch = next(it)
+        return tf.nest.map_structure(
+            lambda v: strategy.experimental_local_results(v)[0]
+            if isinstance(v, tf.distribute.DistributedValues) else v,
+            batch,
+        )
+    return None
+
+
+def logs_for_reduction(strategy, logs):
+    """Makes a step's scalar logs reducible by Keras under multi-worker strategies.
+
+    Keras (3.15) reduces each replica's logs with `strategy.reduce("MEAN", v, axis=0)`
+    under `MultiWorkerMirroredStrategy`, which fails on scalars ("Invalid reduction
+    dimension 0"). Giving each scalar the shape `[1]` makes that reduction the plain
+    mean over replicas, a scalar again. Other strategies get the logs unchanged.
+    """
+    from keras.src.backend.tensorflow import trainer  # the test Keras itself uses
+
+    if not trainer._collective_all_reduce_multi_worker(strategy):
+        return logs
+    return tf.nest.map_structure(
+        lambda v: tf.reshape(v, [1]) if tf.is_tensor(v) and v.shape.rank == 0 else v, logs
+    )

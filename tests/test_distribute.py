@@ -8,6 +8,7 @@ tests assert on the numbers it reports. The multi-worker tests start worker proc
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -101,3 +102,126 @@ def test_mixed_precision_keeps_the_state_in_float32(checks, policy):
     assert r["fisher_err"] < (2e-3 if policy == "mixed_float16" else 2e-2)
     # Training (with a LossScaleOptimizer for float16) stays finite with the penalty on.
     assert r["loss_finite"] and r["penalty"] > 1.0 and r["logged_penalty"] > 1.0
+
+
+# --- several processes ----------------------------------------------------------------
+
+
+def _free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _start(out, env_extra=None, args=()):
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+    env.pop("TF_CONFIG", None)
+    env.update(env_extra or {})
+    return subprocess.Popen([sys.executable, os.path.join(HERE, "_worker.py"), str(out),
+                             *args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _cluster(tmp_path, tag, args_for=lambda index: (), workers=2, timeout=150):
+    """Runs `workers` processes as one multi-worker cluster; returns their exit codes."""
+    ports = _free_ports(workers)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    procs = []
+    try:
+        for index in range(workers):
+            config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+            procs.append(_start(tmp_path / f"{tag}{index}.npz", {"TF_CONFIG": config},
+                                args_for(index)))
+        codes = []
+        for proc in procs:
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"A worker did not finish in {timeout} s:\n"
+                            + proc.stdout.read()[-3000:] if proc.poll() is not None else
+                            f"A worker did not finish in {timeout} s.")
+            codes.append(proc.returncode)
+        return codes, [p.stdout.read()[-3000:] for p in procs]
+    finally:
+        for proc in procs:  # stop whatever is left, on success or failure
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+def _single(tmp_path, timeout=120):
+    proc = _start(tmp_path / "single.npz")
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert proc.returncode == 0, out[-3000:]
+    return dict(np.load(tmp_path / "single.npz"))
+
+
+def _assert_same(result, reference):
+    assert int(result["replicas"]) == 2 and int(reference["replicas"]) == 1
+    assert int(result["tasks"]) == int(reference["tasks"]) == 2
+    assert int(reference["first_epoch"]) == 0
+    for key in reference:
+        if key in ("replicas", "tasks", "first_epoch"):
+            continue
+        np.testing.assert_allclose(result[key], reference[key], rtol=TOL,
+                                   atol=TOL * np.max(np.abs(reference[key])), err_msg=key)
+
+
+@pytest.mark.slow
+def test_two_workers_train_and_consolidate_as_one_process(tmp_path):
+    reference = _single(tmp_path)
+    codes, logs = _cluster(tmp_path, "worker")
+    assert codes == [0, 0], logs
+    for index in range(2):
+        result = dict(np.load(tmp_path / f"worker{index}.npz"))
+        assert int(result["first_epoch"]) == 0
+        _assert_same(result, reference)
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_fit_resumes_from_backup_to_the_same_result(tmp_path):
+    # Worker 1 dies abruptly at the end of epoch 2 of 4 (after its backup callback ran);
+    # worker 0, stuck waiting for it in a collective, is stopped, as a cluster manager
+    # would. Both restart with the same backup directories and finish the run.
+    reference = _single(tmp_path)
+    backups = [str(tmp_path / f"backup{i}") for i in range(2)]
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+
+    def config(index):
+        return {"TF_CONFIG": json.dumps({"cluster": cluster,
+                                         "task": {"type": "worker", "index": index}})}
+
+    procs = [_start(tmp_path / "crash0.npz", config(0), ("--backup", backups[0])),
+             _start(tmp_path / "crash1.npz", config(1),
+                    ("--backup", backups[1], "--die-after-epoch", "1"))]
+    try:
+        assert procs[1].wait(timeout=150) == 3, procs[1].stdout.read()[-3000:]
+        try:
+            procs[0].wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+    assert not (tmp_path / "crash0.npz").exists()  # the first run did not finish
+    assert all(os.listdir(b) for b in backups)  # but left backups behind
+    codes, logs = _cluster(tmp_path, "resumed",
+                           args_for=lambda index: ("--backup", backups[index]))
+    assert codes == [0, 0], logs
+    for index in range(2):
+        resumed = dict(np.load(tmp_path / f"resumed{index}.npz"))
+        assert int(resumed["first_epoch"]) == 2  # resumed after the 2 backed-up epochs
+        _assert_same(resumed, reference)
