@@ -62,9 +62,9 @@ def main():
                                     keras.layers.Dense(10)])
             model = keras_ewc.EWCModel(net, strength=1.0)
             model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        fisher = best_of(lambda: model.consolidate(x, batch_size=256, verbose=0),
+        fisher = best_of(lambda model=model: model.consolidate(x, batch_size=256, verbose=0),
                          args.repeats)
-        train = best_of(lambda: model.fit(x, y, batch_size=256, epochs=1, verbose=0),
+        train = best_of(lambda model=model: model.fit(x, y, batch_size=256, epochs=1, verbose=0),
                         args.repeats)
         results[name] = (args.examples / fisher, args.examples / train)
         print(f"{name:>10}: Fisher {results[name][0]:9.0f} ex/s   "
