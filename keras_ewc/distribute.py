@@ -67,15 +67,15 @@ def distribute_sum_fn(
     replicas = strategy.num_replicas_in_sync
 
     def replica_fn(inputs, extra):
-        size = tf.shape(tf.nest.flatten(inputs)[0])[0]
-        return tf.cond(
-            size > 0,
-            lambda: [tf.cast(s, tf.float32) for s in sum_fn(inputs, extra)],
-            lambda: [tf.zeros(shape, tf.float32) for shape in shapes],
-        )
+        # Called eagerly, once a replica, with the shard itself: its batch size is
+        # static, as per-layer kernels may need, and an empty shard adds zeros.
+        if int(tf.shape(tf.nest.flatten(inputs)[0])[0]) == 0:
+            return [tf.zeros(shape, tf.float32) for shape in shapes]
+        return [tf.cast(s, tf.float32) for s in sum_fn(inputs, extra)]
 
-    @tf.function(reduce_retracing=True)
     def step(inputs, extra):
+        # Not wrapped in a tf.function: its signature would merge the uneven shards'
+        # shapes into an unknown batch size. `sum_fn` itself is compiled.
         partial = strategy.run(replica_fn, args=(inputs, extra))
         return [strategy.reduce(tf.distribute.ReduceOp.SUM, p, axis=None) for p in partial]
 
