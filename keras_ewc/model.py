@@ -159,6 +159,30 @@ class EWCModel(keras.Model):
             loss = loss + tf.cast(scaled, loss.dtype)
         return loss
 
+    def train_step(self, data):
+        from keras_ewc import distribute
+
+        return distribute.logs_for_reduction(self.distribute_strategy,
+                                             super().train_step(data))
+
+    def test_step(self, data):
+        from keras_ewc import distribute
+
+        return distribute.logs_for_reduction(self.distribute_strategy,
+                                             super().test_step(data))
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras (3.15) reduces the first distributed batch with `strategy.reduce`, which
+        # MultiWorkerMirroredStrategy cannot do for a nest of tensors; the build needs
+        # only shapes, so one replica's shard does (see keras_ewc.distribute).
+        if iterator is not None and getattr(self, "_distribute_strategy", None) is not None:
+            from keras_ewc import distribute
+
+            data_batch = distribute.first_local_batch(self.distribute_strategy, iterator)
+            if data_batch is not None:
+                iterator = None
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
     # --- consolidation -------------------------------------------------------------
 
     def consolidate(
@@ -209,7 +233,10 @@ class EWCModel(keras.Model):
             seed=seed,
             verbose=verbose,
             variables=self.regularizer.targets,
+            strategy=self.distribute_strategy,
         )
+        # Outside `strategy.run`: cross-replica context, where mirrored state variables
+        # are assigned on every replica at once.
         self.regularizer.consolidate(fisher)
         return fisher
 

@@ -9,6 +9,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_ewc import distribute
 from keras_ewc.fisher import engine
 from keras_ewc.fisher import likelihoods as lik_module
 
@@ -27,6 +28,7 @@ def fisher_diagonal(
     seed: int | None = None,
     verbose="auto",
     variables: Sequence[tf.Variable] | None = None,
+    strategy: tf.distribute.Strategy | None = None,
 ) -> list[tf.Tensor]:
     """Computes the diagonal of the Fisher information of `model` on `data`.
 
@@ -61,6 +63,10 @@ def fisher_diagonal(
         verbose: 0 for silence, 1 (or "auto") for a progress bar.
         variables: the variables to compute the Fisher for (default:
             `model.trainable_variables`).
+        strategy: a `tf.distribute.Strategy` with several replicas to share the work:
+            each replica sums squared per-example gradients over its shard of every
+            batch, and the sums are all-reduced (see `keras_ewc.distribute`). The
+            result equals the one-device Fisher. Default: one device.
 
     Returns:
         A list of float32 tensors, aligned with `variables`.
@@ -135,6 +141,8 @@ def fisher_diagonal(
                 sum_fn = engine.build_sum_squared_grads(
                     model, variables, _terms_fn(lik, estimator, samples)
                 )
+                if distribute.is_distributed(strategy):
+                    sum_fn = distribute.distribute_sum_fn(strategy, sum_fn, variables)
             extra = None
             if estimator == "empirical":
                 extra = tf.convert_to_tensor(y)
