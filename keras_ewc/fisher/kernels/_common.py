@@ -59,6 +59,6 @@ def broadcast_sum_squared(grads, shape):
         axes = list(range(2, 2 + rank - len(shape)))
         axes += [2 + rank - len(shape) + i for i, d in enumerate(shape) if d == 1]
         per_example = tf.reduce_sum(g, axis=axes) if axes else g
-        per_example = tf.reshape(per_example, [g.shape[0], -1] + shape)
+        per_example = tf.reshape(per_example, [tf.shape(g)[0], -1] + shape)
         total = per_example if total is None else total + per_example
     return tf.reduce_sum(tf.square(total), axis=[0, 1])
