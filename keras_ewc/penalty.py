@@ -214,6 +214,21 @@ class EWCRegularizer(keras.layers.Layer):
         # Checks every saved value before assigning any, so a mismatched file leaves
         # the state as it was and the error names the variable that does not match.
         variables = self._trainable_variables + self._non_trainable_variables
+        failed = getattr(self, "_load_failure", None)
+        if len(store.keys()) == 0 and failed is not None and failed[0] is store:
+            # Keras visits this layer a second time (as the model's attribute) after a
+            # failure; repeat the real cause rather than "0 variables".
+            self.__dict__["_load_failure"] = None
+            raise failed[1]
+        try:
+            self._load_state_from(store, variables)
+            self.__dict__["_load_failure"] = None
+        except ValueError as error:
+            # Kept out of Keras' tracking: a plain note for the second visit.
+            self.__dict__["_load_failure"] = (store, error)
+            raise
+
+    def _load_state_from(self, store, variables):
         if len(store.keys()) != len(variables):
             raise ValueError(
                 f"The saved EWC state holds {len(store.keys())} variables, but this model's "

@@ -63,9 +63,65 @@ def _variables_of(model) -> list:
     return unique
 
 
+def _h5_shapes(filepath) -> dict:
+    import h5py
+
+    shapes = {}
+
+    def visit(name, obj):
+        if isinstance(obj, h5py.Dataset):
+            shapes[name] = tuple(obj.shape)
+
+    with h5py.File(filepath, "r") as f:
+        f.visititems(visit)
+    return shapes
+
+
+def check_weights_file(model, filepath) -> None:
+    """Compares a `.weights.h5` file with what `model` would write, before loading.
+
+    Raises a ValueError that lists every variable present on one side only and every
+    shape that differs, so a wrong file is refused before anything is assigned.
+    """
+    import tempfile
+
+    try:
+        saved = _h5_shapes(filepath)
+    except Exception as error:
+        raise ValueError(
+            f"Could not read the weights file {str(filepath)!r}: it is missing, truncated "
+            f"or corrupted; nothing was loaded. Cause: {error}"
+        ) from error
+    with tempfile.TemporaryDirectory() as tmp:
+        own = f"{tmp}/own.weights.h5"
+        model.save_weights(own)
+        expected = _h5_shapes(own)
+    # The optimizer's variables are checked only when both sides have them.
+    if not any(k.startswith("optimizer/") for k in saved):
+        expected = {k: v for k, v in expected.items() if not k.startswith("optimizer/")}
+    problems = [f"{k}: missing from the file (this model has shape {v})"
+                for k, v in expected.items() if k not in saved]
+    problems += [f"{k}: in the file (shape {v}) but not in this model"
+                 for k, v in saved.items() if k not in expected]
+    problems += [f"{k}: file has shape {saved[k]}, this model {v}"
+                 for k, v in expected.items() if k in saved and saved[k] != v]
+    if problems:
+        where = "the EWC state" if all("ewc_regularizer" in p for p in problems) else (
+            "the architecture")
+        raise ValueError(
+            f"The weights file {str(filepath)!r} does not match {where} of this "
+            f"{type(model).__name__} (paths as in the file; `ewc_regularizer` is the EWC "
+            "state: an anchor and a precision a regularised variable, the offset and the "
+            "task count); nothing was loaded: " + "; ".join(problems[:12])
+            + (f"; and {len(problems) - 12} more" if len(problems) > 12 else "")
+        )
+
+
 def all_or_nothing(model, load, filepath):
     """Calls `load()`; if it raises, restores every variable of `model` (weights, EWC
     state, optimizer) to its value before the call, and re-raises a clear error."""
+    if str(filepath).endswith(".weights.h5"):
+        check_weights_file(model, filepath)
     variables = _variables_of(model)
     saved = [np.array(v.numpy(), copy=True) for v in variables]
     try:
