@@ -391,7 +391,7 @@ def test_save_and_resume_example_runs_offline(tmp_path):
     result = json.loads(done.stdout.strip().splitlines()[-1])
     # The served model predicts what the trained one did, and task A survived task B.
     assert result["served_matches"] is True
-    assert result["tasks"] == 2
+    assert result["tasks"] == 2 and result["rebuilt_tasks"] == 2
     assert result["accuracy_a_after_b"] > 0.6, result
 
 
