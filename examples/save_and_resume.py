@@ -33,7 +33,7 @@ import keras_ewc  # noqa: E402
 INPUTS, CLASSES = 20, 3
 
 
-def make_tasks(seed=3, n=1500):
+def make_tasks(seed=3, n=1000):
     rng = np.random.default_rng(seed)
     w = rng.normal(size=(INPUTS, CLASSES))
     xa = rng.normal(size=(n, INPUTS)).astype("float32")

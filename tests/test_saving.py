@@ -48,7 +48,7 @@ def functional(hidden=8, inputs=6):
 
 def subclassed_built(hidden=8, inputs=6):
     net = TwoLayerNet(hidden)
-    net.build((None, inputs))
+    net(np.zeros((1, inputs), "float32"))  # built before wrapping: EWCModel builds now
     return net
 
 
@@ -73,12 +73,13 @@ def compiled(net, **kwargs):
 
 
 def after_task_a(net, **kwargs):
-    """A model that learned task A, consolidated it, and moved a little on task B."""
-    (xa, ya), (xb, yb) = tasks()
+    """A model that learned task A, consolidated it, and moved away from the anchors."""
+    (xa, ya), _ = tasks()
     model = compiled(net, **kwargs)
-    model.fit(xa, ya, epochs=2, batch_size=16, shuffle=False, verbose=0)
+    model.fit(xa, ya, epochs=1, batch_size=16, shuffle=False, verbose=0)
     model.consolidate((xa, ya), verbose=0)
-    model.fit(xb, yb, epochs=1, batch_size=16, shuffle=False, verbose=0)
+    for i, v in enumerate(model.network.trainable_variables):
+        v.assign(v + 0.01 * (i + 1))
     return model
 
 
@@ -126,7 +127,7 @@ def test_keras_file_round_trip_keeps_state_config_and_training(arch, tmp_path):
     assert len(loaded.regularised_variables) == 2  # the excluded head stays out
     assert_same(state(loaded), state(model))
     x = tasks()[0][0]
-    assert_same(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+    assert_same(loaded(x).numpy(), model(x).numpy())
     np.testing.assert_allclose(float(loaded.penalty()), float(model.penalty()), rtol=1e-6)
     # The optimizer state travels too, so further training is step for step the same.
     (p0, w0), (p1, w1) = continue_b(model), continue_b(loaded)
@@ -334,7 +335,7 @@ def test_saved_model_serves_and_carries_named_state(tmp_path):
     model.export(tmp_path / "served")
     served = tf.saved_model.load(str(tmp_path / "served"))
     x = tasks()[0][0]
-    np.testing.assert_allclose(served.serve(x).numpy(), model.predict(x, verbose=0),
+    np.testing.assert_allclose(served.serve(x).numpy(), model(x).numpy(),
                                rtol=1e-6, atol=1e-6)
     reg = model.regularizer
     assert_same([v.numpy() for v in served.ewc_anchors], [v.numpy() for v in reg.anchors])
@@ -355,7 +356,7 @@ def test_from_saved_model_goes_back_to_learning(arch, tmp_path):
     assert (again.strength, again.mode) == (20.0, "separate")
     assert_same(state(again), state(model))
     x = tasks()[0][0]
-    assert_same(again.predict(x, verbose=0), model.predict(x, verbose=0))
+    assert_same(again(x).numpy(), model(x).numpy())
     # A SavedModel keeps no optimizer: compare both from a fresh optimizer.
     for m in (model, again):
         m.compile(keras.optimizers.SGD(0.05), LOSS)
