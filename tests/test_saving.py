@@ -207,6 +207,10 @@ def test_weights_files_carry_the_state(tmp_path):
     assert float(model.penalty()) == 0.0
     model.load_weights(tmp_path / "w.weights.h5")
     assert_same(everything(model), expected)
+    # A fresh model, whose optimizer has no variables yet, takes weights and state.
+    fresh = compiled(sequential())
+    fresh.load_weights(tmp_path / "w.weights.h5")
+    assert_same([v.numpy() for v in fresh.weights], [v.numpy() for v in model.weights])
 
 
 @pytest.mark.parametrize("case", ["architecture", "state_shapes", "state_count", "truncated"])
