@@ -194,6 +194,14 @@ def test_truncated_and_corrupted_keras_files_raise(tmp_path):
     (tmp_path / "cut.keras").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="zip"):
         keras.models.load_model(tmp_path / "cut.keras")
+    # Flipped bytes inside the weights: the archive's checksum names the damaged part.
+    info = zipfile.ZipFile(tmp_path / "m.keras").getinfo("model.weights.h5")
+    start = info.header_offset + 30 + len(info.filename) + info.compress_size // 2
+    damaged = bytearray(data)
+    damaged[start:start + 64] = bytes(b ^ 0xFF for b in damaged[start:start + 64])
+    (tmp_path / "bad.keras").write_bytes(bytes(damaged))
+    with pytest.raises(zipfile.BadZipFile, match="CRC.*model.weights.h5"):
+        keras.models.load_model(tmp_path / "bad.keras")
 
 
 # --- weights files ------------------------------------------------------------------------
@@ -382,6 +390,17 @@ def test_from_saved_model_refuses_another_architecture(tmp_path):
         net = sequential()
         net.export(str(tmp_path / "plain"), verbose=False)
         keras_ewc.EWCModel.from_saved_model(tmp_path / "plain", net)
+
+
+def test_from_saved_model_refuses_an_unknown_format_version(tmp_path, monkeypatch):
+    from keras_ewc import saving
+
+    model = after_task_a(sequential())
+    monkeypatch.setattr(saving, "FORMAT_VERSION", 2)
+    model.export(tmp_path / "served")
+    monkeypatch.setattr(saving, "FORMAT_VERSION", 1)
+    with pytest.raises(ValueError, match=r"format_version=2.*reads versions 1 to 1"):
+        keras_ewc.EWCModel.from_saved_model(tmp_path / "served", sequential())
 
 
 # --- the example --------------------------------------------------------------------------
