@@ -16,7 +16,9 @@ def _grad(model, variables, x, fn):
         out = model(x[None], training=False)
         value = fn(out[0])
     return [
-        np.zeros(v.shape, np.float64) if g is None else np.asarray(g, np.float64)
+        np.zeros(v.shape, np.float64)
+        if g is None
+        else np.asarray(tf.convert_to_tensor(g), np.float64)  # IndexedSlices too
         for g, v in zip(tape.gradient(value, variables), variables)
     ]
 

@@ -1,0 +1,199 @@
+"""How fast is the Fisher engine? Times as multiples of one batched gradient pass.
+
+For each model, on the same N examples and batch size, measured side by side in one run
+(these machines are noisy: each ratio is the median over `--repeats` rounds of the
+ratio within a round; times are the best round):
+
+- `grad`: one batched gradient of the mean loss, the unit;
+- `exact`, `sampled`, `empirical`: the engine's sums of squared per-example gradients
+  (`keras_ewc.fisher.engine.build_sum_squared_grads`), fast path;
+- per-example loops for the same estimator, timed on a few examples and scaled to N:
+  `compiled` (a `tf.function` of one example, called N times: the strongest loop) and
+  `eager` (one `GradientTape` an example and a term, as most EWC code does).
+
+Run: `PYTHONPATH=. python benchmarks/fisher_speed.py` (`--quick` for a smoke run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_ewc.fisher import engine, likelihoods
+from keras_ewc.fisher.diagonal import _terms_fn
+
+ESTIMATORS = ("exact", "sampled", "empirical")
+
+
+def mlp():
+    return keras.Sequential([
+        keras.Input((784,)),
+        keras.layers.Dense(1000, activation="relu"),
+        keras.layers.Dense(1000, activation="relu"),
+        keras.layers.Dense(10),
+    ]), lambda rng, n: rng.normal(size=(n, 784)).astype("float32"), 10
+
+
+def cnn():
+    return keras.Sequential([
+        keras.Input((28, 28, 1)),
+        keras.layers.Conv2D(32, 3, activation="relu"),
+        keras.layers.Conv2D(64, 3, strides=2, activation="relu"),
+        keras.layers.Flatten(),
+        keras.layers.Dense(10),
+    ]), lambda rng, n: rng.normal(size=(n, 28, 28, 1)).astype("float32"), 10
+
+
+def cnn_pooled():
+    return keras.Sequential([
+        keras.Input((28, 28, 1)),
+        keras.layers.Conv2D(32, 3, activation="relu"),
+        keras.layers.MaxPooling2D(2),
+        keras.layers.Conv2D(64, 3, activation="relu"),
+        keras.layers.MaxPooling2D(2),
+        keras.layers.Flatten(),
+        keras.layers.Dense(10),
+    ]), lambda rng, n: rng.normal(size=(n, 28, 28, 1)).astype("float32"), 10
+
+
+def text():
+    return keras.Sequential([
+        keras.Input((100,), dtype="int32"),
+        keras.layers.Embedding(10000, 64),
+        keras.layers.GlobalAveragePooling1D(),
+        keras.layers.Dense(64, activation="relu"),
+        keras.layers.Dense(4),
+    ]), lambda rng, n: rng.integers(0, 10000, size=(n, 100)).astype("int32"), 4
+
+
+MODELS = {
+    "MLP 784-1000-1000-10": mlp,
+    "CNN conv32-conv64/2-dense": cnn,
+    "Embedding(10k, 64) + Dense": text,
+    "CNN with max-pooling": cnn_pooled,
+}
+
+
+def best_time(fn, batches, repeats):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = None
+        for batch in batches:
+            out = fn(*batch)
+        for t in tf.nest.flatten(out):
+            getattr(t, "values", t).numpy()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def run(name, build, n, batch_size, repeats, loop_examples, eager_examples):
+    keras.utils.set_random_seed(0)
+    model, make_x, classes = build()
+    rng = np.random.default_rng(0)
+    x = make_x(rng, n)
+    y = rng.integers(0, classes, size=n).astype("int32")
+    noise = rng.uniform(size=(n, 1, classes)).astype("float32")
+    variables = model.trainable_variables
+    lik = likelihoods.Categorical(from_logits=True)
+
+    @tf.function
+    def grad(xb, yb):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(lik.nll(model(xb, training=False), yb))
+        return tape.gradient(loss, variables)
+
+    def batches(extra):
+        out = []
+        for s in range(0, n, batch_size):
+            xb = tf.constant(x[s:s + batch_size])
+            out.append((xb, None if extra is None else tf.constant(extra[s:s + batch_size])))
+        return out
+
+    extras = {"exact": None, "sampled": noise, "empirical": y}
+    fns = {e: engine.build_sum_squared_grads(model, variables, _terms_fn(lik, e, 1))
+           for e in ESTIMATORS}
+    loops = {e: _loop_fn(model, variables, _terms_fn(lik, e, 1)) for e in ESTIMATORS}
+    grad_batches = batches(y)
+    times = {e: [] for e in ESTIMATORS}
+    for _ in range(2):  # warm-up: traces
+        grad(*grad_batches[0])
+        for e in ESTIMATORS:
+            fns[e](*batches(extras[e])[0])
+    # Each round times the unit and every estimator back to back; a ratio is taken
+    # within a round and the median over rounds is reported, so that load from other
+    # processes, which drifts over seconds, cancels out of the ratios.
+    units, ratios = [], {e: [] for e in ESTIMATORS}
+    for _ in range(repeats):
+        unit = best_time(grad, grad_batches, 1)
+        units.append(unit)
+        for e in ESTIMATORS:
+            t = best_time(fns[e], batches(extras[e]), 1)
+            times[e].append(t)
+            ratios[e].append(t / unit)
+    unit = min(units)
+    rows = []
+    for e in ESTIMATORS:
+        extra = extras[e]
+        singles = [
+            (tf.constant(x[i:i + 1]), None if extra is None else tf.constant(extra[i:i + 1]))
+            for i in range(loop_examples)
+        ]
+        loops[e](*singles[0])
+        loop = best_time(loops[e], singles, 1) * n / loop_examples
+        eager = best_time(loops[e].python_function, singles[:eager_examples], 1)
+        eager *= n / eager_examples
+        fast = min(times[e])
+        rows.append((name, e, fast, float(np.median(ratios[e])), loop / fast, eager / fast))
+    return unit, rows
+
+
+def _loop_fn(model, variables, terms_fn):
+    @tf.function
+    def one(xi, ei):
+        with tf.GradientTape(persistent=True) as tape:
+            terms = tf.reshape(terms_fn(model(xi, training=False), ei), [-1])
+            parts = [terms[t] for t in range(int(terms.shape[0]))]
+        acc = [tf.zeros(v.shape) for v in variables]
+        for part in parts:
+            grads = tape.gradient(part, variables)
+            acc = [a + tf.square(g) for a, g in zip(acc, grads)]
+        return acc
+
+    return one
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--examples", type=int, default=2048)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--loop-examples", type=int, default=128)
+    parser.add_argument("--eager-examples", type=int, default=16)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--models", default="0,1,2",
+                        help="indices into " + ", ".join(f"{i}: {k}" for i, k in enumerate(MODELS)))
+    args = parser.parse_args()
+    if args.quick:
+        args.examples, args.repeats, args.loop_examples, args.eager_examples = 256, 1, 16, 4
+    chosen = [list(MODELS.items())[int(i)] for i in args.models.split(",")]
+    print(f"N={args.examples} examples, batch size {args.batch_size}, "
+          f"tensorflow {tf.__version__}, keras {keras.__version__}")
+    print("| model | estimator | time (s) | × batched gradient "
+          "| speed-up vs compiled loop | vs eager loop |")
+    print("|---|---|---|---|---|---|")
+    for name, build in chosen:
+        unit, rows = run(name, build, args.examples, args.batch_size, args.repeats,
+                         args.loop_examples, args.eager_examples)
+        print(f"| {name} | batched gradient | {unit:.3f} | 1.00 | | |")
+        for model_name, e, t, ratio, compiled, eager in rows:
+            print(f"| {model_name} | {e} | {t:.3f} | {ratio:.2f} | {compiled:.0f}× "
+                  f"| {eager:.0f}× |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

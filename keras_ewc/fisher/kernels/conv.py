@@ -1,0 +1,137 @@
+"""Conv1D/2D/3D: `z[p] = Σ_k patch[p, k] W[k] + b`, any strides, padding, dilation, groups.
+
+Example n's gradient of W is Σ_p patch[n, p] ⊗ g[n, p] over output positions p: the
+patches of the input are gathered once (`tf.image.extract_patches`), and each example's
+gradient is formed by a batched matrix product, a term at a time, in chunks of examples,
+and squared — the sum over positions must come before the square.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import keras
+import tensorflow as tf
+
+from keras_ewc.fisher.kernels._common import (
+    activation,
+    broadcast_sum_squared,
+    f32,
+    over_examples,
+    stop,
+)
+
+LAYERS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
+METHODS = ("convolution_op", "kernel")
+
+
+def supports(layer) -> bool:
+    if getattr(layer, "lora_enabled", False) or layer.quantization_mode is not None:
+        return False
+    # channels_first cannot run on CPU in TensorFlow, so it is left to the reference.
+    return layer.data_format == "channels_last" and layer.padding in (
+        "valid", "same", "causal"
+    )
+
+
+def params(layer) -> dict:
+    out = {"kernel": layer._kernel}
+    if layer.use_bias:
+        out["bias"] = layer.bias
+    return out
+
+
+def forward(layer, args, kwargs):
+    x = args[0]
+    padding = layer.padding
+    if padding == "causal":
+        x = keras.ops.pad(x, layer._compute_causal_padding())
+        padding = "valid"
+    z = keras.ops.conv(
+        x,
+        stop(layer.kernel),
+        strides=list(layer.strides),
+        padding=padding,
+        dilation_rate=layer.dilation_rate,
+        data_format=layer.data_format,
+    )
+    if layer.use_bias:
+        z = z + stop(layer.bias)
+    return (x, padding), z, activation(layer)
+
+
+def patches(x, kernel_size, strides, dilation, padding):
+    """`[B, *out, K * C]`: the input under each of the K kernel offsets, channels last.
+
+    Offsets are ordered as the kernel's spatial axes, channels fastest, like the rows
+    of the kernel reshaped to `[K * C, filters]`.
+    """
+    pads = [[0, 0]]
+    for size, k, s, d in zip(x.shape[1:-1], kernel_size, strides, dilation):
+        span = (k - 1) * d + 1
+        total = 0
+        if padding == "same":
+            total = max((-(-int(size) // s) - 1) * s + span - int(size), 0)
+        pads.append([total // 2, total - total // 2])
+    x = tf.pad(x, pads + [[0, 0]])
+    rank = len(kernel_size)
+    if rank <= 2:
+        # tf.image.extract_patches is 2D; a 1D input is an image of height 1.
+        y = x[:, None] if rank == 1 else x
+        lift = (lambda v: [1, 1, v[0], 1]) if rank == 1 else (lambda v: [1, *v, 1])
+        y = tf.image.extract_patches(
+            y, lift(kernel_size), lift(strides), lift(dilation), "VALID"
+        )
+        return y[:, 0] if rank == 1 else y
+    if all(d == 1 for d in dilation):
+        return tf.extract_volume_patches(x, [1, *kernel_size, 1], [1, *strides, 1], "VALID")
+    # Dilated 3D: one strided slice per kernel offset.
+    out = [(int(n) - (k - 1) * d - 1) // s + 1
+           for n, k, s, d in zip(x.shape[1:-1], kernel_size, strides, dilation)]
+    slices = []
+    for offset in itertools.product(*[range(k) for k in kernel_size]):
+        index = [slice(None)]
+        for o, d, s, count in zip(offset, dilation, strides, out):
+            index.append(slice(o * d, o * d + (count - 1) * s + 1, s))
+        slices.append(x[tuple(index)])
+    return tf.concat(slices, axis=-1)
+
+
+def sum_squared(layer, records, grads) -> dict:
+    groups, channels = layer.groups, int(layer._kernel.shape[-2])
+    batch = int(grads[0].shape[1])
+    xs, gs = [], []
+    for (x, padding), g in zip(records, grads):
+        p = patches(f32(x), layer.kernel_size, layer.strides, layer.dilation_rate, padding)
+        xs.append(tf.reshape(p, [batch, -1, p.shape[-1]]))
+        gs.append(tf.reshape(f32(g), [g.shape[0], batch, -1, g.shape[-1]]))
+    # Positions of every call are summed within an example before squaring.
+    x, g = tf.concat(xs, 1), tf.concat(gs, 2)
+
+    def chunk(x, g):
+        # One term at a time: T small batched matmuls beat one broadcast over T.
+        total = 0.0
+        for t in range(g.shape[0]):
+            if groups == 1:
+                # [n, K * C, filters]: Σ_p patch[n, p] ⊗ g[t, n, p], a matmul an example.
+                per_example = tf.matmul(x, g[t], transpose_a=True)
+            else:
+                xg = tf.reshape(x, [x.shape[0], x.shape[1], -1, groups, channels])
+                gg = tf.reshape(g[t], [g.shape[1], g.shape[2], groups, -1])
+                per_example = tf.einsum("npkgc,npgo->nkcgo", xg, gg)
+            total += tf.reduce_sum(tf.square(per_example), axis=0)
+        return total
+
+    size = _size(layer._kernel.shape)
+    kernel = over_examples(chunk, size, (0, 1), x, g)
+    out = {"kernel": tf.reshape(kernel, layer._kernel.shape)}
+    if layer.use_bias:
+        out["bias"] = broadcast_sum_squared(grads, layer.bias.shape)
+    return out
+
+
+def _size(shape):
+    size = 1
+    for d in shape:
+        size *= int(d)
+    return size

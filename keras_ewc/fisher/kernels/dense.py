@@ -1,0 +1,72 @@
+"""Dense: `z = x W + b`, on flat (`[B, I]`) or sequence (`[B, ..., I]`) inputs.
+
+Example n's gradient of W is Σ_s x[n, s] ⊗ g[n, s] (one term s a position, and a call of
+the layer). With one position its square factorises, Σ_n (x_n ⊗ g_n)² = (x∘x)ᵀ (g∘g),
+so no per-example gradient is formed; otherwise positions are summed before squaring.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from keras_ewc.fisher.kernels._common import (
+    activation,
+    broadcast_sum_squared,
+    f32,
+    over_examples,
+    stop,
+)
+
+LAYERS = (keras.layers.Dense,)
+METHODS = ("kernel",)
+
+
+def supports(layer) -> bool:
+    return not layer.lora_enabled and layer.quantization_mode is None
+
+
+def params(layer) -> dict:
+    out = {"kernel": layer._kernel}
+    if layer.bias is not None:
+        out["bias"] = layer.bias
+    return out
+
+
+def forward(layer, args, kwargs):
+    x = args[0]
+    z = keras.ops.matmul(x, stop(layer.kernel))
+    if layer.bias is not None:
+        z = z + stop(layer.bias)
+    return x, z, activation(layer)
+
+
+def sum_squared(layer, records, grads) -> dict:
+    out = {"kernel": kernel_sum_squared(records, grads)}
+    if layer.bias is not None:
+        out["bias"] = broadcast_sum_squared(grads, layer.bias.shape)
+    return out
+
+
+def kernel_sum_squared(records, grads):
+    """Σ_n Σ_t (Σ_s x[n, s] ⊗ g[t, n, s])², over the calls' inputs and output grads."""
+    if len(records) == 1 and records[0].shape.rank == 2:
+        x2 = tf.square(f32(records[0]))
+        g2 = tf.reduce_sum(tf.square(f32(grads[0])), axis=0)
+        return tf.einsum("ni,no->io", x2, g2)
+    batch = int(records[0].shape[0])
+    x = tf.concat([tf.reshape(f32(r), [batch, -1, r.shape[-1]]) for r in records], 1)
+    g = tf.concat(
+        [tf.reshape(f32(g), [g.shape[0], batch, -1, g.shape[-1]]) for g in grads], 2
+    )
+
+    def chunk(x, g):
+        # One term at a time: T small batched matmuls beat one broadcast over T.
+        total = 0.0
+        for t in range(g.shape[0]):
+            per_example = tf.matmul(x, g[t], transpose_a=True)  # [n, I, O]
+            total += tf.reduce_sum(tf.square(per_example), axis=0)
+        return total
+
+    size = int(x.shape[-1]) * int(g.shape[-1])
+    return over_examples(chunk, size, (0, 1), x, g)

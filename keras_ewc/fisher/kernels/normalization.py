@@ -1,0 +1,91 @@
+"""LayerNormalization and BatchNormalization (inference): `z = x̂ γ + β`.
+
+The scale and offset act on the normalised input x̂, one value per parameter axis:
+example n's gradient of γ is Σ x̂[n] g[n] and of β is Σ g[n], summed over every
+non-parameter axis (positions) before squaring. Batch normalisation is covered in
+inference mode only, where x̂ uses the moving statistics and examples do not interact.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from keras_ewc.fisher.kernels._common import f32, stop
+
+LAYERS = (keras.layers.LayerNormalization, keras.layers.BatchNormalization)
+METHODS = ()
+
+
+def supports(layer) -> bool:
+    if isinstance(layer, keras.layers.LayerNormalization):
+        return not layer.rms_scaling
+    return not getattr(layer, "renorm", False)
+
+
+def params(layer) -> dict:
+    out = {}
+    if layer.gamma is not None:
+        out["gamma"] = layer.gamma
+    if layer.beta is not None:
+        out["beta"] = layer.beta
+    return out
+
+
+def _axes(layer, rank):
+    axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+    return sorted(a % rank for a in axes)
+
+
+def forward(layer, args, kwargs):
+    x = args[0]
+    if isinstance(layer, keras.layers.BatchNormalization):
+        if kwargs.get("training") and layer.trainable:
+            return None  # batch statistics couple the examples: not covered.
+        x = tf.cast(x, keras.backend.result_type(x.dtype, "float32"))
+        x_hat = keras.ops.batch_normalization(
+            x,
+            tf.cast(layer.moving_mean, x.dtype),
+            tf.cast(layer.moving_variance, x.dtype),
+            axis=layer.axis,
+            epsilon=layer.epsilon,
+        )
+    else:
+        x_hat = keras.ops.layer_normalization(
+            x, None, None, axis=layer.axis, epsilon=layer.epsilon
+        )
+    axes = _axes(layer, x.shape.rank)
+    if 0 in axes:
+        return None  # normalising over the batch couples the examples.
+    shape = [int(x.shape[a]) if a in axes else 1 for a in range(x.shape.rank)]
+    z = x_hat
+    if layer.gamma is not None:
+        z = z * tf.reshape(tf.cast(stop(layer.gamma), z.dtype), shape)
+    if layer.beta is not None:
+        z = z + tf.reshape(tf.cast(stop(layer.beta), z.dtype), shape)
+    return x_hat, z, lambda z: keras.ops.cast(z, layer.compute_dtype)
+
+
+def sum_squared(layer, records, grads) -> dict:
+    rank = records[0].shape.rank
+    axes = _axes(layer, rank)
+    # Sum over every axis but the terms, the examples and the parameter axes.
+    reduce = [a + 1 for a in range(1, rank) if a not in axes]
+    gamma = beta = 0.0
+    for x_hat, g in zip(records, grads):
+        g = f32(g)
+        gamma += tf.reduce_sum(f32(x_hat)[None] * g, axis=reduce) if reduce else (
+            f32(x_hat)[None] * g
+        )
+        beta += tf.reduce_sum(g, axis=reduce) if reduce else g
+    out = {}
+    if layer.gamma is not None:
+        out["gamma"] = _square_sum(gamma, layer.gamma.shape)
+    if layer.beta is not None:
+        out["beta"] = _square_sum(beta, layer.beta.shape)
+    return out
+
+
+def _square_sum(per_example, shape):
+    per_example = tf.reshape(per_example, [per_example.shape[0], -1] + [int(d) for d in shape])
+    return tf.reduce_sum(tf.square(per_example), axis=[0, 1])

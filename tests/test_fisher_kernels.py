@@ -1,0 +1,364 @@
+"""The fast Fisher engine against brute-force oracles, kernel by kernel.
+
+Each model is small; each check compares the engine's sums of squared per-example
+gradients (or `fisher_diagonal`) with an oracle that takes one example at a time, to
+relative 1e-5, and checks which path (fast kernel or reference) each variable took, so
+that a kernel cannot pass by silently falling back.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_ewc.fisher import diagonal, engine, likelihoods
+from keras_ewc.fisher.kernels import _common
+from tests import oracle
+
+N = 4
+CLASSES = 3
+
+
+def _x(shape, seed=0):
+    return np.random.default_rng(seed).normal(size=(N,) + shape).astype("float32")
+
+
+def _tokens(length, vocab=7, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, vocab, size=(N, length))
+    ids[:, 1] = ids[:, 0]  # repeated tokens within an example
+    ids[0, -2:] = 0
+    ids[3, -3:] = 0
+    return ids.astype("int32")
+
+
+def _seq(shape, *layers):
+    keras.utils.set_random_seed(1)
+    return keras.Sequential([keras.Input(shape)] + list(layers) + [
+        keras.layers.Flatten(), keras.layers.Dense(CLASSES)])
+
+
+def _bn(model):
+    rng = np.random.default_rng(3)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.moving_mean.assign(rng.normal(size=layer.moving_mean.shape))
+            layer.moving_variance.assign(rng.uniform(0.5, 2, size=layer.moving_variance.shape))
+            layer.gamma.assign(rng.normal(size=layer.gamma.shape))
+            layer.beta.assign(rng.normal(size=layer.beta.shape))
+    return model
+
+
+L = keras.layers
+CONFIGS = {
+    "dense": lambda: (_seq((5,), L.Dense(4, activation="tanh")), _x((5,))),
+    "dense_sequence": lambda: (_seq((4, 5), L.Dense(4, activation="tanh")), _x((4, 5))),
+    "dense_no_bias_layernorm": lambda: (
+        _seq((4, 5), L.Dense(6, use_bias=False), L.LayerNormalization()), _x((4, 5))),
+    "layernorm_two_axes": lambda: (
+        _seq((4, 5), L.LayerNormalization(axis=[-2, -1]), L.Dense(2)), _x((4, 5))),
+    "einsum_flat": lambda: (
+        _seq((5,), L.EinsumDense("ab,bc->ac", 4, bias_axes="c", activation="tanh")),
+        _x((5,))),
+    "einsum_sequence": lambda: (
+        _seq((4, 5), L.EinsumDense("abc,cd->abd", (4, 6), bias_axes="d"),
+             L.EinsumDense("abd,bde->ae", 5, bias_axes="e")), _x((4, 5))),
+    "einsum_ellipsis": lambda: (
+        _seq((4, 5), L.EinsumDense("...b,bcd->...cd", (2, 3), bias_axes="cd")), _x((4, 5))),
+    "conv1d": lambda: (
+        # Grouped convolutions come first: TensorFlow has no CPU gradient for their input.
+        _seq((12, 4), L.Conv1D(6, 2, groups=2),
+             L.Conv1D(4, 3, strides=2, padding="same", activation="relu"),
+             L.Conv1D(4, 3, dilation_rate=2, padding="causal")), _x((12, 4))),
+    "conv2d": lambda: (
+        _seq((9, 8, 2), L.Conv2D(4, (3, 2), strides=(2, 1), padding="same", groups=2),
+             L.Conv2D(4, 3, dilation_rate=2, activation="tanh"),
+             L.Conv2D(2, 1, use_bias=False)), _x((9, 8, 2))),
+    "conv3d": lambda: (
+        _seq((4, 5, 4, 2), L.Conv3D(3, 2, strides=(1, 2, 1), padding="same"),
+             L.Conv3D(2, 2, dilation_rate=(2, 1, 1))),
+        _x((4, 5, 4, 2))),
+    "embedding": lambda: (_seq((6,), L.Embedding(7, 4)), _tokens(6)),
+    "embedding_mask_zero": lambda: (
+        _seq((6,), L.Embedding(7, 4, mask_zero=True), L.GlobalAveragePooling1D()),
+        _tokens(6)),
+    "masked_sequence_dense": lambda: (
+        _seq((5, 4), L.Masking(0.0), L.Dense(4, activation="tanh"),
+             L.GlobalAveragePooling1D()),
+        _x((5, 4)) * (np.arange(5)[None, :, None] < np.array([5, 3, 2, 1])[:, None, None])),
+    "batchnorm": lambda: (
+        _bn(_seq((5,), L.Dense(6), L.BatchNormalization(), L.Dense(4, activation="relu"))),
+        _x((5,))),
+    "batchnorm_conv": lambda: (
+        _bn(_seq((6, 5, 2), L.Conv2D(3, 2), L.BatchNormalization(axis=-1))), _x((6, 5, 2))),
+}
+
+
+def _sums(model, x, estimator="exact", lik=None, extra=None, samples=1, fast=True):
+    lik = lik or likelihoods.Categorical(from_logits=True)
+    fn = engine.build_sum_squared_grads(
+        model, model.trainable_variables, diagonal._terms_fn(lik, estimator, samples), fast
+    )
+    extra = None if extra is None else tf.constant(extra)
+    sums = fn(tf.constant(x), extra)
+    return [s / len(x) for s in sums], dict(fn.paths)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_kernel_matches_oracle(name):
+    model, x = CONFIGS[name]()
+    fisher, paths = _sums(model, x)
+    assert set(paths.values()) == {"fast"}, paths
+    oracle.assert_close(fisher, oracle.categorical_exact(model, model.trainable_variables, x))
+
+
+def _brute(model, variables, terms_fn, x, extra):
+    """Σ_n Σ_t (∂ terms[n, t] / ∂ v)² / N: one example and one term a tape."""
+    total = [np.zeros(v.shape) for v in variables]
+    for n in range(len(x)):
+        e = None if extra is None else extra[n:n + 1]
+        terms = terms_fn(model(x[n:n + 1], training=False), e)
+        for t in range(int(tf.reshape(terms, [-1]).shape[0])):
+            with tf.GradientTape() as tape:
+                term = tf.reshape(terms_fn(model(x[n:n + 1], training=False), e), [-1])[t]
+            for i, g in enumerate(tape.gradient(term, variables)):
+                if g is not None:
+                    total[i] += np.asarray(tf.convert_to_tensor(g), np.float64) ** 2
+    return [t / len(x) for t in total]
+
+
+def _estimator_model(likelihood):
+    keras.utils.set_random_seed(2)
+    outputs = 3
+    activation = {"probabilities": "softmax", "bernoulli": None}.get(likelihood)
+    return keras.Sequential([
+        keras.Input((6,), dtype="int32"), L.Embedding(9, 3),
+        L.Conv1D(4, 2, activation="tanh"), L.Flatten(),
+        L.Dense(outputs, activation=activation)])
+
+
+LIKELIHOODS = {
+    "logits": lambda: likelihoods.Categorical(from_logits=True),
+    "probabilities": lambda: likelihoods.Categorical(from_logits=False),
+    "bernoulli": lambda: likelihoods.Bernoulli(from_logits=True),
+    "gaussian": lambda: likelihoods.Gaussian(),
+}
+
+
+@pytest.mark.parametrize("estimator", ["exact", "sampled", "empirical"])
+@pytest.mark.parametrize("likelihood", sorted(LIKELIHOODS))
+def test_estimators_and_likelihoods_match_brute_force(estimator, likelihood):
+    model = _estimator_model(likelihood)
+    lik = LIKELIHOODS[likelihood]()
+    x = _tokens(6, vocab=9)
+    rng = np.random.default_rng(4)
+    samples = 2 if estimator == "sampled" else 1
+    extra = None
+    if estimator == "sampled":
+        extra = rng.uniform(size=(N, samples, 3)).astype("float32")
+    elif estimator == "empirical":
+        if isinstance(lik, likelihoods.Categorical):
+            extra = rng.integers(0, 3, size=N).astype("int32")
+        elif isinstance(lik, likelihoods.Bernoulli):
+            extra = rng.integers(0, 2, size=(N, 3)).astype("float32")
+        else:
+            extra = rng.normal(size=(N, 3)).astype("float32")
+    fisher, paths = _sums(model, x, estimator, lik, extra, samples)
+    assert set(paths.values()) == {"fast"}
+    terms_fn = diagonal._terms_fn(lik, estimator, samples)
+    oracle.assert_close(fisher, _brute(model, model.trainable_variables, terms_fn, x, extra))
+
+
+@pytest.mark.parametrize("likelihood", sorted(LIKELIHOODS))
+def test_exact_fisher_diagonal_matches_definition(likelihood):
+    """fisher_diagonal (fast path, two batches) against the textbook oracles."""
+    model = _estimator_model(likelihood)
+    x = _tokens(6, vocab=9)
+    v = model.trainable_variables
+    lik = LIKELIHOODS[likelihood]()
+    fisher = diagonal.fisher_diagonal(model, x, likelihood=lik, batch_size=2, verbose=0)
+    if likelihood == "bernoulli":
+        expected = oracle.bernoulli_exact(model, v, x)
+    elif likelihood == "gaussian":
+        expected = oracle.gaussian_exact(model, v, x)
+    else:
+        expected = oracle.categorical_exact(model, v, x, from_logits=likelihood == "logits")
+    oracle.assert_close(fisher, expected)
+
+
+def test_empirical_and_sampled_fisher_diagonal_match_label_oracle():
+    model = _estimator_model("logits")
+    x, v = _tokens(6, vocab=9), model.trainable_variables
+    y = np.random.default_rng(5).integers(0, 3, size=N)
+    fisher = diagonal.fisher_diagonal(
+        model, (x, y), estimator="empirical", likelihood="categorical", verbose=0)
+    oracle.assert_close(fisher, oracle.categorical_labels(model, v, x, y))
+    # The sampled estimator's labels, drawn as fisher_diagonal draws them (one batch).
+    lik = likelihoods.Categorical(from_logits=True)
+    noise = tf.random.stateless_uniform([N, 3, 3], seed=[7, 0])
+    labels = lik.sample(model(x, training=False), noise)
+    fisher = diagonal.fisher_diagonal(
+        model, x, estimator="sampled", samples=3, seed=7, likelihood=lik, verbose=0)
+    oracle.assert_close(fisher, oracle.categorical_labels(model, v, x, labels))
+
+
+class DoubledDense(keras.layers.Dense):
+    """A Dense subclass whose `call` differs: it must not take the Dense kernel."""
+
+    def call(self, inputs, training=None):
+        return super().call(inputs) * 2.0 + tf.reduce_sum(self.kernel)
+
+
+class Scale(keras.layers.Layer):
+    """A custom layer: an elementwise scale, no kernel."""
+
+    def build(self, input_shape):
+        self.w = self.add_weight(shape=input_shape[-1:], initializer="ones")
+
+    def call(self, inputs):
+        return inputs * self.w
+
+
+def _paths_by_layer(paths):
+    """The path taken by each layer's variables, by the layer's name (all alike)."""
+    by_layer = {}
+    for key, path in paths.items():
+        for name in key.split("/")[:-1]:
+            by_layer.setdefault(name, set()).add(path)
+    return {name: found.pop() for name, found in by_layer.items() if len(found) == 1}
+
+
+def test_model_mixing_fast_and_fallback_layers():
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([
+        keras.Input((2, 3)), L.Dense(3, activation="tanh", name="d1"),
+        L.SimpleRNN(2, return_sequences=True, name="rnn"), Scale(name="scale"),
+        L.Flatten(), DoubledDense(5, name="doubled"), L.Dense(CLASSES, name="d2")])
+    x = _x((2, 3))
+    fisher, paths = _sums(model, x)
+    by_layer = _paths_by_layer(paths)
+    assert by_layer["d1"] == by_layer["d2"] == "fast"
+    assert by_layer["rnn"] == by_layer["scale"] == by_layer["doubled"] == "reference"
+    oracle.assert_close(fisher, oracle.categorical_exact(model, model.trainable_variables, x))
+
+
+def test_subclassed_model_with_shared_and_tied_layers():
+    """A layer called twice sums its calls per example; a weight read elsewhere falls back."""
+
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.shared = L.Dense(4, activation="tanh")
+            self.tied = L.Dense(5)
+            self.head = L.Dense(CLASSES)
+
+        def call(self, x):
+            a = self.shared(x[:, :5])
+            b = self.shared(x[:, 5:])
+            h = self.tied(a + b)
+            # Reads `tied`'s kernel outside its call: its kernel must take the reference.
+            h = h + tf.reduce_sum(self.tied.kernel**2)
+            return self.head(h)
+
+    keras.utils.set_random_seed(4)
+    model = Net()
+    x = _x((10,))
+    model(x)
+    fisher, paths = _sums(model, x)
+    assert paths[model.tied.kernel.path] == "reference"
+    assert paths[model.tied.bias.path] == "fast"
+    assert paths[model.shared.kernel.path] == paths[model.head.kernel.path] == "fast"
+    oracle.assert_close(fisher, oracle.categorical_exact(model, model.trainable_variables, x))
+
+
+class FoldTime(keras.layers.Layer):
+    """Applies a Dense to `[B * S, D]`: time folded into the batch axis."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.inner = L.Dense(5, name="inner")
+
+    def call(self, x):
+        folded = tf.reshape(x, [-1, x.shape[-1]])
+        return tf.reshape(self.inner(folded), [-1, x.shape[1], 5])
+
+
+def test_time_distributed_is_fast_but_a_merged_batch_axis_falls_back():
+    """TimeDistributed calls its layer once a step on `[B, ...]`: the calls are summed
+    per example. A layer that folds time into the batch axis sees rows that are not
+    examples: its Dense must take the reference path."""
+    keras.utils.set_random_seed(5)
+    for wrapper, path in ((L.TimeDistributed(L.Dense(5, name="inner")), "fast"),
+                          (FoldTime(), "reference")):
+        model = _seq((3, 4), wrapper)
+        x = _x((3, 4))
+        fisher, paths = _sums(model, x)
+        assert _paths_by_layer(paths)["inner"] == path
+        expected = oracle.categorical_exact(model, model.trainable_variables, x)
+        oracle.assert_close(fisher, expected)
+
+
+def test_memory_is_bounded_by_chunks(monkeypatch):
+    """Per-example gradients are formed in chunks: no tensor of the traced graph holds
+    more than the budget (or the batch's activations), however large the batch."""
+    monkeypatch.setattr(_common, "BUDGET", 4096)
+    keras.utils.set_random_seed(6)
+    model = _seq((8, 16), L.Dense(32), L.Conv1D(16, 3))
+    lik = likelihoods.Categorical(from_logits=True)
+    for batch in (64, 16):
+        fn = engine.build_sum_squared_grads(
+            model, model.trainable_variables, diagonal._terms_fn(lik, "exact", 1))
+        x = tf.constant(np.random.default_rng(0).normal(size=(batch, 8, 16)), tf.float32)
+        graph = fn.get_concrete_function(x, None).graph
+        sizes = [o.shape.num_elements() or 0 for op in graph.get_operations()
+                 for o in op.outputs if o.shape.is_fully_defined()]
+        # The largest tensor the method needs: the gradients at the Dense outputs, one
+        # a class. One batch of the Conv1D's per-example gradients (batch * 96 * 16) would
+        # be twice as large; the chunks hold at most the budget.
+        largest = CLASSES * batch * 8 * 32
+        assert max(sizes) <= max(4096, largest), (max(sizes), largest)
+    assert set(fn.paths.values()) == {"fast"}
+    reference = engine.build_sum_squared_grads(
+        model, model.trainable_variables, diagonal._terms_fn(lik, "exact", 1), fast=False)
+    oracle.assert_close(fn(x, None), reference(x, None))
+
+
+class ScaledKernelDense(keras.layers.Dense):
+    """Overrides the `kernel` property, which Dense.call reads: not the plain kernel."""
+
+    @property
+    def kernel(self):
+        return self._kernel * 2.0
+
+
+@pytest.mark.filterwarnings("ignore:You passed `rms_scaling=True`")
+def test_unsupported_configurations_take_the_reference_path():
+    keras.utils.set_random_seed(7)
+    lora = L.Dense(4, name="lora")
+    model = _seq((5,), lora, ScaledKernelDense(4, name="scaled"),
+                 L.LayerNormalization(rms_scaling=True, name="rms"), L.Dense(4, name="plain"))
+    lora.enable_lora(2)
+    x = _x((5,))
+    fisher, paths = _sums(model, x)
+    by_layer = _paths_by_layer(paths)
+    assert by_layer["lora"] == by_layer["scaled"] == by_layer["rms"] == "reference"
+    assert by_layer["plain"] == "fast"
+    oracle.assert_close(fisher, oracle.categorical_exact(model, model.trainable_variables, x))
+
+
+def test_mixed_precision_matches_reference_path():
+    """float16 compute: records and gradients are squared and summed in float32."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        keras.utils.set_random_seed(8)
+        model = _seq((8, 6), L.Conv1D(4, 3), L.LayerNormalization(),
+                     L.Dense(5, activation="relu"))
+        x = _x((8, 6))
+        fisher, paths = _sums(model, x)
+        reference, _ = _sums(model, x, fast=False)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert set(paths.values()) == {"fast"}
+    assert all(f.dtype == tf.float32 for f in fisher)
+    # Both paths round in float16, in different orders.
+    oracle.assert_close(fisher, reference, rtol=2e-3)
