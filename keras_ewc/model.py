@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_ewc import saving
 from keras_ewc.fisher import diagonal, likelihoods
 from keras_ewc.penalty import EWCRegularizer
 
@@ -265,6 +266,7 @@ class EWCModel(keras.Model):
             "include": None if callable(self.include) else self.include,
             "exclude": None if callable(self.exclude) else self.exclude,
         }
+        config["format_version"] = saving.FORMAT_VERSION
         if self._selected_indices is not None:
             # The exact selection, so a reloaded model (also one selected by a
             # predicate, which cannot be serialised) rebuilds the same state layout.
@@ -273,11 +275,103 @@ class EWCModel(keras.Model):
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        config = dict(config)
+        config = saving.check_format_version(config)
         config["model"] = keras.saving.deserialize_keras_object(
             config["model"], custom_objects=custom_objects
         )
         return cls(**config)
+
+    # --- saving and loading (see keras_ewc/saving.py) --------------------------------
+
+    def get_build_config(self):
+        # A wrapper built in __init__ (around a model already built) records no input
+        # shape of its own; the wrapped model's lets `load_model` build the state.
+        config = super().get_build_config()
+        if config is None:
+            config = self.network.get_build_config()
+        return config
+
+    def build_from_config(self, config):
+        if config and "input_shape" in config:
+            self.build(config["input_shape"])
+        elif config:
+            super().build_from_config(config)
+
+    def load_weights(self, filepath, skip_mismatch=False, **kwargs):
+        """Loads weights, optimizer variables and EWC state: all of them, or none.
+
+        If the file does not match (another architecture, other state shapes, a
+        truncated or corrupted file), every variable is put back as it was before
+        the call and the error says what did not match.
+        """
+        return saving.all_or_nothing(
+            self,
+            lambda: super(EWCModel, self).load_weights(
+                filepath, skip_mismatch=skip_mismatch, **kwargs),
+            filepath,
+        )
+
+    def export(self, filepath, format="tf_saved_model", verbose=None,
+               input_signature=None, **kwargs):
+        """Exports for serving; a SavedModel also carries the EWC state.
+
+        With `format="tf_saved_model"` the SavedModel has a `serve` endpoint (also
+        `serving_default`) and the consolidated state as variable collections
+        `ewc_anchors`, `ewc_precision`, `ewc_offset`, `ewc_tasks`, with the network's
+        weights (`ewc_network_weights`) and the EWC configuration (`ewc_config`, JSON),
+        so `EWCModel.from_saved_model` can go back to training. Other formats are
+        Keras' own, exported from the wrapped model's input signature.
+
+        Example:
+
+        >>> import keras, numpy as np, tensorflow as tf, tempfile, keras_ewc
+        >>> net = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        >>> model = keras_ewc.EWCModel(net, strength=5.0)
+        >>> path = tempfile.mkdtemp() + "/served"
+        >>> model.export(path)
+        >>> served = tf.saved_model.load(path)
+        >>> [tuple(a.shape) for a in served.ewc_anchors]
+        [(4, 2), (2,)]
+        >>> x = np.ones((3, 4), "float32")
+        >>> bool(np.allclose(served.serve(x), model.predict(x, verbose=0)))
+        True
+        """
+        if format in ("tf_saved_model", "saved_model"):
+            return saving.export_saved_model(self, filepath, input_signature, verbose)
+        if input_signature is None:
+            input_signature = saving.serving_signature(self)
+        return super().export(filepath, format=format, verbose=verbose,
+                              input_signature=input_signature, **kwargs)
+
+    @classmethod
+    def from_saved_model(cls, filepath, model, **kwargs) -> EWCModel:
+        """Rebuilds a trainable EWCModel from a SavedModel written by `export`.
+
+        A SavedModel keeps the computation but not the Python model, so pass the
+        architecture: `model`, a fresh instance of the wrapped model (built or not).
+        Its weights and the consolidated state are set from the SavedModel, with
+        the saved `strength`, `mode`, `gamma` and variable selection; compile it and
+        `fit` the next task. Shapes are checked first: a mismatch raises an error
+        naming the variables, and nothing is assigned.
+
+        Args:
+            filepath: the SavedModel's directory.
+            model: the architecture to fill in.
+            **kwargs: passed to `EWCModel` (e.g. `name`, or `strength` to override).
+
+        Example:
+
+        >>> import keras, tempfile, keras_ewc
+        >>> def net():
+        ...     return keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        >>> model = keras_ewc.EWCModel(net(), strength=5.0)
+        >>> path = tempfile.mkdtemp() + "/served"
+        >>> model.export(path)
+        >>> again = keras_ewc.EWCModel.from_saved_model(path, net())
+        >>> again.strength, int(again.regularizer.tasks.numpy())
+        (5.0, 0)
+        """
+        return saving.load_saved_model(cls, filepath, model, **kwargs)
 
 
 def _check_selector(selector, what):

@@ -208,6 +208,52 @@ class EWCRegularizer(keras.layers.Layer):
         config.update({"strength": self.strength, "mode": self.mode, "gamma": self.gamma})
         return config
 
+    # --- persistence ---------------------------------------------------------------
+
+    def load_own_variables(self, store):
+        # Checks every saved value before assigning any, so a mismatched file leaves
+        # the state as it was and the error names the variable that does not match.
+        variables = self._trainable_variables + self._non_trainable_variables
+        failed = getattr(self, "_load_failure", None)
+        if len(store.keys()) == 0 and failed is not None and failed[0] is store:
+            # Keras visits this layer a second time (as the model's attribute) after a
+            # failure; repeat the real cause rather than "0 variables".
+            self.__dict__["_load_failure"] = None
+            raise failed[1]
+        try:
+            self._load_state_from(store, variables)
+            self.__dict__["_load_failure"] = None
+        except ValueError as error:
+            # Kept out of Keras' tracking: a plain note for the second visit.
+            self.__dict__["_load_failure"] = (store, error)
+            raise
+
+    def _load_state_from(self, store, variables):
+        if len(store.keys()) != len(variables):
+            raise ValueError(
+                f"The saved EWC state holds {len(store.keys())} variables, but this model's "
+                f"state has {len(variables)} (an anchor and a precision for each of "
+                f"{len(self.anchors)} regularised variables, the offset and the task "
+                "count). The file was saved from a model that regularises other variables."
+            )
+        values = [store[str(i)] for i in range(len(variables))]
+        wrong = [f"{v.path}: saved shape {tuple(x.shape)}, expected {tuple(v.shape)}"
+                 for v, x in zip(variables, values) if tuple(x.shape) != tuple(v.shape)]
+        if wrong:
+            raise ValueError("The saved EWC state does not match the regularised "
+                             "variables: " + "; ".join(wrong))
+        for v, x in zip(variables, values):
+            v.assign(x)
+
+    def _trackable_children(self, save_type="checkpoint", **kwargs):
+        # `tf.train.Checkpoint` does not look inside Keras' tracked lists; name the
+        # anchors and precisions so checkpoints (and SavedModels) carry them.
+        children = dict(super()._trackable_children(save_type, **kwargs))
+        for i, (anchor, precision) in enumerate(zip(self.anchors, self.precision)):
+            children[f"anchor_{i}"] = anchor
+            children[f"precision_{i}"] = precision
+        return children
+
 
 def _tensors(variables) -> list:
     return [tf.convert_to_tensor(v) for v in variables]

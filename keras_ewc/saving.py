@@ -1,0 +1,283 @@
+"""Persistence of an EWCModel's consolidated state: format version, SavedModel, safe loads.
+
+`.keras` files, weights files and `tf.train.Checkpoint` carry the state through the
+ordinary Keras and TensorFlow machinery (the state is a set of variables of the
+`EWCRegularizer` layer). This module adds what that machinery does not:
+
+- a format version, written by `EWCModel.get_config` and checked on loading;
+- `export_saved_model`: a serving SavedModel that also carries the state, under named
+  variable collections, and the configuration needed to go back to training;
+- `load_saved_model`: rebuilds a trainable `EWCModel` from such a SavedModel;
+- `all_or_nothing`: runs a load and puts every variable back if it fails part-way.
+"""
+
+from __future__ import annotations
+
+import json
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+FORMAT_VERSION = 1
+"""Version of the EWC state layout written into configs and SavedModels."""
+
+# Names of the variable collections in an exported SavedModel.
+ANCHORS = "ewc_anchors"
+PRECISION = "ewc_precision"
+OFFSET = "ewc_offset"
+TASKS = "ewc_tasks"
+NETWORK_WEIGHTS = "ewc_network_weights"
+CONFIG = "ewc_config"
+
+
+def check_format_version(config: dict) -> dict:
+    """Pops and checks the `format_version` of a saved EWCModel config.
+
+    Configs written before the version existed count as version 1.
+    """
+    config = dict(config)
+    version = config.pop("format_version", 1)
+    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise ValueError(
+            f"Unknown keras_ewc format version. Received: format_version={version!r}; this "
+            f"keras_ewc reads versions 1 to {FORMAT_VERSION}. The file was written by "
+            "another (newer?) keras_ewc: upgrade keras_ewc to load it."
+        )
+    return config
+
+
+# --- all-or-nothing loading -------------------------------------------------------------
+
+
+def _variables_of(model) -> list:
+    variables = list(model.weights)
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None and getattr(optimizer, "built", False):
+        variables += list(optimizer.variables)
+    seen, unique = set(), []
+    for v in variables:
+        if id(v) not in seen:
+            seen.add(id(v))
+            unique.append(v)
+    return unique
+
+
+def _h5_shapes(filepath) -> dict:
+    import h5py
+
+    shapes = {}
+
+    def visit(name, obj):
+        if isinstance(obj, h5py.Dataset):
+            shapes[name] = tuple(obj.shape)
+
+    with h5py.File(filepath, "r") as f:
+        f.visititems(visit)
+    return shapes
+
+
+def check_weights_file(model, filepath) -> None:
+    """Compares a `.weights.h5` file with what `model` would write, before loading.
+
+    Raises a ValueError that lists every variable present on one side only and every
+    shape that differs, so a wrong file is refused before anything is assigned.
+    """
+    import tempfile
+
+    try:
+        saved = _h5_shapes(filepath)
+    except Exception as error:
+        raise ValueError(
+            f"Could not read the weights file {str(filepath)!r}: it is missing, truncated "
+            f"or corrupted; nothing was loaded. Cause: {error}"
+        ) from error
+    with tempfile.TemporaryDirectory() as tmp:
+        own = f"{tmp}/own.weights.h5"
+        model.save_weights(own)
+        expected = _h5_shapes(own)
+    # The optimizer's variables are checked only when both sides have them (Keras
+    # leaves them alone when this model's optimizer is not built yet).
+    optimizer = getattr(model, "optimizer", None)
+    if not (any(k.startswith("optimizer/") for k in saved)
+            and getattr(optimizer, "built", False)):
+        saved = {k: v for k, v in saved.items() if not k.startswith("optimizer/")}
+        expected = {k: v for k, v in expected.items() if not k.startswith("optimizer/")}
+    problems = [f"{k}: missing from the file (this model has shape {v})"
+                for k, v in expected.items() if k not in saved]
+    problems += [f"{k}: in the file (shape {v}) but not in this model"
+                 for k, v in saved.items() if k not in expected]
+    problems += [f"{k}: file has shape {saved[k]}, this model {v}"
+                 for k, v in expected.items() if k in saved and saved[k] != v]
+    if problems:
+        where = "the EWC state" if all("ewc_regularizer" in p for p in problems) else (
+            "the architecture")
+        raise ValueError(
+            f"The weights file {str(filepath)!r} does not match {where} of this "
+            f"{type(model).__name__} (paths as in the file; `ewc_regularizer` is the EWC "
+            "state: an anchor and a precision a regularised variable, the offset and the "
+            "task count); nothing was loaded: " + "; ".join(problems[:12])
+            + (f"; and {len(problems) - 12} more" if len(problems) > 12 else "")
+        )
+
+
+def all_or_nothing(model, load, filepath):
+    """Calls `load()`; if it raises, restores every variable of `model` (weights, EWC
+    state, optimizer) to its value before the call, and re-raises a clear error."""
+    if str(filepath).endswith(".weights.h5"):
+        check_weights_file(model, filepath)
+    variables = _variables_of(model)
+    saved = [np.array(v.numpy(), copy=True) for v in variables]
+    try:
+        return load()
+    except Exception as error:
+        for v, value in zip(variables, saved):
+            v.assign(value)
+        raise type(error)(
+            f"Could not load {str(filepath)!r} into this {type(model).__name__}; nothing "
+            f"was loaded (every weight and the EWC state are as before). Cause: {error}"
+        ) from error
+
+
+# --- SavedModel -------------------------------------------------------------------------
+
+
+def serving_signature(model) -> list:
+    """The input signature of the wrapped network, for the serving endpoint."""
+    from keras.src.export.export_utils import get_input_signature
+
+    try:
+        return get_input_signature(model.network)
+    except ValueError as error:
+        raise ValueError(
+            "Cannot tell the input signature of the wrapped model (a subclassed model "
+            "that was never called?). Call the model on a batch first, or pass "
+            "`input_signature=[keras.InputSpec(shape=(None, ...), dtype=...)]`. "
+            f"Cause: {error}"
+        ) from error
+
+
+def export_saved_model(model, filepath, input_signature=None, verbose=None) -> None:
+    """Writes `model` as a SavedModel with a `serve` endpoint and the EWC state.
+
+    Besides the `serve` endpoint (and its `serving_default` alias), the SavedModel holds
+    these variable collections, attributes of the object `tf.saved_model.load` returns:
+
+    - `ewc_anchors`, `ewc_precision`: lists aligned with the regularised variables;
+    - `ewc_offset`, `ewc_tasks`: one-element lists (the scalar offset, the task count);
+    - `ewc_network_weights`: the wrapped network's weights, in `network.weights` order;
+    - `ewc_config`: one string variable, a JSON object with the format version,
+      `strength`, `mode`, `gamma`, `variable_indices` and the weights' paths and shapes.
+    """
+    if not model.regularizer.built:
+        raise ValueError("Cannot export an EWCModel that is not built. Call it on a batch "
+                         "or call `build(input_shape)` first.")
+    signature = serving_signature(model) if input_signature is None else input_signature
+    reg = model.regularizer
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    if len(signature) == 1:
+        def serve(x):
+            return model(x, training=False)
+    else:
+        def serve(*xs):
+            return model.network(*xs, training=False)
+    archive.add_endpoint("serve", serve, signature)
+    config = {
+        "format_version": FORMAT_VERSION,
+        "strength": reg.strength,
+        "mode": reg.mode,
+        "gamma": reg.gamma,
+        "variable_indices": list(model._selected_indices),
+        "network_weights": [[w.path, list(w.shape)] for w in model.network.weights],
+        "regularised": [[v.path, list(v.shape)] for v in reg.targets],
+        "input_shape": _single_input_shape(signature),
+    }
+    archive.add_variable_collection(ANCHORS, list(reg.anchors))
+    archive.add_variable_collection(PRECISION, list(reg.precision))
+    archive.add_variable_collection(OFFSET, [reg.offset])
+    archive.add_variable_collection(TASKS, [reg.tasks])
+    archive.add_variable_collection(NETWORK_WEIGHTS, list(model.network.weights))
+    archive.add_variable_collection(
+        CONFIG, [tf.Variable(json.dumps(config), trainable=False, name=CONFIG)])
+    archive.write_out(str(filepath), verbose=bool(verbose))
+
+
+def _single_input_shape(signature):
+    if len(signature) != 1:
+        return None
+    spec = signature[0]
+    shape = getattr(spec, "shape", None)
+    return None if shape is None else [None if d is None else int(d) for d in shape]
+
+
+def read_saved_state(filepath) -> tuple[dict, dict]:
+    """Reads the EWC config and the arrays of a SavedModel written by `export`."""
+    try:
+        loaded = tf.saved_model.load(str(filepath))
+    except Exception as error:
+        raise ValueError(
+            f"Could not read a SavedModel at {str(filepath)!r} (missing, truncated or "
+            f"corrupted). Cause: {error}"
+        ) from error
+    names = (ANCHORS, PRECISION, OFFSET, TASKS, NETWORK_WEIGHTS, CONFIG)
+    missing = [n for n in names if not hasattr(loaded, n)]
+    if missing:
+        raise ValueError(
+            f"The SavedModel at {str(filepath)!r} carries no EWC state (missing "
+            f"{missing}). Expected one written by `EWCModel.export`."
+        )
+    config = json.loads(getattr(loaded, CONFIG)[0].numpy().decode("utf-8"))
+    arrays = {n: [v.numpy() for v in getattr(loaded, n)] for n in names[:-1]}
+    return config, arrays
+
+
+def load_saved_model(cls, filepath, model, **kwargs):
+    """Rebuilds a trainable `cls` (an EWCModel) around `model` from a SavedModel."""
+    config, arrays = read_saved_state(filepath)
+    config = check_format_version(config)
+    ewc = cls(
+        model,
+        strength=kwargs.pop("strength", config["strength"]),
+        mode=config["mode"],
+        gamma=config["gamma"],
+        variable_indices=config["variable_indices"],
+        **kwargs,
+    )
+    if not ewc.regularizer.built:
+        # A lazily built (subclassed) model: build it for the served input shape.
+        if config.get("input_shape") is None:
+            raise ValueError("Build the model before `from_saved_model` (call it on a "
+                             "batch or call `model.build(input_shape)`).")
+        ewc.build(tuple(config["input_shape"]))
+    weights = list(ewc.network.weights)
+    saved = arrays[NETWORK_WEIGHTS]
+    _check_match("network weights", [tuple(w.shape) for w in weights],
+                 [tuple(a.shape) for a in saved], [w.path for w in weights],
+                 [p for p, _ in config["network_weights"]], filepath)
+    reg = ewc.regularizer
+    for name, variables in ((ANCHORS, reg.anchors), (PRECISION, reg.precision)):
+        _check_match(name, [tuple(v.shape) for v in variables],
+                     [tuple(a.shape) for a in arrays[name]], [v.path for v in variables],
+                     [p for p, _ in config["regularised"]], filepath)
+    for w, a in zip(weights, saved):
+        w.assign(a)
+    reg.assign_state(arrays[PRECISION], arrays[ANCHORS], arrays[OFFSET][0],
+                     int(arrays[TASKS][0]))
+    return ewc
+
+
+def _check_match(what, expected, received, expected_names, saved_names, filepath):
+    if len(expected) != len(received):
+        raise ValueError(
+            f"The SavedModel at {str(filepath)!r} does not match this architecture: it "
+            f"holds {len(received)} {what} ({saved_names}), the model has "
+            f"{len(expected)} ({expected_names})."
+        )
+    wrong = [f"{n}: saved shape {r}, expected {e}"
+             for n, e, r in zip(expected_names, expected, received) if e != r]
+    if wrong:
+        raise ValueError(
+            f"The SavedModel at {str(filepath)!r} does not match this architecture; "
+            f"{what} differ: " + "; ".join(wrong)
+        )

@@ -1,0 +1,435 @@
+""".keras files, weights files, checkpoints, SavedModels and atomic consolidation."""
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_ewc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+@keras.saving.register_keras_serializable(package="keras_ewc_tests")
+class TwoLayerNet(keras.Model):
+    """A subclassed model, registered and configurable as Keras requires for loading."""
+
+    def __init__(self, hidden=8, classes=3, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden, self.classes = hidden, classes
+        self.a = keras.layers.Dense(hidden, activation="relu", name="a")
+        self.b = keras.layers.Dense(classes, name="b")
+
+    def call(self, x, training=False):
+        return self.b(self.a(x))
+
+    def get_config(self):
+        return {**super().get_config(), "hidden": self.hidden, "classes": self.classes}
+
+
+def sequential(hidden=8, inputs=6):
+    return keras.Sequential([keras.Input((inputs,)),
+                             keras.layers.Dense(hidden, activation="relu", name="hidden"),
+                             keras.layers.Dense(3, name="head")])
+
+
+def functional(hidden=8, inputs=6):
+    x = keras.Input((inputs,))
+    h = keras.layers.Dense(hidden, activation="relu", name="hidden")(x)
+    return keras.Model(x, keras.layers.Dense(3, name="head")(h))
+
+
+def subclassed_built(hidden=8, inputs=6):
+    net = TwoLayerNet(hidden)
+    net(np.zeros((1, inputs), "float32"))  # built before wrapping: EWCModel builds now
+    return net
+
+
+ARCHITECTURES = {
+    "sequential": sequential,
+    "functional": functional,
+    "subclassed": subclassed_built,
+    "subclassed_lazy": lambda hidden=8, inputs=6: TwoLayerNet(hidden),
+}
+
+
+def tasks(n=48, d=6, seed=0):
+    rng = np.random.default_rng(seed)
+    xa, xb = rng.normal(size=(2, n, d)).astype("float32")
+    return (xa, rng.integers(0, 3, n)), (xb, rng.integers(0, 3, n))
+
+
+def compiled(net, **kwargs):
+    model = keras_ewc.EWCModel(net, **{"strength": 50.0, **kwargs})
+    model.compile(keras.optimizers.Adam(0.01), LOSS)
+    return model
+
+
+def after_task_a(net, **kwargs):
+    """A model that learned task A, consolidated it, and moved away from the anchors."""
+    (xa, ya), _ = tasks()
+    model = compiled(net, **kwargs)
+    model.fit(xa, ya, epochs=1, batch_size=16, shuffle=False, verbose=0)
+    model.consolidate((xa, ya), verbose=0)
+    for i, v in enumerate(model.network.trainable_variables):
+        v.assign(v + 0.01 * (i + 1))
+    return model
+
+
+def state(model) -> list:
+    reg = model.regularizer
+    return [v.numpy() for v in [*reg.anchors, *reg.precision, reg.offset, reg.tasks]]
+
+
+def everything(model) -> list:
+    """Weights, EWC state and optimizer variables, as arrays."""
+    return [v.numpy() for v in model.weights] + [v.numpy() for v in model.optimizer.variables]
+
+
+def assert_same(a, b, **tol):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        if tol:
+            np.testing.assert_allclose(x, y, **tol)
+        else:
+            np.testing.assert_array_equal(x, y)
+
+
+def continue_b(model):
+    _, (xb, yb) = tasks()
+    history = model.fit(xb, yb, epochs=2, batch_size=16, shuffle=False, verbose=0).history
+    return history["ewc_penalty"], [v.numpy() for v in model.network.trainable_variables]
+
+
+# --- .keras ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_keras_file_round_trip_keeps_state_config_and_training(arch, tmp_path):
+    model = after_task_a(ARCHITECTURES[arch](), mode="online", gamma=0.5, exclude=["head"]
+                         if arch in ("sequential", "functional") else ["b"])
+    assert int(model.regularizer.tasks.numpy()) == 1 and float(model.penalty()) > 0
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras", safe_mode=True)
+
+    assert type(loaded) is keras_ewc.EWCModel
+    assert (loaded.strength, loaded.mode, loaded.gamma) == (50.0, "online", 0.5)
+    # (Keras names a reloaded Sequential's variables without the model's prefix.)
+    assert [v.path.split("/")[-2:] for v in loaded.regularised_variables] == [
+        v.path.split("/")[-2:] for v in model.regularised_variables]
+    assert len(loaded.regularised_variables) == 2  # the excluded head stays out
+    assert_same(state(loaded), state(model))
+    x = tasks()[0][0]
+    assert_same(loaded(x).numpy(), model(x).numpy())
+    np.testing.assert_allclose(float(loaded.penalty()), float(model.penalty()), rtol=1e-6)
+    # The optimizer state travels too, so further training is step for step the same.
+    (p0, w0), (p1, w1) = continue_b(model), continue_b(loaded)
+    assert p0[-1] > 0
+    np.testing.assert_allclose(p1, p0, rtol=1e-5)
+    assert_same(w1, w0, rtol=1e-5, atol=1e-7)
+
+
+def test_penalty_gradient_after_loading_equals_the_original(tmp_path):
+    model = after_task_a(functional())
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    grads = []
+    for m in (model, loaded):
+        with tf.GradientTape() as tape:
+            value = m.penalty()
+        grads.append([g.numpy() for g in tape.gradient(value, m.regularised_variables)])
+    assert max(float(np.abs(g).max()) for g in grads[0]) > 0
+    assert_same(grads[1], grads[0])
+
+
+def _rewrite_config(src, dst, edit):
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for item in zin.namelist():
+            data = zin.read(item)
+            if item == "config.json":
+                config = json.loads(data)
+                edit(config["config"])
+                data = json.dumps(config).encode()
+            zout.writestr(item, data)
+
+
+def test_format_version_is_written_and_an_unknown_one_is_refused(tmp_path):
+    model = after_task_a(sequential())
+    model.save(tmp_path / "m.keras")
+    with zipfile.ZipFile(tmp_path / "m.keras") as z:
+        assert json.loads(z.read("config.json"))["config"]["format_version"] == 1
+    _rewrite_config(tmp_path / "m.keras", tmp_path / "future.keras",
+                    lambda c: c.update(format_version=99))
+    with pytest.raises(ValueError, match=r"format_version=99.*reads versions 1 to 1"):
+        keras.models.load_model(tmp_path / "future.keras")
+    # A file from before the version existed still loads.
+    _rewrite_config(tmp_path / "m.keras", tmp_path / "old.keras",
+                    lambda c: c.pop("format_version"))
+    assert_same(state(keras.models.load_model(tmp_path / "old.keras")), state(model))
+
+
+def test_keras_file_with_mismatched_state_shapes_is_refused(tmp_path):
+    model = after_task_a(sequential(), include=["hidden"])
+    model.save(tmp_path / "m.keras")
+    # The config now says the head is regularised, but the saved state is the hidden
+    # layer's: same number of variables, other shapes.
+    _rewrite_config(tmp_path / "m.keras", tmp_path / "bad.keras",
+                    lambda c: c.update(variable_indices=[2, 3]))
+    with pytest.raises(ValueError, match=r"anchor_\w*head_kernel: saved shape "
+                                         r"\(6, 8\), expected \(8, 3\)"):
+        keras.models.load_model(tmp_path / "bad.keras")
+
+
+def test_truncated_and_corrupted_keras_files_raise(tmp_path):
+    model = after_task_a(sequential())
+    model.save(tmp_path / "m.keras")
+    data = (tmp_path / "m.keras").read_bytes()
+    (tmp_path / "cut.keras").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="zip"):
+        keras.models.load_model(tmp_path / "cut.keras")
+    # Flipped bytes inside the weights: the archive's checksum names the damaged part.
+    info = zipfile.ZipFile(tmp_path / "m.keras").getinfo("model.weights.h5")
+    start = info.header_offset + 30 + len(info.filename) + info.compress_size // 2
+    damaged = bytearray(data)
+    damaged[start:start + 64] = bytes(b ^ 0xFF for b in damaged[start:start + 64])
+    (tmp_path / "bad.keras").write_bytes(bytes(damaged))
+    with pytest.raises(zipfile.BadZipFile, match="CRC.*model.weights.h5"):
+        keras.models.load_model(tmp_path / "bad.keras")
+
+
+# --- weights files ------------------------------------------------------------------------
+
+
+def test_weights_files_carry_the_state(tmp_path):
+    model = after_task_a(sequential())
+    expected = everything(model)
+    model.save_weights(tmp_path / "w.weights.h5")
+    model.regularizer.reset()
+    assert float(model.penalty()) == 0.0
+    model.load_weights(tmp_path / "w.weights.h5")
+    assert_same(everything(model), expected)
+    # A fresh model, whose optimizer has no variables yet, takes weights and state.
+    fresh = compiled(sequential())
+    fresh.load_weights(tmp_path / "w.weights.h5")
+    assert_same([v.numpy() for v in fresh.weights], [v.numpy() for v in model.weights])
+
+
+@pytest.mark.parametrize("case", ["architecture", "state_shapes", "state_count", "truncated"])
+def test_a_failed_load_weights_changes_nothing(case, tmp_path):
+    source = {
+        "architecture": lambda: after_task_a(sequential(hidden=5)),
+        "state_shapes": lambda: after_task_a(sequential(), include=["head"]),
+        "state_count": lambda: after_task_a(sequential(), include=["hidden"]),
+        "truncated": lambda: after_task_a(sequential()),
+    }[case]()
+    path = tmp_path / "w.weights.h5"
+    source.save_weights(path)
+    if case == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) * 2 // 3])
+    keras.utils.set_random_seed(7)
+    target = after_task_a(sequential(), include=["hidden"] if case == "state_shapes" else None)
+    before = everything(target)
+    expected = {
+        "architecture": r"the architecture .*sequential/layers/dense/vars/0: file has "
+                        r"shape \(6, 5\), this model \(6, 8\)",
+        "state_shapes": r"the EWC state .*ewc_regularizer/vars/0: file has shape "
+                        r"\(8, 3\), this model \(6, 8\)",
+        "state_count": r"the EWC state .*ewc_regularizer/vars/9: missing from the file",
+        "truncated": r"w\.weights\.h5.*truncated or corrupted",
+    }[case]
+    with pytest.raises(Exception, match=r"nothing was loaded") as info:
+        target.load_weights(path)
+    assert info.match(expected), str(info.value)
+    assert_same(everything(target), before)
+
+
+# --- checkpoints ----------------------------------------------------------------------
+
+
+def test_tf_train_checkpoint_covers_the_state(tmp_path):
+    model = after_task_a(sequential())
+    path = tf.train.Checkpoint(model=model).write(str(tmp_path / "ckpt"))
+    names = [name for name, _ in tf.train.list_variables(path)]
+    assert sum("/regularizer/anchor_" in n for n in names) == 4, names
+    assert sum("/regularizer/precision_" in n for n in names) == 4, names
+    fresh = compiled(sequential())
+    fresh.optimizer.build(fresh.trainable_variables)
+    tf.train.Checkpoint(model=fresh).read(path).assert_consumed()
+    assert_same(everything(fresh), everything(model))
+
+
+class Interrupt(keras.callbacks.Callback):
+    """Kills a fit at a given global step, as a crashed machine would."""
+
+    def __init__(self, step):
+        super().__init__()
+        self.step, self.seen = step, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seen += 1
+        if self.seen == self.step:
+            raise RuntimeError("killed")
+
+
+def test_fit_killed_at_a_random_step_resumes_to_the_uninterrupted_result(tmp_path):
+    (xa, ya), (xb, yb) = tasks()
+    steps, epochs = 3, 4
+    # The learner after task A, consolidated; a second task is consolidated inside the
+    # run (at each epoch end), so the state changes while the run is being backed up.
+    keras.utils.set_random_seed(0)
+    start = after_task_a(sequential())
+    start.save(tmp_path / "start.keras")
+
+    class ConsolidateEachEpoch(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            self.model.consolidate((xb[:8], yb[:8]), verbose=0)
+
+    def run(callbacks):
+        model = keras.models.load_model(tmp_path / "start.keras")
+        # ConsolidateEachEpoch runs before the backup, so the backup holds the new state.
+        model.fit(xb, yb, epochs=epochs, batch_size=16, shuffle=False, verbose=0,
+                  callbacks=[ConsolidateEachEpoch(), *callbacks])
+        return model
+
+    reference = everything(run([]))
+    kill = int(np.random.default_rng(1234).integers(steps + 1, steps * epochs))
+    backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
+    with pytest.raises(RuntimeError, match="killed"):
+        run([backup, Interrupt(kill)])
+    # A new process: the learner rebuilt from the last .keras file, which knows
+    # nothing of the tasks consolidated during the run; the backup restores them.
+    resumed = run([keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))])
+    assert int(resumed.regularizer.tasks.numpy()) == 1 + epochs
+    assert_same(everything(resumed), reference, rtol=1e-6, atol=1e-7)
+
+
+# --- atomic consolidation ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("failure", ["iterator_raises", "nan_in_data"])
+def test_a_failed_consolidation_leaves_the_state_as_it_was(failure):
+    model = after_task_a(sequential())
+    before = everything(model)
+    (xa, ya), _ = tasks()
+
+    def batches():
+        for i in range(0, 48, 16):
+            x = xa[i:i + 16].copy()
+            if i == 32:
+                if failure == "iterator_raises":
+                    raise OSError("the data went away")
+                x[3, 2] = np.nan
+            yield x, ya[i:i + 16]
+
+    data = tf.data.Dataset.from_generator(batches, output_signature=(
+        tf.TensorSpec((None, 6), tf.float32), tf.TensorSpec((None,), tf.int64)))
+    with pytest.raises(Exception, match="went away|NaN|finite"):
+        model.consolidate(data, verbose=0)
+    assert_same(everything(model), before)
+    # The same data without the failure does consolidate.
+    model.consolidate((xa, ya), verbose=0)
+    assert int(model.regularizer.tasks.numpy()) == 2
+
+
+# --- SavedModel -------------------------------------------------------------------------
+
+
+def test_saved_model_serves_and_carries_named_state(tmp_path):
+    model = after_task_a(functional())
+    model.export(tmp_path / "served")
+    served = tf.saved_model.load(str(tmp_path / "served"))
+    x = tasks()[0][0]
+    np.testing.assert_allclose(served.serve(x).numpy(), model(x).numpy(),
+                               rtol=1e-6, atol=1e-6)
+    reg = model.regularizer
+    assert_same([v.numpy() for v in served.ewc_anchors], [v.numpy() for v in reg.anchors])
+    assert_same([v.numpy() for v in served.ewc_precision],
+                [v.numpy() for v in reg.precision])
+    assert float(served.ewc_offset[0].numpy()) == float(reg.offset.numpy())
+    assert int(served.ewc_tasks[0].numpy()) == 1
+    config = json.loads(served.ewc_config[0].numpy())
+    assert config["strength"] == 50.0 and config["format_version"] == 1
+    assert [p for p, _ in config["regularised"]] == [v.path for v in reg.targets]
+
+
+@pytest.mark.parametrize("arch", ["sequential", "subclassed_lazy"])
+def test_from_saved_model_goes_back_to_learning(arch, tmp_path):
+    model = after_task_a(ARCHITECTURES[arch](), strength=20.0)
+    model.export(tmp_path / "served")
+    again = keras_ewc.EWCModel.from_saved_model(tmp_path / "served", ARCHITECTURES[arch]())
+    assert (again.strength, again.mode) == (20.0, "separate")
+    assert_same(state(again), state(model))
+    x = tasks()[0][0]
+    assert_same(again(x).numpy(), model(x).numpy())
+    # A SavedModel keeps no optimizer: compare both from a fresh optimizer.
+    for m in (model, again):
+        m.compile(keras.optimizers.SGD(0.05), LOSS)
+    (p0, w0), (p1, w1) = continue_b(model), continue_b(again)
+    assert p0[-1] > 0
+    np.testing.assert_allclose(p1, p0, rtol=1e-5)
+    assert_same(w1, w0, rtol=1e-5, atol=1e-7)
+
+
+def test_from_saved_model_refuses_another_architecture(tmp_path):
+    after_task_a(sequential()).export(tmp_path / "served")
+    other = sequential(hidden=5)
+    before = [v.numpy() for v in other.weights]
+    with pytest.raises(ValueError, match=r"hidden/kernel: saved shape \(6, 8\), expected "
+                                         r"\(6, 5\)"):
+        keras_ewc.EWCModel.from_saved_model(tmp_path / "served", other)
+    assert_same([v.numpy() for v in other.weights], before)
+    with pytest.raises(ValueError, match="carries no EWC state"):
+        net = sequential()
+        net.export(str(tmp_path / "plain"), verbose=False)
+        keras_ewc.EWCModel.from_saved_model(tmp_path / "plain", net)
+
+
+def test_from_saved_model_refuses_an_unknown_format_version(tmp_path, monkeypatch):
+    from keras_ewc import saving
+
+    model = after_task_a(sequential())
+    monkeypatch.setattr(saving, "FORMAT_VERSION", 2)
+    model.export(tmp_path / "served")
+    monkeypatch.setattr(saving, "FORMAT_VERSION", 1)
+    with pytest.raises(ValueError, match=r"format_version=2.*reads versions 1 to 1"):
+        keras_ewc.EWCModel.from_saved_model(tmp_path / "served", sequential())
+
+
+# --- the example --------------------------------------------------------------------------
+
+
+def test_save_and_resume_example_runs_offline(tmp_path):
+    env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "save_and_resume.py"),
+                           str(tmp_path)], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    # The served model predicts what the trained one did, and task A survived task B.
+    assert result["served_matches"] is True
+    assert result["tasks"] == 2 and result["rebuilt_tasks"] == 2
+    assert result["accuracy_a_after_b"] > 0.6, result
+
+
+def test_all_or_nothing_puts_back_what_a_failing_load_assigned():
+    from keras_ewc import saving
+
+    model = after_task_a(sequential())
+    before = everything(model)
+
+    def half_a_load():
+        model.network.weights[0].assign(np.zeros(model.network.weights[0].shape))
+        model.regularizer.offset.assign(123.0)
+        raise OSError("read error half-way")
+
+    with pytest.raises(OSError, match=r"'f\.keras'.*nothing was loaded.*read error"):
+        saving.all_or_nothing(model, half_a_load, "f.keras")
+    assert_same(everything(model), before)
