@@ -55,9 +55,12 @@ def make_sequence(protocol: str, data, tasks: int | None):
                                        seed=0)
 
 
-def compiled(model, lr):
+def compiled(model, lr, steps_per_execution=1):
+    # `steps_per_execution` only runs several batches per call into the graph: the updates,
+    # their order and so the weights are the same as with 1 (tests/test_model.py).
     model.compile(optimizer=keras.optimizers.Adam(lr),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  steps_per_execution=steps_per_execution)
     return model
 
 
@@ -67,7 +70,7 @@ def run_sequential(sequence, seed, args, strength=None, estimator="exact", mode=
                         task_il=sequence.scenario == "task", seed=seed)
     model = net if strength is None else keras_ewc.EWCModel(net, strength=strength,
                                                              mode=mode)
-    compiled(model, args.lr)
+    compiled(model, args.lr, args.steps_per_execution)
     return continual.train_sequence(
         model, sequence, steps_per_task=args.iterations, batch_size=args.batch_size,
         estimator=estimator, fisher_examples=args.fisher_examples, verbose=0, seed=seed)
@@ -91,7 +94,7 @@ def run_joint(sequence, seed, args):
     logits = net(x_in)
     masked = keras.layers.Lambda(
         lambda a: keras.ops.where(a[1] > 0, a[0], -1e9))([logits, m_in])
-    joint = compiled(keras.Model([x_in, m_in], masked), args.lr)
+    joint = compiled(keras.Model([x_in, m_in], masked), args.lr, args.steps_per_execution)
     ds = (tf.data.Dataset.from_tensor_slices(((x, masks), y))
           .shuffle(len(y), seed=seed).repeat().batch(args.batch_size)
           .map(lambda xm, t: ((tf.cast(xm[0], tf.float32) * scale, xm[1]), t)))
@@ -99,6 +102,14 @@ def run_joint(sequence, seed, args):
               shuffle=False)
     accs = continual.evaluate_tasks(net, sequence)
     return continual.ContinualResults([accs], sequence.task_names)
+
+
+def write_runs(path, args, runs):
+    """Writes the runs so far atomically: a killed run never leaves a half-written file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"args": vars(args), "runs": runs}, f, indent=1)
+    os.replace(tmp, path)
 
 
 def mean_se(values):
@@ -120,7 +131,11 @@ def main(argv=None) -> int:
                         help="strengths swept for every EWC row")
     parser.add_argument("--fisher-examples", type=int, default=1000)
     parser.add_argument("--methods", default="none,exact,sampled,empirical,batched,online,joint")
+    parser.add_argument("--steps-per-execution", type=int, default=1,
+                        help="batches per call into the compiled graph (speed only)")
     parser.add_argument("--out", default="results/protocol")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs already in OUT/runs.json and skip them")
     args = parser.parse_args(argv)
 
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -130,12 +145,20 @@ def main(argv=None) -> int:
     sequence = make_sequence(args.protocol, data, args.tasks)
     os.makedirs(args.out, exist_ok=True)
     print(f"{sequence}; iterations {args.iterations}, seeds {seeds}", flush=True)
+    runs_path = os.path.join(args.out, "runs.json")
     runs = []  # one record per (method, strength, seed)
+    if args.resume and os.path.exists(runs_path):
+        with open(runs_path) as f:
+            runs = json.load(f)["runs"]
+        print(f"resuming: {len(runs)} runs already in {runs_path}", flush=True)
+    done = {(r["method"], r["strength"], r["seed"]) for r in runs}
     start = time.perf_counter()
     for method in methods:
         grid = [None] if method in ("none", "joint") else strengths
         for strength in grid:
             for seed in seeds:
+                if (method, strength, seed) in done:
+                    continue
                 t0 = time.perf_counter()
                 if method == "none":
                     res = run_sequential(sequence, seed, args)
@@ -153,12 +176,13 @@ def main(argv=None) -> int:
                              "seconds": round(time.perf_counter() - t0, 1)})
                 print(f"{method:9s} strength {strength!s:8s} seed {seed}: "
                       f"{res.average_accuracy:.4f} ({runs[-1]['seconds']} s)", flush=True)
-    with open(os.path.join(args.out, "runs.json"), "w") as f:
-        json.dump({"args": vars(args), "runs": runs}, f, indent=1)
+                write_runs(runs_path, args, runs)  # after every run: a kill loses one run
+    write_runs(runs_path, args, runs)
     lines = ["| method | best strength | average accuracy (mean ± s.e.) | seeds |",
              "|---|---|---|---|"]
     for method in methods:
-        rows = [r for r in runs if r["method"] == method]
+        rows = [r for r in runs if r["method"] == method and r["seed"] in seeds
+                and (r["strength"] is None or r["strength"] in strengths)]
         by_strength = {}
         for r in rows:
             by_strength.setdefault(r["strength"], []).append(r["average_accuracy"])
