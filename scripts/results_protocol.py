@@ -15,22 +15,22 @@ that this selects on test accuracy, as the paper's grid search on a validation s
 would not).
 
 The data is a directory of the four Fashion-MNIST IDX files (MNIST cannot be downloaded
-here). Full protocol, as in the paper (hours on CPU):
+here). The whole protocol, as in the paper (hours on CPU):
 
     python scripts/results_protocol.py /path/to/fashion-mnist --protocol split \
-        --iterations 2000 --seeds 0,1,2,3,4 --out results/split
+        --iterations 2000 --seeds 0,1,2 --steps-per-execution 50 --out results/split
 
-A short run (what docs/results.md reports):
-
-    python scripts/results_protocol.py /path/to/fashion-mnist --protocol split \
-        --iterations 300 --seeds 0,1 --strengths 1e2,1e4,1e6 --out results/split_short
+Every run is added to OUT/runs.json as soon as it ends, so a killed sweep loses one run;
+`--resume` skips the runs already there (to widen a grid or add a seed). Rows can be
+split over processes with `--methods` and merged into one table with
+`scripts/protocol_table.py`. The exact commands behind each published number are in
+docs/results.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -44,6 +44,7 @@ import tensorflow as tf
 
 import keras_ewc
 from keras_ewc import continual
+from scripts import protocol_table
 
 ESTIMATOR_METHODS = ("exact", "sampled", "empirical", "batched")
 
@@ -112,12 +113,6 @@ def write_runs(path, args, runs):
     os.replace(tmp, path)
 
 
-def mean_se(values):
-    values = np.asarray(values, dtype=np.float64)
-    se = values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
-    return float(values.mean()), float(se)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data", help="directory with the Fashion-MNIST IDX files")
@@ -178,21 +173,9 @@ def main(argv=None) -> int:
                       f"{res.average_accuracy:.4f} ({runs[-1]['seconds']} s)", flush=True)
                 write_runs(runs_path, args, runs)  # after every run: a kill loses one run
     write_runs(runs_path, args, runs)
-    lines = ["| method | best strength | average accuracy (mean ± s.e.) | seeds |",
-             "|---|---|---|---|"]
-    for method in methods:
-        rows = [r for r in runs if r["method"] == method and r["seed"] in seeds
+    selected = [r for r in runs if r["method"] in methods and r["seed"] in seeds
                 and (r["strength"] is None or r["strength"] in strengths)]
-        by_strength = {}
-        for r in rows:
-            by_strength.setdefault(r["strength"], []).append(r["average_accuracy"])
-        best = max(by_strength, key=lambda s: np.mean(by_strength[s]))
-        m, se = mean_se(by_strength[best])
-        name = {"none": "None (fine-tuning)", "joint": "Joint (upper bound)",
-                "online": "Online EWC (exact)"}.get(method, f"EWC ({method})")
-        lines.append(f"| {name} | {'-' if best is None else f'{best:g}'} | "
-                     f"{100 * m:.2f} ± {100 * se:.2f} | {len(by_strength[best])} |")
-    table = "\n".join(lines)
+    table = protocol_table.make_table(selected)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table + "\n")
     print(table)
