@@ -35,6 +35,13 @@ def mean_se(values):
     return mean, math.sqrt(var / len(values))
 
 
+def strength_text(strength):
+    """`1e+06` as `1e6`; `None` (rows without a strength) as a dash."""
+    if strength is None:
+        return "–"
+    return f"{strength:g}".replace("e+0", "e").replace("e+", "e").replace("e-0", "e-")
+
+
 def name(method):
     return NAMES.get(method, f"EWC ({method})")
 
@@ -66,7 +73,7 @@ def _order(method):
 
 
 def _grid(by_strength):
-    return ", ".join(f"{s:g}" for s in sorted(by_strength))
+    return ", ".join(strength_text(s) for s in sorted(by_strength))
 
 
 def make_table(runs, detail=False) -> str:
@@ -77,7 +84,7 @@ def make_table(runs, detail=False) -> str:
         m, se = mean_se(accs.values())
         per_seed = ", ".join(f"{100 * accs[s]:.2f}" for s in sorted(accs))
         grid = _grouped(runs, method)
-        strength = "–" if best is None else f"{best:g} (of {_grid(grid)})"
+        strength = "–" if best is None else f"{strength_text(best)} (of {_grid(grid)})"
         lines.append(f"| {name(method)} | {strength} | {100 * m:.2f} ± {100 * se:.2f} | "
                      f"{per_seed} |")
     if detail:
@@ -88,8 +95,8 @@ def make_table(runs, detail=False) -> str:
                                          key=lambda kv: kv[0] or 0.0):
                 m, se = mean_se(accs.values())
                 per_seed = ", ".join(f"{100 * accs[s]:.2f}" for s in sorted(accs))
-                lines.append(f"| {name(method)} | {'–' if strength is None else f'{strength:g}'}"
-                             f" | {100 * m:.2f} ± {100 * se:.2f} | {per_seed} |")
+                lines.append(f"| {name(method)} | {strength_text(strength)} | "
+                             f"{100 * m:.2f} ± {100 * se:.2f} | {per_seed} |")
     return "\n".join(lines)
 
 

@@ -107,5 +107,7 @@ def test_protocol_table_merges_files_and_checks_them(tmp_path, capsys):
         table.load_runs([str(a), str(c)])
     with pytest.raises(ValueError, match="more than one file"):
         table.load_runs([str(a), str(a)])
+    assert [table.strength_text(s) for s in (None, 100.0, 1e6, 2.5e-5, 1e10)] == [
+        "–", "100", "1e6", "2.5e-5", "1e10"]
     with pytest.raises(FileNotFoundError, match="runs.json"):
         table.load_runs([str(tmp_path / "nothing")])
