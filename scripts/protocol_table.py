@@ -76,27 +76,29 @@ def _grid(by_strength):
     return ", ".join(strength_text(s) for s in sorted(by_strength))
 
 
+def _accuracy_cells(accs):
+    """`mean ± s.e. | per seed` (%) of {seed: accuracy}."""
+    m, se = mean_se(accs.values())
+    per_seed = ", ".join(f"{100 * accs[s]:.2f}" for s in sorted(accs))
+    return f"{100 * m:.2f} ± {100 * se:.2f} | {per_seed}"
+
+
 def make_table(runs, detail=False) -> str:
     """A Markdown table: best strength, mean ± s.e. (%), and per-seed values, per row."""
     lines = ["| method | best strength (of the grid) | avg acc % (mean ± s.e.) | per seed |",
              "|---|---|---|---|"]
     for method, (best, accs) in best_strengths(runs).items():
-        m, se = mean_se(accs.values())
-        per_seed = ", ".join(f"{100 * accs[s]:.2f}" for s in sorted(accs))
         grid = _grouped(runs, method)
         strength = "–" if best is None else f"{strength_text(best)} (of {_grid(grid)})"
-        lines.append(f"| {name(method)} | {strength} | {100 * m:.2f} ± {100 * se:.2f} | "
-                     f"{per_seed} |")
+        lines.append(f"| {name(method)} | {strength} | {_accuracy_cells(accs)} |")
     if detail:
         lines += ["", "| method | strength | avg acc % (mean ± s.e.) | per seed |",
                   "|---|---|---|---|"]
         for method in sorted({r["method"] for r in runs}, key=_order):
             for strength, accs in sorted(_grouped(runs, method).items(),
                                          key=lambda kv: kv[0] or 0.0):
-                m, se = mean_se(accs.values())
-                per_seed = ", ".join(f"{100 * accs[s]:.2f}" for s in sorted(accs))
                 lines.append(f"| {name(method)} | {strength_text(strength)} | "
-                             f"{100 * m:.2f} ± {100 * se:.2f} | {per_seed} |")
+                             f"{_accuracy_cells(accs)} |")
     return "\n".join(lines)
 
 
