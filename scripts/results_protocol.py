@@ -143,8 +143,11 @@ def main(argv=None) -> int:
     runs_path = os.path.join(args.out, "runs.json")
     runs = []  # one record per (method, strength, seed)
     if args.resume and os.path.exists(runs_path):
-        with open(runs_path) as f:
-            runs = json.load(f)["runs"]
+        runs, settings = protocol_table.load_runs([runs_path])
+        wanted = {k: vars(args)[k] for k in protocol_table.SETTINGS}
+        if settings != wanted:
+            raise ValueError(f"Cannot resume: {runs_path} was run with {settings}, this run "
+                             f"asks for {wanted}. Use another --out.")
         print(f"resuming: {len(runs)} runs already in {runs_path}", flush=True)
     done = {(r["method"], r["strength"], r["seed"]) for r in runs}
     start = time.perf_counter()

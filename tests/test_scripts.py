@@ -58,6 +58,12 @@ def test_protocol_records_every_run_and_resumes(tmp_path, capsys):
     assert [(r["method"], r["strength"]) for r in runs[4:]] == [("exact", 1000.0)] * 2
     assert not os.path.exists(out / "runs.json.tmp")
 
+    # Resuming with other settings would mix protocols in one file: refused, file untouched.
+    with pytest.raises(ValueError, match="Cannot resume.*'iterations': 3"):
+        protocol.main([c if c != "3" else "4" for c in common] + ["--resume"])
+    with open(out / "runs.json") as f:
+        assert json.load(f)["runs"] == runs
+
     # The table gives, per row, the strength with the best mean over the seeds.
     rows = table_rows(out / "table.md")
     accs = {s: [r["average_accuracy"] for r in runs
