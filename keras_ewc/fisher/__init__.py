@@ -1,6 +1,7 @@
 """The Fisher engine: estimators, likelihoods and per-example squared gradients."""
 
 from keras_ewc.fisher.diagonal import ESTIMATORS, fisher_diagonal
+from keras_ewc.fisher.kronecker import kronecker_factors
 from keras_ewc.fisher.likelihoods import Bernoulli, Categorical, Gaussian, Likelihood
 
 __all__ = [
@@ -10,4 +11,5 @@ __all__ = [
     "Gaussian",
     "Likelihood",
     "fisher_diagonal",
+    "kronecker_factors",
 ]

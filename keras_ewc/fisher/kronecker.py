@@ -1,0 +1,325 @@
+"""Kronecker factors of the Fisher (KFAC): per layer, A from its inputs, G from its outputs.
+
+For a Dense layer `z = Wᵀ a + b` (kernel W `[in, out]`) let `ā = [a; 1]` (the bias LAST,
+omitted without a bias) and `W̄ = [W; bᵀ]` (`[in + 1, out]`). Example n's gradient of
+term t is `ā_n g_{n,t}ᵀ` with `g = ∂ term / ∂ z`, and the Fisher block of W̄ is
+approximated by `A ⊗ G` (Martens & Grosse 2015) with
+
+    A = (1/N) Σ_n ā_n ā_nᵀ,        G = (1/N) Σ_n Σ_t g_{n,t} g_{n,t}ᵀ
+
+over the estimator's terms (`exact`: the √p-weighted classes, `sampled`: drawn labels,
+`empirical`: the true label). They come from the same recording as the diagonal engine
+(`keras_ewc.fisher.fast`): one batched forward pass records each layer's inputs and
+pre-activation output z, and one batched backward pass a term column gives every g.
+
+Weight sharing (Conv1D/2D/3D, Dense on sequences, a layer called several times) uses
+KFAC-expand, i.e. KFC (Grosse & Martens 2016): every output position r of every call is
+one more row, its input patch ā_{n,r} and its output gradient g_{n,r,t}, and
+
+    A = 1/(N R) Σ_n Σ_r ā_{n,r} ā_{n,r}ᵀ,    G = (1/N) Σ_n Σ_r Σ_t g g ᵀ
+
+(Eschenhagen et al. 2023, "Kronecker-factored approximate curvature for modern neural
+network architectures", KFAC-expand), so `A ⊗ G` has the scale of the sum over positions
+of the per-position blocks and, with one position, is the flat Dense case exactly. Why
+expand rather than reduce: expand needs no assumption about how the positions are
+combined after the layer (per-token losses, pooling, flattening all happen in the models
+this library regularises), it is the classic KFC that conv networks are known to work
+with, and its rows are exactly what the diagonal engine records; reduce is exact only
+when the positions are summed before the loss, and would need a second convention.
+
+Only plain Dense and Conv layers with one group are factored (EinsumDense, Embedding,
+normalisation and custom layers keep the exact diagonal: `fisher_diagonal(...,
+variables=rest)`). A factored layer whose kernel is also read outside its call (tied
+weights), or which is called where it cannot be recorded (inside a loop), has no
+Kronecker block: it is refused with an error that names it.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_ewc import distribute
+from keras_ewc.fisher import diagonal
+from keras_ewc.fisher import fast
+from keras_ewc.fisher import likelihoods as lik_module
+from keras_ewc.fisher.kernels import conv, dense
+from keras_ewc.fisher.kernels._common import f32
+
+ESTIMATORS = ("exact", "sampled", "empirical")
+
+
+def factored_layers(model, variables: Sequence | None = None) -> list:
+    """The layers of `model` that get Kronecker factors, in the order of the model.
+
+    A layer qualifies when it is a plain Dense or a Conv1D/2D/3D with one group (no
+    LoRA, no quantisation, `call` not overridden) and all of its variables (kernel, and
+    bias if it has one) are among `variables` (default: the trainable variables).
+
+    Returns:
+        A list of `(layer, module, params)`, `params` the `{"kernel", "bias"}` variables.
+    """
+    variables = list(model.trainable_variables if variables is None else variables)
+    found = []
+    for layer, module, params in fast.plan(model, variables):
+        if module not in (dense, conv):
+            continue
+        if module is conv and layer.groups != 1:
+            continue
+        if len(params) != len(module.params(layer)):
+            continue  # the bias (or kernel) is not regularised: keep the diagonal
+        found.append((layer, module, params))
+    return found
+
+
+def layer_key(layer) -> str:
+    """A layer's path in its model (Keras' `layer.path`)."""
+    return str(getattr(layer, "path", None) or layer.name)
+
+
+def kronecker_factors(
+    model,
+    data,
+    estimator: str = "exact",
+    likelihood=None,
+    samples: int | None = None,
+    batch_size: int | None = None,
+    seed: int | None = None,
+    verbose="auto",
+    variables: Sequence | None = None,
+    strategy: tf.distribute.Strategy | None = None,
+) -> dict:
+    """Computes the Kronecker factors `(A, G)` of the Fisher of each Dense and Conv layer.
+
+    Per layer, `A ⊗ G` approximates the Fisher block of `W̄ = [kernel; bias]` (kernel
+    reshaped to `[in, out]`, the bias as the LAST row): `A = (1/N) Σ_n ā_n ā_nᵀ` with
+    `ā = [input; 1]`, `G = (1/N) Σ_n Σ_t g_{n,t} g_{n,t}ᵀ` over the estimator's terms at
+    the pre-activation output. Conv layers and Dense layers on sequences count every
+    position as a row of A (divided by N·R) and add its gradients into G (KFC /
+    KFAC-expand; see the module docstring). Layers without a Kronecker kernel are left
+    out: use `keras_ewc.fisher_diagonal(..., variables=rest)` for their variables.
+
+    Args:
+        model: a built Keras model with one output (see `fisher_diagonal`).
+        data: a `tf.data.Dataset` of batches, an array of inputs, or `(x, y)`.
+        estimator: `"exact"` (default), `"sampled"` or `"empirical"`.
+        likelihood: `"categorical"`, `"bernoulli"`, `"gaussian"`, a `Likelihood`, or
+            None to infer it from the compiled loss.
+        samples: labels drawn per example by `"sampled"` (default 1).
+        batch_size: examples a batch (bounds the memory); default as in
+            `fisher_diagonal`.
+        seed: integer seed of the `"sampled"` estimator.
+        verbose: 0 for silence, 1 or "auto" for a progress bar.
+        variables: only layers whose variables are all in this list are factored
+            (default: the trainable variables).
+        strategy: a `tf.distribute.Strategy`: replicas sum over their shards of every
+            batch and the sums are all-reduced, as for `fisher_diagonal`.
+
+    Returns:
+        `{layer path: (A, G)}`, float32 tensors of shapes `[in (+1), in (+1)]` and
+        `[out, out]` (`in` is kernel_size × channels for a conv).
+
+    Example:
+
+    >>> import keras, numpy as np, keras_ewc
+    >>> net = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="d")])
+    >>> x = np.random.default_rng(0).normal(size=(16, 4)).astype("float32")
+    >>> factors = keras_ewc.kronecker_factors(net, x, likelihood="categorical", verbose=0)
+    >>> {k: (tuple(a.shape), tuple(g.shape)) for k, (a, g) in factors.items()}
+    {'sequential/d': ((5, 5), (3, 3))}
+    """
+    layers = factored_layers(model, variables)
+    values = compute_factors(model, layers, data, estimator=estimator,
+                             likelihood=likelihood, samples=samples,
+                             batch_size=batch_size, seed=seed, verbose=verbose,
+                             strategy=strategy)
+    return {layer_key(layer): ag for (layer, _, _), ag in zip(layers, values)}
+
+
+def compute_factors(model, layers, data, estimator="exact", likelihood=None, samples=None,
+                    batch_size=None, seed=None, verbose="auto", strategy=None) -> list:
+    """`[(A, G)]` aligned with `layers` (from `factored_layers`); see `kronecker_factors`."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(
+            f"Unknown estimator for Kronecker factors. Expected one of {list(ESTIMATORS)} "
+            f"('batched' has no per-example terms to factor). Received: "
+            f"estimator={estimator!r}"
+        )
+    if samples is not None:
+        if estimator != "sampled":
+            raise ValueError(
+                "`samples` applies only to estimator='sampled'. "
+                f"Received: samples={samples!r} with estimator={estimator!r}"
+            )
+        if int(samples) != samples or samples < 1:
+            raise ValueError(f"Expected samples >= 1. Received: samples={samples!r}")
+    if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
+        raise ValueError(f"Expected batch_size >= 1. Received: batch_size={batch_size!r}")
+    if not getattr(model, "built", True):
+        raise ValueError(
+            "The model is not built yet, so it has no weights to compute factors for. "
+            "Call it on a batch of data or call `model.build(input_shape)` first."
+        )
+    if not layers:
+        return []
+    lik = lik_module.get(likelihood, model)
+    samples = int(samples or 1)
+    seed = random.randrange(2**31) if seed is None else int(seed)
+    terms_fn = diagonal._terms_fn(lik, estimator, samples)
+    sum_fn = build_factor_sums(model, layers, terms_fn)
+    if distribute.is_distributed(strategy):
+        shapes = [_Shape(s) for s in factor_shapes(layers)]
+        sum_fn = distribute.distribute_sum_fn(strategy, sum_fn, shapes)
+
+    dataset = diagonal.as_dataset(data, batch_size)
+    progbar = diagonal._progbar(dataset, verbose)
+    totals = None
+    num_examples = 0
+    num_batches = 0
+    for index, batch in enumerate(dataset):
+        x, y, _ = keras.utils.unpack_x_y_sample_weight(batch)
+        diagonal._check_finite(x, "inputs")
+        if estimator == "empirical":
+            if y is None:
+                raise ValueError(
+                    "estimator='empirical' needs the true labels, but the data holds "
+                    "inputs only. Pass (x, y) or use estimator='exact' or 'sampled'."
+                )
+            diagonal._check_finite(y, "labels")
+        size = int(tf.shape(tf.nest.flatten(x)[0])[0])
+        if size == 0:
+            continue
+        if num_batches == 0:
+            probe = model(tf.nest.map_structure(lambda t: t[:1], x), training=False)
+            diagonal._check_single_output(probe)
+        extra = None
+        if estimator == "empirical":
+            lik.check_labels(probe, y)
+            extra = tf.convert_to_tensor(y)
+        elif estimator == "sampled":
+            shape = lik.noise_shape(probe, samples)
+            shape[0] = size
+            extra = tf.random.stateless_uniform(shape, seed=[seed, index])
+        sums = [tf.convert_to_tensor(s) for s in sum_fn(x, extra)]
+        totals = sums if totals is None else [a + b for a, b in zip(totals, sums)]
+        num_examples += size
+        num_batches += 1
+        if progbar is not None:
+            progbar.update(num_batches, values=[("examples", num_examples)], finalize=False)
+    if num_examples == 0:
+        raise ValueError("The data holds no examples: cannot compute factors from nothing.")
+    if progbar is not None:
+        progbar.update(num_batches, finalize=True)
+    factors = []
+    for i, (layer, _, _) in enumerate(layers):
+        a_sum, g_sum, rows = totals[3 * i: 3 * i + 3]
+        a = a_sum / tf.maximum(rows, 1.0)
+        g = g_sum / float(num_examples)
+        for name, f in (("A", a), ("G", g)):
+            if not bool(tf.reduce_all(tf.math.is_finite(f))):
+                raise ValueError(
+                    f"The Kronecker factor {name} of layer {layer_key(layer)} is not finite "
+                    "(NaN or Inf): the model's outputs or gradients overflow on this data."
+                )
+        factors.append((a, g))
+    return factors
+
+
+class _Shape:
+    """Something with a `.shape`, for `distribute_sum_fn`'s zeros on empty shards."""
+
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+
+
+def factor_shapes(layers) -> list:
+    """Shapes of the per-batch sums: `A_sum`, `G_sum` and the row count, per layer."""
+    shapes = []
+    for layer, _, params in layers:
+        kernel = params["kernel"]
+        rows = int(np.prod(kernel.shape[:-1])) + (1 if "bias" in params else 0)
+        out = int(kernel.shape[-1])
+        shapes += [(rows, rows), (out, out), ()]
+    return shapes
+
+
+def build_factor_sums(model, layers, terms_fn):
+    """`fn(inputs, extra) -> [A_sum, G_sum, rows] * layers` for one batch, traced.
+
+    `A_sum = Σ ā āᵀ` over the batch's rows (examples × positions × calls), `G_sum =
+    Σ g gᵀ` over the same rows and the terms, `rows` the number of rows (float32).
+    """
+    layers = list(layers)
+    plan = [(layer, module, params) for layer, module, params in layers]
+
+    @tf.function
+    def fn(inputs, extra):
+        return factor_sums(model, plan, terms_fn, inputs, extra)
+
+    return fn
+
+
+def factor_sums(model, layers, terms_fn, inputs, extra) -> list:
+    """The per-batch sums of `build_factor_sums` (call while tracing)."""
+    batch_size = tf.nest.flatten(inputs)[0].shape[0]
+    with tf.GradientTape(persistent=True) as tape:
+        recorder = fast.Recorder(layers, batch_size, tape)
+        with recorder:
+            outputs = model(inputs, training=False)
+        terms = tf.cast(terms_fn(outputs, extra), tf.float32)
+        terms = tf.reshape(terms, [tf.shape(terms)[0], -1])
+        columns = tf.reduce_sum(terms, axis=0)
+        total = tf.reduce_sum(columns)
+    for layer, _, params in layers:
+        leaks = tape.gradient(total, list(params.values()))
+        if any(g is not None for g in leaks) or batch_size is None:
+            raise ValueError(
+                f"Layer {layer_key(layer)} has no Kronecker factors: its weights are read "
+                "outside its own call (shared or tied weights), or it is called where its "
+                "inputs cannot be recorded (inside a loop, on a tensor whose first axis "
+                "is not the batch). Leave it to the diagonal with "
+                "`exclude=[...]`/`structure='diagonal'`, or call it once per example."
+            )
+    calls = [recorder.calls[id(layer)] for layer, _, _ in layers]
+    zs = [z for c in calls for _, z in c]
+    grads = fast._column_grads(tape, terms, columns, total, zs, fast.has_loops(model))
+    del tape
+    out = []
+    for (layer, module, params), c in zip(layers, calls):
+        part, grads = grads[: len(c)], grads[len(c):]
+        rows = _input_rows(layer, module, [r for r, _ in c], "bias" in params)
+        g_rows = [tf.reshape(f32(g), [-1, g.shape[-1]]) for g in part]
+        size = rows.shape[-1]
+        if c:
+            a_sum = tf.matmul(rows, rows, transpose_a=True)
+            g_cat = tf.concat(g_rows, 0)
+            g_sum = tf.matmul(g_cat, g_cat, transpose_a=True)
+            count = tf.cast(tf.shape(rows)[0], tf.float32)
+        else:
+            out_dim = int(params["kernel"].shape[-1])
+            a_sum, g_sum = tf.zeros([size, size]), tf.zeros([out_dim, out_dim])
+            count = tf.constant(0.0)
+        out += [a_sum, g_sum, count]
+    return out
+
+
+def _input_rows(layer, module, records, bias) -> tf.Tensor:
+    """`[rows, in (+1)]`: every recorded input position, a column of ones for a bias."""
+    kernel_in = int(np.prod(layer._kernel.shape[:-1]))
+    parts = []
+    for record in records:
+        if module is conv:
+            x, padding = record
+            x = conv.patches(f32(x), layer.kernel_size, layer.strides, layer.dilation_rate,
+                             padding)
+        else:
+            x = f32(record)
+        parts.append(tf.reshape(x, [-1, kernel_in]))
+    x = tf.concat(parts, 0) if parts else tf.zeros([0, kernel_in])
+    if bias:
+        x = tf.concat([x, tf.ones([tf.shape(x)[0], 1])], axis=1)
+    return x
