@@ -10,7 +10,11 @@ import tensorflow as tf
 
 from keras_ewc import saving
 from keras_ewc.fisher import diagonal, likelihoods
+from keras_ewc.fisher import kronecker as kronecker_fisher
+from keras_ewc.kronecker import KroneckerRegularizer
 from keras_ewc.penalty import EWCRegularizer
+
+STRUCTURES = ("diagonal", "kronecker")
 
 Selector = Sequence[str] | Callable | None
 
@@ -37,6 +41,13 @@ class EWCModel(keras.Model):
             variable of that layer, nested layers included) or a predicate
             `fn(variable) -> bool`. Default: all trainable variables.
         exclude: variables to leave out, in the same forms as `include`.
+        structure: `"diagonal"` (the Fisher diagonal, the default) or `"kronecker"`
+            (Kronecker-factored blocks `A ⊗ G` for Dense and Conv layers, the exact
+            diagonal for every other variable; see `keras_ewc.kronecker`). With
+            `"kronecker"`, `regularizer` is a `KroneckerRegularizer`.
+        max_tasks: with `structure="kronecker"` and `mode="separate"`, the number of
+            tasks whose factors are kept (the state is allocated up front: `in² + out²
+            + in·out` floats a layer a task). Ignored otherwise.
 
     Example:
 
@@ -64,18 +75,29 @@ class EWCModel(keras.Model):
         gamma: float = 1.0,
         include: Selector = None,
         exclude: Selector = None,
+        structure: str = "diagonal",
+        max_tasks: int = 10,
         **kwargs,
     ):
         selected = kwargs.pop("variable_indices", None)
         super().__init__(**kwargs)
+        if structure not in STRUCTURES:
+            raise ValueError(f"Expected structure in {list(STRUCTURES)}. Received: "
+                             f"structure={structure!r}")
+        self.structure = structure
         if not isinstance(model, keras.layers.Layer):
             raise ValueError(
                 "Expected a Keras model (or layer) to wrap. Received: "
                 f"model={model!r} of type {type(model).__name__}"
             )
         self.network = model
-        self.regularizer = EWCRegularizer(strength=strength, mode=mode, gamma=gamma,
-                                          name="ewc_state")
+        if structure == "kronecker":
+            self.regularizer = KroneckerRegularizer(strength=strength, mode=mode,
+                                                    gamma=gamma, max_tasks=max_tasks,
+                                                    name="ewc_state")
+        else:
+            self.regularizer = EWCRegularizer(strength=strength, mode=mode, gamma=gamma,
+                                              name="ewc_state")
         self.include = _check_selector(include, "include")
         self.exclude = _check_selector(exclude, "exclude")
         self._selected_indices = None if selected is None else [int(i) for i in selected]
@@ -97,7 +119,10 @@ class EWCModel(keras.Model):
 
     def _build_state(self):
         variables = self._regularised_variables()
-        self.regularizer.build_for(variables)
+        if self.structure == "kronecker":
+            self.regularizer.build_for(variables, self.network)
+        else:
+            self.regularizer.build_for(variables)
         self.built = True
 
     def _regularised_variables(self) -> list:
@@ -215,15 +240,25 @@ class EWCModel(keras.Model):
                 None.
             seed: seed for the `sampled` estimator.
 
+        With `structure="kronecker"`, the Dense and Conv layers get Kronecker factors
+        (`keras_ewc.kronecker_factors`) and the other variables the diagonal; the
+        factors of a task are stored in its own slot (separate mode) or merged into one
+        nearest-Kronecker pair a layer (online mode).
+
         Returns:
             The Fisher diagonal of this task, a list aligned with
-            `regularised_variables`.
+            `regularised_variables`; with `structure="kronecker"`, a dict mapping each
+            factored layer's path to `(A, G)` and each other variable's path to its
+            Fisher diagonal.
         """
         if not self.regularizer.built:
             raise ValueError(
                 "The EWCModel is not built: it has no weights to anchor yet. Train it, "
                 "call it on a batch, or call `build(input_shape)` before `consolidate`."
             )
+        if self.structure == "kronecker":
+            return self._consolidate_kronecker(data, estimator, samples, batch_size,
+                                               verbose, likelihood, seed)
         fisher = diagonal.fisher_diagonal(
             self.network,
             data,
@@ -240,6 +275,28 @@ class EWCModel(keras.Model):
         # are assigned on every replica at once.
         self.regularizer.consolidate(fisher)
         return fisher
+
+    def _consolidate_kronecker(self, data, estimator, samples, batch_size, verbose,
+                               likelihood, seed):
+        import random
+
+        reg = self.regularizer
+        lik = likelihoods.get(likelihood, self)
+        # One seed for both passes: the sampled labels are the same for both parts.
+        seed = random.randrange(2**31) if seed is None else int(seed)
+        common = dict(estimator=estimator, likelihood=lik, samples=samples,
+                      batch_size=batch_size, seed=seed, verbose=verbose,
+                      strategy=self.distribute_strategy)
+        factors = kronecker_fisher.compute_factors(self.network, reg.plan, data, **common)
+        rest = []
+        if reg.rest:
+            rest = diagonal.fisher_diagonal(self.network, data, variables=reg.rest,
+                                            **common)
+        reg.consolidate(factors, rest)
+        result = {kronecker_fisher.layer_key(layer): ag
+                  for (layer, _), ag in zip(reg.factored, factors)}
+        result.update({v.path: f for v, f in zip(reg.rest, rest)})
+        return result
 
     # --- configuration -------------------------------------------------------------
 
@@ -266,6 +323,9 @@ class EWCModel(keras.Model):
             "include": None if callable(self.include) else self.include,
             "exclude": None if callable(self.exclude) else self.exclude,
         }
+        if self.structure != "diagonal":
+            config["structure"] = self.structure
+            config["max_tasks"] = self.regularizer.max_tasks
         config["format_version"] = saving.FORMAT_VERSION
         if self._selected_indices is not None:
             # The exact selection, so a reloaded model (also one selected by a
@@ -337,6 +397,13 @@ class EWCModel(keras.Model):
         True
         """
         if format in ("tf_saved_model", "saved_model"):
+            if self.structure == "kronecker":
+                raise NotImplementedError(
+                    "Exporting a SavedModel with Kronecker EWC state is not supported yet. "
+                    "Received: structure='kronecker'. Save with `model.save('x.keras')` "
+                    "or `save_weights`, or export the wrapped model for serving: "
+                    "`model.network.export(path)`."
+                )
             return saving.export_saved_model(self, filepath, input_signature, verbose)
         if input_signature is None:
             input_signature = saving.serving_signature(self)

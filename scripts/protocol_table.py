@@ -18,9 +18,12 @@ import math
 import os
 import sys
 
-ORDER = ("none", "exact", "sampled", "empirical", "batched", "online", "joint")
+ORDER = ("none", "exact", "sampled", "empirical", "batched", "online", "kronecker",
+         "kronecker-online", "joint")
 NAMES = {"none": "None (fine-tuning)", "joint": "Joint (upper bound)",
-         "online": "Online EWC (exact, γ = 1)"}
+         "online": "Online EWC (exact, γ = 1)",
+         "kronecker": "Kronecker EWC (exact, separate)",
+         "kronecker-online": "Kronecker EWC (exact, online, γ = 1)"}
 # Settings that must agree for runs to share a table.
 SETTINGS = ("protocol", "tasks", "iterations", "batch_size", "lr", "fisher_examples")
 

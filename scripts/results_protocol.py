@@ -3,8 +3,10 @@
 "On the computation of the Fisher Information in continual learning": MLP 2×400 (ReLU),
 Adam (lr 1e-3), batch 128, a fixed number of iterations per task, and for each method the
 strength with the best average accuracy. Rows: None (fine-tuning), EWC with each Fisher
-estimator (exact, sampled, empirical, batched), online EWC (exact Fisher, γ=1), and joint
-training on all tasks at once (the upper bound). Two protocols:
+estimator (exact, sampled, empirical, batched), online EWC (exact Fisher, γ=1), joint
+training on all tasks at once (the upper bound), and Kronecker-factored EWC (exact Fisher,
+`structure="kronecker"`): `kronecker` keeps every task's factors (separate mode),
+`kronecker-online` one nearest-Kronecker pair a layer (γ=1). Two protocols:
 
 - `split`: 5 tasks of 2 classes, Task-IL (the other tasks' classes masked);
 - `permuted`: 10 permutations (the first the identity), Domain-IL.
@@ -65,12 +67,15 @@ def compiled(model, lr, steps_per_execution=1):
     return model
 
 
-def run_sequential(sequence, seed, args, strength=None, estimator="exact", mode="separate"):
+def run_sequential(sequence, seed, args, strength=None, estimator="exact", mode="separate",
+                   structure="diagonal"):
     keras.utils.set_random_seed(seed)
     net = continual.mlp(sequence.input_shape, sequence.num_outputs, hidden=(400, 400),
                         task_il=sequence.scenario == "task", seed=seed)
+    extra = {} if structure == "diagonal" else {"structure": structure,
+                                                "max_tasks": len(sequence)}
     model = net if strength is None else keras_ewc.EWCModel(net, strength=strength,
-                                                             mode=mode)
+                                                             mode=mode, **extra)
     compiled(model, args.lr, args.steps_per_execution)
     return continual.train_sequence(
         model, sequence, steps_per_task=args.iterations, batch_size=args.batch_size,
@@ -164,6 +169,10 @@ def main(argv=None) -> int:
                     res = run_joint(sequence, seed, args)
                 elif method == "online":
                     res = run_sequential(sequence, seed, args, strength, "exact", "online")
+                elif method in ("kronecker", "kronecker-online"):
+                    mode = "online" if method == "kronecker-online" else "separate"
+                    res = run_sequential(sequence, seed, args, strength, "exact", mode,
+                                         structure="kronecker")
                 elif method in ESTIMATOR_METHODS:
                     res = run_sequential(sequence, seed, args, strength, method)
                 else:

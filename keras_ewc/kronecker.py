@@ -1,0 +1,490 @@
+"""Kronecker-factored EWC: the state (factors and anchors per layer) and its penalty.
+
+For a layer with Kronecker factors `(A, G)` (see `keras_ewc.kronecker_factors`) and
+weights `W̄ = [kernel; bias]` (kernel reshaped to `[in, out]`, the bias as the LAST row),
+one task's penalty is
+
+    ½ vec(ΔW̄)ᵀ (A ⊗ G) vec(ΔW̄) = ½ tr(ΔW̄ᵀ A ΔW̄ G),    ΔW̄ = W̄ − W̄*,
+
+two matrix products a layer; its gradient is `A ΔW̄ G`. Nothing is ever inverted.
+
+Several tasks, as the `mode` of `KroneckerRegularizer` says:
+
+- `separate`: every task keeps its own `(A_t, G_t, W̄*_t)`; the penalty is the exact sum
+  of the tasks' penalties. A sum of Kronecker products is not one, so the state grows:
+  `in² + out² + in·out` floats a layer a task, allocated up front for `max_tasks` tasks,
+  and each training step costs one `A ΔW̄ G` a layer a consolidated task.
+- `online` (Ritter, Botev & Barber 2018): the anchor moves to the latest weights and the
+  precision `γ A_old ⊗ G_old + A_new ⊗ G_new` is replaced by its nearest Kronecker
+  product (Van Loan & Pitsianis 1993): one pair a layer whatever the number of tasks.
+
+Variables with no Kronecker factors (embeddings, normalisation, custom layers) keep the
+exact diagonal, merged as `keras_ewc.EWCRegularizer` merges it (`keras_ewc.penalty`).
+
+The functions below are pure (tensors in, tensors out) and tested on their own; the
+Keras layer holds the state as non-trainable float32 variables.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_ewc import penalty as diag
+from keras_ewc.fisher import kronecker as factors_module
+
+MODES = ("separate", "online")
+
+
+# --- pure functions -------------------------------------------------------------------
+
+
+def augment(kernel, bias=None) -> tf.Tensor:
+    """`W̄ = [kernel; bias]` as float32 `[in (+1), out]`: a conv kernel is flattened to
+    `[kernel_size × channels, filters]`, the bias (if any) is the LAST row."""
+    kernel = tf.cast(kernel, tf.float32)
+    wbar = tf.reshape(kernel, [-1, kernel.shape[-1]])
+    if bias is not None:
+        wbar = tf.concat([wbar, tf.cast(bias, tf.float32)[None]], axis=0)
+    return wbar
+
+
+def split(wbar, kernel_shape, has_bias: bool) -> list:
+    """The inverse of `augment`: `[kernel]` or `[kernel, bias]` from `W̄`."""
+    if has_bias:
+        return [tf.reshape(wbar[:-1], kernel_shape), wbar[-1]]
+    return [tf.reshape(wbar, kernel_shape)]
+
+
+def kronecker_gradient(a, g, delta) -> tf.Tensor:
+    """`A ΔW̄ G`: the gradient of `½ tr(ΔW̄ᵀ A ΔW̄ G)` (A and G symmetric)."""
+    return tf.matmul(tf.matmul(a, delta), g)
+
+
+def kronecker_quadratic(a, g, delta) -> tf.Tensor:
+    """`½ tr(ΔW̄ᵀ A ΔW̄ G) = ½ vec(ΔW̄)ᵀ (A ⊗ G) vec(ΔW̄)`, a float32 scalar."""
+    return 0.5 * tf.reduce_sum(delta * kronecker_gradient(a, g, delta))
+
+
+def kronecker_penalty(wbar, pairs) -> tf.Tensor:
+    """`Σ_k ½ tr((W̄ − W̄*_k)ᵀ A_k (W̄ − W̄*_k) G_k)` for `pairs = [(A_k, G_k, W̄*_k)]`.
+
+    Differentiable in `wbar`, with the gradient `Σ_k A_k ΔW̄_k G_k` formed in the forward
+    pass and reused (a custom gradient), so back-propagation adds no matrix product.
+    """
+
+    @tf.custom_gradient
+    def value(w):
+        total, grad = tf.constant(0.0, tf.float32), tf.zeros_like(w)
+        for a, g, anchor in pairs:
+            delta = w - anchor
+            m = kronecker_gradient(a, g, delta)
+            total += 0.5 * tf.reduce_sum(delta * m)
+            grad += m
+        return total, lambda upstream: upstream * grad
+
+    return value(tf.cast(wbar, tf.float32))
+
+
+def nearest_kronecker(pairs, iterations: int = 100) -> tuple:
+    """The nearest Kronecker product `A ⊗ G` to `Σ_k A_k ⊗ G_k` (Frobenius norm).
+
+    Van Loan & Pitsianis: with the rearrangement `R = Σ_k vec(A_k) vec(G_k)ᵀ`, the best
+    `A ⊗ G` is the top singular pair of R. Power iterations on the factors alone,
+    `a ← Σ_k A_k ⟨G_k, g⟩`, `g ← Σ_k G_k ⟨A_k, a⟩`, keep `a = Σ c_k A_k` and
+    `g = Σ d_k G_k`, so they run on the K coefficients with the Gram matrices
+    `⟨A_i, A_j⟩`, `⟨G_i, G_j⟩` (computed in float64). For positive semi-definite factors
+    the Grams are non-negative, so from positive coefficients the iteration stays in
+    the non-negative cone and A and G are positive semi-definite.
+
+    Args:
+        pairs: a list of `(A_k, G_k)` (square, symmetric).
+        iterations: power iterations (on K×K matrices: negligible cost).
+
+    Returns:
+        `(A, G, relative_error)`: float32 factors (scaled to equal Frobenius norms) and
+        `‖Σ_k A_k ⊗ G_k − A ⊗ G‖_F / ‖Σ_k A_k ⊗ G_k‖_F` (a float, 0 for one pair).
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras_ewc.kronecker import nearest_kronecker
+    >>> a, g = np.eye(2, dtype="float32"), np.diag([1.0, 2.0]).astype("float32")
+    >>> A, G, err = nearest_kronecker([(a, g), (2 * a, 2 * g)])   # = 5 (a ⊗ g)
+    >>> bool(np.allclose(np.kron(A, G), 5 * np.kron(a, g), atol=1e-5)), round(err, 6)
+    (True, 0.0)
+    """
+    a_list = [tf.cast(a, tf.float64) for a, _ in pairs]
+    g_list = [tf.cast(g, tf.float64) for _, g in pairs]
+    if not a_list:
+        raise ValueError("Expected at least one (A, G) pair. Received none.")
+    ga = _gram(a_list)
+    gg = _gram(g_list)
+    norm2 = float(np.sum(ga * gg))
+    if norm2 <= 0.0:
+        return (tf.zeros_like(pairs[0][0], tf.float32), tf.zeros_like(pairs[0][1], tf.float32),
+                0.0)
+    c = np.ones(len(a_list))
+    for _ in range(int(iterations)):
+        c = gg @ (ga @ c)
+        c = c / np.sqrt(max(c @ ga @ c, 1e-300))
+    d = ga @ c
+    cross = float((ga @ c) @ (gg @ d))        # ⟨Σ, A ⊗ G⟩ = Σ_k ⟨A_k, A⟩⟨G_k, G⟩
+    norm_a2, norm_g2 = float(c @ ga @ c), float(d @ gg @ d)
+    error2 = max(norm2 - 2.0 * cross + norm_a2 * norm_g2, 0.0)
+    scale = (norm_g2 / norm_a2) ** 0.25 if norm_a2 > 0 and norm_g2 > 0 else 1.0
+    a = tf.add_n([float(ck * scale) * x for ck, x in zip(c, a_list)])
+    g = tf.add_n([float(dk / scale) * x for dk, x in zip(d, g_list)])
+    return tf.cast(a, tf.float32), tf.cast(g, tf.float32), float(np.sqrt(error2 / norm2))
+
+
+def _gram(mats) -> np.ndarray:
+    k = len(mats)
+    out = np.zeros((k, k))
+    for i in range(k):
+        for j in range(i, k):
+            out[i, j] = out[j, i] = float(tf.reduce_sum(mats[i] * mats[j]))
+    return out
+
+
+def merge_online(a_old, g_old, a_new, g_new, gamma: float, iterations: int = 100) -> tuple:
+    """Online Kronecker EWC: `A ⊗ G ≈ γ A_old ⊗ G_old + A_new ⊗ G_new` (one pair).
+
+    Returns `(A, G, relative_error)` as `nearest_kronecker`.
+    """
+    return nearest_kronecker([(gamma * tf.cast(a_old, tf.float32), g_old), (a_new, g_new)],
+                             iterations)
+
+
+# --- the Keras object -----------------------------------------------------------------
+
+
+@keras.saving.register_keras_serializable(package="keras_ewc")
+class KroneckerRegularizer(keras.layers.Layer):
+    """Holds Kronecker-factored EWC state (per-layer factors and anchors) and its penalty.
+
+    The penalty is `strength * (Σ_layers Σ_tasks ½ tr(ΔW̄ᵀ A ΔW̄ G) + diagonal part)`,
+    where the diagonal part, `½ Σ P (θ − m)² + c`, covers the regularised variables of
+    layers without Kronecker factors. State lives in non-trainable float32 variables
+    created by `build_for`, so it is saved, checkpointed and distributed with the model.
+
+    Memory a factored layer with `in` inputs (+1 with a bias) and `out` outputs:
+    `in² + out² + in·out` floats for each of `max_tasks` slots (`separate`), or once
+    (`online`). `state_size()` counts them.
+
+    Args:
+        strength: λ ≥ 0, the weight of the penalty.
+        mode: `"separate"` (every task keeps its factors and anchor; exact sum) or
+            `"online"` (one nearest-Kronecker pair a layer; anchor at the latest
+            weights; precision `γ old + new`).
+        gamma: decay of the old precision in online mode, in (0, 1].
+        max_tasks: task slots allocated in separate mode (ignored online).
+
+    Example:
+
+    >>> import keras, numpy as np, keras_ewc
+    >>> from keras_ewc.kronecker import KroneckerRegularizer
+    >>> net = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    >>> reg = KroneckerRegularizer(strength=10.0, max_tasks=2)
+    >>> reg.build_for(net.trainable_variables, net)
+    >>> reg.consolidate([(np.eye(4, dtype="float32"), np.eye(2, dtype="float32"))], [])
+    >>> _ = net.layers[0].bias.assign([1.0, 1.0])
+    >>> round(float(reg.penalty()), 4)     # 10 * ½ * ‖ΔW̄‖² with ΔW̄ = [0; 0; 0; 1 1]
+    10.0
+    """
+
+    def __init__(self, strength: float = 1.0, mode: str = "separate", gamma: float = 1.0,
+                 max_tasks: int = 10, **kwargs):
+        super().__init__(**kwargs)
+        self.strength = diag.validate_strength(strength)
+        if mode not in MODES:
+            raise ValueError(f"Expected mode in {list(MODES)}. Received: mode={mode!r}")
+        self.mode = mode
+        self.gamma = diag.validate_gamma(gamma)
+        if not isinstance(max_tasks, (int, np.integer)) or max_tasks < 1:
+            raise ValueError(f"Expected max_tasks >= 1 (an integer). Received: "
+                             f"max_tasks={max_tasks!r}")
+        self.max_tasks = int(max_tasks)
+        self._plan = _Refs([])
+        self._rest = _Refs([])
+        self.slots: list = []        # per slot: [(A, G, anchor) per factored layer]
+        self.precision: list = []    # diagonal part
+        self.anchors: list = []
+        self.offset = None
+        self.tasks = None
+        self.last_merge_errors: dict = {}
+
+    @property
+    def num_slots(self) -> int:
+        return 1 if self.mode == "online" else self.max_tasks
+
+    def build_for(self, variables: Sequence, model) -> None:
+        """Creates the state for the regularised `variables` of `model`.
+
+        Dense and Conv layers whose variables are all regularised get Kronecker slots
+        (`keras_ewc.fisher.kronecker.factored_layers`); the other variables get a
+        diagonal precision and anchor.
+        """
+        if self.built:
+            raise ValueError("This KroneckerRegularizer already holds a state; it cannot be "
+                             "rebuilt.")
+        variables = list(variables)
+        if not variables:
+            raise ValueError("Expected at least one variable to regularise. Received none.")
+        plan = factors_module.factored_layers(model, variables)
+        covered = {id(v) for _, _, params in plan for v in params.values()}
+        self._plan = _Refs(plan)
+        self._rest = _Refs([v for v in variables if id(v) not in covered])
+        for s in range(self.num_slots):
+            slot = []
+            for layer, _, params in plan:
+                rows, out = _wbar_shape(params)
+                label = _label(factors_module.layer_key(layer))
+                slot.append(tuple(
+                    self.add_weight(shape=shape, initializer="zeros", dtype="float32",
+                                    trainable=False, name=f"{kind}_{label}_{s}")
+                    for kind, shape in (("A", (rows, rows)), ("G", (out, out)),
+                                        ("anchor", (rows, out)))))
+            self.slots.append(slot)
+        for i, v in enumerate(self._rest.items):
+            label = _label(getattr(v, "path", v.name))
+            self.anchors.append(self.add_weight(shape=tuple(v.shape), initializer="zeros",
+                                                dtype="float32", trainable=False,
+                                                name=f"anchor_{label}"))
+            self.precision.append(self.add_weight(shape=tuple(v.shape), initializer="zeros",
+                                                  dtype="float32", trainable=False,
+                                                  name=f"precision_{label}"))
+        self.offset = self.add_weight(shape=(), initializer="zeros", dtype="float32",
+                                      trainable=False, name="offset")
+        self.tasks = self.add_weight(shape=(), initializer="zeros", dtype="int64",
+                                     trainable=False, name="tasks")
+        self.built = True
+
+    def build(self, input_shape=None):
+        pass  # shaped after the regularised variables: see `build_for`
+
+    def call(self, *args, **kwargs):
+        return self.penalty()
+
+    # --- what is regularised --------------------------------------------------------
+
+    @property
+    def factored(self) -> list:
+        """`[(layer, params)]`: the layers with Kronecker state, in slot order."""
+        return [(layer, params) for layer, _, params in self._plan.items]
+
+    @property
+    def plan(self) -> list:
+        """`[(layer, kernel module, params)]`, as `factored_layers` returns them."""
+        return list(self._plan.items)
+
+    @property
+    def rest(self) -> list:
+        """The regularised variables with a diagonal precision."""
+        return list(self._rest.items)
+
+    @property
+    def targets(self) -> list:
+        """Every regularised variable: the factored layers' kernels (and biases), then
+        the diagonal ones."""
+        return [v for _, params in self.factored for v in params.values()] + self.rest
+
+    def state_size(self) -> dict:
+        """Floats of state: `{"per_task": …, "total": …}` (Kronecker slots and diagonal)."""
+        per_slot = sum(int(np.prod(v.shape)) for trio in (self.slots[0] if self.slots else [])
+                       for v in trio)
+        diagonal = sum(2 * int(np.prod(v.shape)) for v in self.rest)
+        return {"per_task": per_slot, "diagonal": diagonal,
+                "total": per_slot * self.num_slots + diagonal + 2}
+
+    # --- penalty and gradient -------------------------------------------------------
+
+    def _check_built(self):
+        if not self.built:
+            raise ValueError(
+                "The KroneckerRegularizer holds no state yet: call "
+                "`build_for(variables, model)` first (an EWCModel does this when built)."
+            )
+
+    def _layer_weights(self, variables=None) -> list:
+        """`[W̄]` per factored layer, from `variables` (aligned with `targets`) or the
+        current weights."""
+        values = self.targets if variables is None else list(variables)
+        out, i = [], 0
+        for _, params in self.factored:
+            k = len(params)
+            out.append(augment(*values[i:i + k]))
+            i += k
+        return out, values[i:]
+
+    def _active_pairs(self, index):
+        """`[(slot, A, G, anchor)]` for layer `index`, as tensors."""
+        return [(s, tf.convert_to_tensor(slot[index][0]), tf.convert_to_tensor(slot[index][1]),
+                 tf.convert_to_tensor(slot[index][2])) for s, slot in enumerate(self.slots)]
+
+    def _kronecker_value(self, wbars) -> tf.Tensor:
+        total = tf.constant(0.0, tf.float32)
+        tasks = tf.convert_to_tensor(self.tasks)
+        for index, wbar in enumerate(wbars):
+            for s, a, g, anchor in self._active_pairs(index):
+                # Empty slots (tasks not consolidated yet) cost nothing.
+                used = tasks > s
+                total += tf.cond(
+                    used,
+                    lambda a=a, g=g, anchor=anchor, wbar=wbar: kronecker_penalty(
+                        wbar, [(a, g, anchor)]),
+                    lambda: tf.constant(0.0, tf.float32))
+        return total
+
+    def penalty(self, variables: Sequence | None = None) -> tf.Tensor:
+        """The current penalty, a float32 scalar; 0 before any consolidation.
+
+        Args:
+            variables: weights to evaluate at, aligned with `targets` (default: the
+                regularised variables themselves).
+        """
+        self._check_built()
+        wbars, rest = self._layer_weights(variables)
+        value = self._kronecker_value(wbars)
+        value += diag.quadratic([tf.convert_to_tensor(p) for p in self.precision],
+                                [tf.convert_to_tensor(m) for m in self.anchors],
+                                tf.convert_to_tensor(self.offset),
+                                [tf.convert_to_tensor(t) for t in rest])
+        return tf.cast(self.strength, tf.float32) * value
+
+    def gradients(self, variables: Sequence | None = None) -> list:
+        """The penalty's gradient, aligned with `targets`, without differentiating:
+        `λ Σ_tasks A ΔW̄ G` split into kernel and bias, and `λ P (θ − m)` for the rest."""
+        self._check_built()
+        wbars, rest = self._layer_weights(variables)
+        tasks = tf.convert_to_tensor(self.tasks)
+        out = []
+        for index, ((_, params), wbar) in enumerate(zip(self.factored, wbars)):
+            grad = tf.zeros_like(wbar)
+            for s, a, g, anchor in self._active_pairs(index):
+                grad += tf.cond(
+                    tasks > s,
+                    lambda a=a, g=g, anchor=anchor, wbar=wbar: kronecker_gradient(
+                        a, g, wbar - anchor),
+                    lambda wbar=wbar: tf.zeros_like(wbar))
+            out += split(grad, params["kernel"].shape, "bias" in params)
+        for p, m, t in zip(self.precision, self.anchors, rest):
+            out.append(tf.convert_to_tensor(p) * (tf.cast(t, tf.float32) - m))
+        return [tf.cast(self.strength, tf.float32) * g for g in out]
+
+    # --- consolidation --------------------------------------------------------------
+
+    def consolidate(self, factors: Sequence, fisher_rest: Sequence,
+                    theta: Sequence | None = None) -> None:
+        """Merges one task: `factors` `[(A, G)]` aligned with `factored`, the diagonal
+        Fisher `fisher_rest` aligned with `rest`, anchored at `theta` (aligned with
+        `targets`; default: the current weights). Every new value is computed and checked
+        before any variable is assigned, so a failure leaves the state as it was."""
+        self._check_built()
+        factors = [(tf.cast(a, tf.float32), tf.cast(g, tf.float32)) for a, g in factors]
+        fisher_rest = [tf.cast(tf.convert_to_tensor(f), tf.float32) for f in fisher_rest]
+        if len(factors) != len(self.factored) or len(fisher_rest) != len(self.rest):
+            raise ValueError(
+                f"Expected {len(self.factored)} (A, G) pairs (one per factored layer) and "
+                f"{len(self.rest)} diagonal Fisher tensors. Received {len(factors)} and "
+                f"{len(fisher_rest)}."
+            )
+        theta = [tf.cast(tf.convert_to_tensor(t), tf.float32)
+                 for t in (self.targets if theta is None else theta)]
+        if len(theta) != len(self.targets):
+            raise ValueError(f"Expected {len(self.targets)} weight tensors (aligned with "
+                             f"`targets`). Received {len(theta)}.")
+        wbars, theta_rest = self._layer_weights(theta)
+        for (layer, params), (a, g), wbar in zip(self.factored, factors, wbars):
+            rows, out = _wbar_shape(params)
+            if tuple(a.shape) != (rows, rows) or tuple(g.shape) != (out, out):
+                raise ValueError(
+                    f"Expected factors of shapes {(rows, rows)} and {(out, out)} for layer "
+                    f"{factors_module.layer_key(layer)}. Received {tuple(a.shape)} and "
+                    f"{tuple(g.shape)}."
+                )
+            for m in (a, g):
+                if not bool(tf.reduce_all(tf.math.is_finite(m))) or bool(
+                        tf.reduce_any(tf.linalg.diag_part(m) < 0)):
+                    raise ValueError(
+                        "Expected finite positive semi-definite factors (non-negative "
+                        f"diagonal) for layer {factors_module.layer_key(layer)}.")
+        for v, f in zip(self.rest, fisher_rest):
+            if tuple(f.shape) != tuple(v.shape):
+                raise ValueError(f"Expected a Fisher of shape {tuple(v.shape)} for {v.path}. "
+                                 f"Received {tuple(f.shape)}.")
+            if not bool(tf.reduce_all(tf.math.is_finite(f))) or bool(tf.reduce_any(f < 0)):
+                raise ValueError("Expected a finite, non-negative Fisher diagonal.")
+        tasks = int(self.tasks.numpy())
+        if self.mode == "separate" and tasks >= self.max_tasks:
+            raise ValueError(
+                f"All {self.max_tasks} task slots are used (separate mode keeps every task's "
+                f"factors). Received a task number {tasks + 1}. Build the model with a "
+                "larger `max_tasks`, or use mode='online' (one pair a layer)."
+            )
+        # New values first.
+        assignments, errors = [], {}
+        slot = 0 if self.mode == "online" else tasks
+        for index, ((layer, _), (a, g), wbar) in enumerate(zip(self.factored, factors,
+                                                               wbars)):
+            if self.mode == "online" and tasks > 0:
+                a_old, g_old, _ = self.slots[0][index]
+                a, g, err = merge_online(a_old, g_old, a, g, self.gamma)
+                errors[factors_module.layer_key(layer)] = err
+            assignments += list(zip(self.slots[slot][index], (a, g, wbar)))
+        state = ([tf.convert_to_tensor(p) for p in self.precision],
+                 [tf.convert_to_tensor(m) for m in self.anchors],
+                 tf.convert_to_tensor(self.offset))
+        if self.mode == "separate":
+            new_p, new_m, new_c = diag.merge_separate(*state, fisher_rest, theta_rest)
+        else:
+            new_p, new_m, new_c = diag.merge_online(*state, fisher_rest, theta_rest,
+                                                    self.gamma)
+        assignments += list(zip(self.precision, new_p)) + list(zip(self.anchors, new_m))
+        assignments.append((self.offset, new_c))
+        if not all(bool(tf.reduce_all(tf.math.is_finite(v))) for _, v in assignments):
+            raise ValueError("The new Kronecker EWC state is not finite; the state is left "
+                             "unchanged.")
+        for var, value in assignments:
+            var.assign(value)
+        self.tasks.assign(tasks + 1)
+        self.last_merge_errors = errors
+
+    def reset(self) -> None:
+        """Forgets every consolidated task: the penalty is 0 again."""
+        self._check_built()
+        for var in self.non_trainable_variables:
+            var.assign(tf.zeros(var.shape, var.dtype))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"strength": self.strength, "mode": self.mode, "gamma": self.gamma,
+                       "max_tasks": self.max_tasks})
+        return config
+
+    def _trackable_children(self, save_type="checkpoint", **kwargs):
+        # `tf.train.Checkpoint` does not look inside Keras' tracked lists: name the state.
+        children = dict(super()._trackable_children(save_type, **kwargs))
+        for i, var in enumerate(self.non_trainable_variables):
+            children[f"state_{i}"] = var
+        return children
+
+
+def _wbar_shape(params) -> tuple:
+    kernel = params["kernel"]
+    rows = int(np.prod(kernel.shape[:-1])) + (1 if "bias" in params else 0)
+    return rows, int(kernel.shape[-1])
+
+
+class _Refs:
+    """Holds model objects without Keras tracking them as this layer's own."""
+
+    def __init__(self, items):
+        self.items = tuple(items)
+
+
+def _label(path) -> str:
+    return str(path).replace("/", "_").replace(":", "_")
