@@ -320,24 +320,42 @@ class KroneckerRegularizer(keras.layers.Layer):
             i += k
         return out, values[i:]
 
-    def _active_pairs(self, index):
-        """`[(slot, A, G, anchor)]` for layer `index`, as tensors."""
-        return [(s, tf.convert_to_tensor(slot[index][0]), tf.convert_to_tensor(slot[index][1]),
-                 tf.convert_to_tensor(slot[index][2])) for s, slot in enumerate(self.slots)]
+    def _value_and_grads(self, wbars) -> tuple:
+        """`(Σ ½ tr(ΔW̄ᵀ A ΔW̄ G), [Σ A ΔW̄ G per layer])` over the used slots."""
+        tasks = tf.convert_to_tensor(self.tasks)
+        total, grads = tf.constant(0.0, tf.float32), []
+        for index, wbar in enumerate(wbars):
+            grad = tf.zeros_like(wbar)
+            for s, slot in enumerate(self.slots):
+                def used(trio=slot[index], wbar=wbar):
+                    a, g, anchor = (tf.convert_to_tensor(v) for v in trio)
+                    delta = wbar - anchor
+                    m = kronecker_gradient(a, g, delta)
+                    return 0.5 * tf.reduce_sum(delta * m), m
+
+                def empty(wbar=wbar):
+                    return tf.constant(0.0, tf.float32), tf.zeros_like(wbar)
+
+                # Slots of tasks not consolidated yet cost nothing: the state is read
+                # and multiplied only when the slot is used.
+                value, m = tf.cond(tasks > s, used, empty)
+                total += value
+                grad += m
+            grads.append(grad)
+        return total, grads
 
     def _kronecker_value(self, wbars) -> tf.Tensor:
-        total = tf.constant(0.0, tf.float32)
-        tasks = tf.convert_to_tensor(self.tasks)
-        for index, wbar in enumerate(wbars):
-            for s, a, g, anchor in self._active_pairs(index):
-                # Empty slots (tasks not consolidated yet) cost nothing.
-                used = tasks > s
-                total += tf.cond(
-                    used,
-                    lambda a=a, g=g, anchor=anchor, wbar=wbar: kronecker_penalty(
-                        wbar, [(a, g, anchor)]),
-                    lambda: tf.constant(0.0, tf.float32))
-        return total
+        if not wbars:
+            return tf.constant(0.0, tf.float32)
+
+        @tf.custom_gradient
+        def value(*wbars):
+            # The gradient A ΔW̄ G is formed with the value and reused: back-propagation
+            # through the penalty adds no matrix product.
+            total, grads = self._value_and_grads(wbars)
+            return total, lambda upstream: [upstream * g for g in grads]
+
+        return value(*wbars)
 
     def penalty(self, variables: Sequence | None = None) -> tf.Tensor:
         """The current penalty, a float32 scalar; 0 before any consolidation.
@@ -360,16 +378,9 @@ class KroneckerRegularizer(keras.layers.Layer):
         `λ Σ_tasks A ΔW̄ G` split into kernel and bias, and `λ P (θ − m)` for the rest."""
         self._check_built()
         wbars, rest = self._layer_weights(variables)
-        tasks = tf.convert_to_tensor(self.tasks)
+        _, grads = self._value_and_grads(wbars)
         out = []
-        for index, ((_, params), wbar) in enumerate(zip(self.factored, wbars)):
-            grad = tf.zeros_like(wbar)
-            for s, a, g, anchor in self._active_pairs(index):
-                grad += tf.cond(
-                    tasks > s,
-                    lambda a=a, g=g, anchor=anchor, wbar=wbar: kronecker_gradient(
-                        a, g, wbar - anchor),
-                    lambda wbar=wbar: tf.zeros_like(wbar))
+        for (_, params), grad in zip(self.factored, grads):
             out += split(grad, params["kernel"].shape, "bias" in params)
         for p, m, t in zip(self.precision, self.anchors, rest):
             out.append(tf.convert_to_tensor(p) * (tf.cast(t, tf.float32) - m))

@@ -1,0 +1,248 @@
+"""Kronecker EWC: penalty, gradient and merges against explicit dense algebra."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_ewc
+from keras_ewc import kronecker as kron
+from keras_ewc.fisher import kronecker as kfac
+
+
+def _psd(n, seed, rank=None):
+    rng = np.random.default_rng(seed)
+    m = rng.normal(size=(n, rank or n + 2))
+    return (m @ m.T / m.shape[1]).astype("float32")
+
+
+def _close(actual, expected, rtol=1e-5):
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    scale = max(np.abs(expected).max(), 1e-30)
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * 1e-2 * scale)
+
+
+def _explicit(a, g, delta):
+    """vec(ΔW̄)ᵀ (A ⊗ G) vec(ΔW̄) / 2 and (A ⊗ G) vec(ΔW̄), row-major vec, float64."""
+    k = np.kron(np.float64(a), np.float64(g))
+    v = np.float64(delta).reshape(-1)
+    return 0.5 * v @ k @ v, (k @ v).reshape(delta.shape)
+
+
+def test_penalty_and_gradient_equal_the_explicit_quadratic_form():
+    rng = np.random.default_rng(0)
+    pairs = [(_psd(4, s), _psd(3, s + 10), rng.normal(size=(4, 3)).astype("float32"))
+             for s in range(3)]
+    wbar = tf.Variable(rng.normal(size=(4, 3)).astype("float32"))
+    with tf.GradientTape() as tape:
+        value = kron.kronecker_penalty(wbar, pairs)
+    grad = tape.gradient(value, wbar)
+    want_value = sum(_explicit(a, g, wbar.numpy() - m)[0] for a, g, m in pairs)
+    want_grad = sum(_explicit(a, g, wbar.numpy() - m)[1] for a, g, m in pairs)
+    _close(value, want_value)
+    _close(grad, want_grad)
+    a, g, m = pairs[0]
+    _close(kron.kronecker_quadratic(a, g, wbar - m), _explicit(a, g, wbar.numpy() - m)[0])
+
+
+def test_augment_and_split_put_the_bias_last():
+    kernel = np.arange(2 * 2 * 3 * 4, dtype="float32").reshape(2, 2, 3, 4)
+    bias = -np.arange(4, dtype="float32")
+    wbar = kron.augment(kernel, bias)
+    assert wbar.shape == (13, 4)
+    np.testing.assert_array_equal(wbar[-1], bias)
+    np.testing.assert_array_equal(wbar[:-1], kernel.reshape(12, 4))
+    back = kron.split(wbar, kernel.shape, True)
+    np.testing.assert_array_equal(back[0], kernel)
+    np.testing.assert_array_equal(back[1], bias)
+
+
+def test_nearest_kronecker_equals_the_top_singular_pair_of_the_rearranged_sum():
+    pairs = [(_psd(5, s, rank=2), _psd(3, s + 20, rank=2)) for s in range(3)]
+    weights = (1.0, 0.5, 2.0)
+    pairs = [(w * a, g) for w, (a, g) in zip(weights, pairs)]
+    a, g, err = kron.nearest_kronecker(pairs)
+    r = sum(np.outer(np.float64(x).reshape(-1), np.float64(y).reshape(-1)) for x, y in pairs)
+    u, s, vt = np.linalg.svd(r)
+    best = s[0] * np.outer(u[:, 0], vt[0])
+    _close(np.outer(np.float64(a).reshape(-1), np.float64(g).reshape(-1)), best, rtol=1e-5)
+    _close(err, np.sqrt(np.sum(s[1:] ** 2) / np.sum(s**2)), rtol=1e-4)
+    assert err > 1e-3  # a real approximation, not an exact case
+    # The factors stay positive semi-definite (Van Loan & Pitsianis).
+    assert np.linalg.eigvalsh(np.float64(a)).min() > -1e-6
+    assert np.linalg.eigvalsh(np.float64(g)).min() > -1e-6
+    # The error reported is the relative Frobenius error of the sum.
+    full = sum(np.kron(np.float64(x), np.float64(y)) for x, y in pairs)
+    _close(np.linalg.norm(full - np.kron(np.float64(a), np.float64(g))) / np.linalg.norm(full),
+           err, rtol=1e-4)
+
+
+def test_merge_online_is_exact_when_one_factor_is_shared():
+    a, g1, g2 = _psd(4, 0), _psd(3, 1), _psd(3, 2)
+    merged_a, merged_g, err = kron.merge_online(a, g1, a, g2, gamma=0.5)
+    _close(np.kron(merged_a, merged_g), np.kron(a, 0.5 * g1 + g2), rtol=1e-5)
+    assert err < 1e-3
+
+
+def _mixed_net():
+    net = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, "tanh", name="h"),
+                            keras.layers.LayerNormalization(name="norm"),
+                            keras.layers.Dense(2, use_bias=False, name="out")])
+    return net
+
+
+def _random_state_tasks(reg, count, seed=0):
+    rng = np.random.default_rng(seed)
+    tasks = []
+    for t in range(count):
+        factors = [(_psd(int(kron._wbar_shape(p)[0]), 10 * t + i),
+                    _psd(int(kron._wbar_shape(p)[1]), 10 * t + i + 5))
+                   for i, (_, p) in enumerate(reg.factored)]
+        rest = [np.abs(rng.normal(size=v.shape)).astype("float32") for v in reg.rest]
+        theta = [rng.normal(size=v.shape).astype("float32") for v in reg.targets]
+        reg.consolidate(factors, rest, theta)
+        tasks.append((factors, rest, theta))
+    return tasks
+
+
+def test_separate_regularizer_penalty_and_gradients_equal_the_sum_over_tasks():
+    net = _mixed_net()
+    reg = kron.KroneckerRegularizer(strength=3.0, max_tasks=3)
+    reg.build_for(net.trainable_variables, net)
+    assert [layer.name for layer, _ in reg.factored] == ["h", "out"]
+    assert sorted(v.name for v in reg.rest) == ["beta", "gamma"]
+    tasks = _random_state_tasks(reg, 2)
+    theta = [v.numpy() for v in reg.targets]
+    value, grads = 0.0, [np.zeros(v.shape) for v in reg.targets]
+    for factors, rest, anchor in tasks:
+        i = 0
+        for (_, params), (a, g) in zip(reg.factored, factors):
+            k = len(params)
+            w = np.concatenate([theta[i].reshape(-1, theta[i].shape[-1])]
+                               + ([theta[i + 1][None]] if k == 2 else []))
+            m = np.concatenate([anchor[i].reshape(-1, anchor[i].shape[-1])]
+                               + ([anchor[i + 1][None]] if k == 2 else []))
+            v, gr = _explicit(a, g, w - m)
+            value += v
+            grads[i] += gr[: theta[i].shape[0]].reshape(theta[i].shape)
+            if k == 2:
+                grads[i + 1] += gr[-1]
+            i += k
+        for j, (f, t0) in enumerate(zip(rest, anchor[i:])):
+            value += 0.5 * np.sum(f * (theta[i + j] - t0) ** 2)
+            grads[i + j] += f * (theta[i + j] - t0)
+    _close(reg.penalty(), 3.0 * value)
+    for got, want in zip(reg.gradients(), grads):
+        _close(got, 3.0 * want)
+    with tf.GradientTape() as tape:
+        p = reg.penalty()
+    for got, want in zip(tape.gradient(p, reg.targets), grads):
+        _close(got, 3.0 * want)
+
+
+def test_separate_slots_run_out_with_a_clear_error_and_no_change():
+    net = _mixed_net()
+    reg = kron.KroneckerRegularizer(max_tasks=1)
+    reg.build_for(net.trainable_variables, net)
+    _random_state_tasks(reg, 1)
+    before = [v.numpy().copy() for v in reg.weights]
+    with pytest.raises(ValueError, match="All 1 task slots are used"):
+        _random_state_tasks(reg, 1, seed=5)
+    bad = [(np.eye(9, dtype="float32"), np.eye(3, dtype="float32"))] * 2
+    with pytest.raises(ValueError, match=r"Expected factors of shapes \(5, 5\)"):
+        reg.consolidate(bad, [np.ones(v.shape) for v in reg.rest])
+    for v, b in zip(reg.weights, before):
+        np.testing.assert_array_equal(v.numpy(), b)
+
+
+def test_online_regularizer_keeps_one_nearest_kronecker_pair_at_the_latest_anchor():
+    net = _mixed_net()
+    reg = kron.KroneckerRegularizer(mode="online", gamma=0.7)
+    reg.build_for(net.trainable_variables, net)
+    assert len(reg.slots) == 1
+    tasks = _random_state_tasks(reg, 2)
+    (f1, _, _), (f2, _, theta2) = tasks
+    for index, (a_var, g_var, anchor) in enumerate(reg.slots[0]):
+        a, g, err = kron.nearest_kronecker([(0.7 * f1[index][0], f1[index][1]), f2[index]])
+        _close(np.kron(a_var.numpy(), g_var.numpy()), np.kron(a, g))
+        assert 0 < err == reg.last_merge_errors[kfac.layer_key(reg.factored[index][0])]
+    _close(reg.slots[0][0][2], kron.augment(theta2[0], theta2[1]))
+    with pytest.raises(ValueError, match="Received: mode='both'"):
+        kron.KroneckerRegularizer(mode="both")
+
+
+def _task(seed, n=64):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, 6)).astype("float32"), rng.integers(0, 3, n)
+
+
+def _kron_model(mode="separate", **kwargs):
+    net = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, "relu", name="h"),
+                            keras.layers.LayerNormalization(name="norm"),
+                            keras.layers.Dense(3, name="out")])
+    model = keras_ewc.EWCModel(net, strength=5.0, mode=mode, structure="kronecker",
+                               max_tasks=3, **kwargs)
+    model.compile(keras.optimizers.SGD(0.05),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+@pytest.mark.parametrize("mode", ["separate", "online"])
+def test_ewc_model_kronecker_trains_consolidates_and_round_trips(tmp_path, mode):
+    model = _kron_model(mode)
+    (xa, ya), (xb, yb) = _task(0), _task(1)
+    model.fit(xa, ya, epochs=1, verbose=0)
+    out = model.consolidate((xa, ya), verbose=0)
+    factors = keras_ewc.kronecker_factors(model.network, xa, likelihood="categorical",
+                                          verbose=0)
+    assert set(factors) <= set(out)
+    for key, (a, g) in factors.items():  # the state holds this task's factors
+        _close(out[key][0], a)
+        _close(out[key][1], g)
+    model.fit(xb, yb, epochs=2, verbose=0)
+    model.consolidate((xb, yb), verbose=0)
+    model.fit(xa, ya, epochs=1, verbose=0)
+    penalty = float(model.penalty())
+    assert penalty > 1e-4
+    model.save(tmp_path / "m.keras")
+    again = keras.saving.load_model(tmp_path / "m.keras")
+    assert again.structure == "kronecker" and again.mode == mode
+    _close(again.penalty(), penalty)
+    model.save_weights(tmp_path / "m.weights.h5")
+    fresh = _kron_model(mode)
+    fresh.load_weights(tmp_path / "m.weights.h5")
+    _close(fresh.penalty(), penalty)
+    assert int(fresh.regularizer.tasks.numpy()) == 2
+    diagonal = keras_ewc.EWCModel(_kron_model(mode).network, strength=5.0)
+    with pytest.raises(ValueError, match="does not match"):
+        diagonal.load_weights(tmp_path / "m.weights.h5")
+
+
+def test_fit_adds_the_kronecker_penalty_gradient():
+    # One SGD step on a batch equals the plain step minus lr * λ A ΔW̄ G.
+    model = _kron_model()
+    (xa, ya), (xb, yb) = _task(0), _task(1, n=16)
+    model.fit(xa, ya, epochs=1, verbose=0)
+    model.consolidate((xa, ya), verbose=0)
+    model.fit(xb, yb, epochs=1, verbose=0, batch_size=16)  # off the anchor
+    before = [v.numpy() for v in model.regularizer.targets]
+    penalty_grads = [g.numpy() for g in model.regularizer.gradients()]
+    with tf.GradientTape() as tape:
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(
+            yb, model.network(xb))
+    loss_grads = tape.gradient(loss, model.regularizer.targets)
+    model.fit(xb, yb, epochs=1, verbose=0, batch_size=16, shuffle=False)
+    for v, b, lg, pg in zip(model.regularizer.targets, before, loss_grads, penalty_grads):
+        _close(v.numpy(), b - 0.05 * (lg.numpy() + pg), rtol=1e-4)
+    assert max(np.abs(p).max() for p in penalty_grads) > 1e-4
+
+
+def test_structure_and_export_errors():
+    net = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    with pytest.raises(ValueError, match="Received: structure='full'"):
+        keras_ewc.EWCModel(net, structure="full")
+    with pytest.raises(ValueError, match="Received: max_tasks=0"):
+        keras_ewc.EWCModel(net, structure="kronecker", max_tasks=0)
+    model = keras_ewc.EWCModel(net, structure="kronecker")
+    with pytest.raises(NotImplementedError, match="structure='kronecker'"):
+        model.export("unused_path")
