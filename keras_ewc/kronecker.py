@@ -249,7 +249,7 @@ class KroneckerRegularizer(keras.layers.Layer):
                     for kind, shape in (("A", (rows, rows)), ("G", (out, out)),
                                         ("anchor", (rows, out)))))
             self.slots.append(slot)
-        for i, v in enumerate(self._rest.items):
+        for v in self._rest.items:
             label = _label(getattr(v, "path", v.name))
             self.anchors.append(self.add_weight(shape=tuple(v.shape), initializer="zeros",
                                                 dtype="float32", trainable=False,
@@ -409,7 +409,7 @@ class KroneckerRegularizer(keras.layers.Layer):
             raise ValueError(f"Expected {len(self.targets)} weight tensors (aligned with "
                              f"`targets`). Received {len(theta)}.")
         wbars, theta_rest = self._layer_weights(theta)
-        for (layer, params), (a, g), wbar in zip(self.factored, factors, wbars):
+        for (layer, params), (a, g) in zip(self.factored, factors):
             rows, out = _wbar_shape(params)
             if tuple(a.shape) != (rows, rows) or tuple(g.shape) != (out, out):
                 raise ValueError(

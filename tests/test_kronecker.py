@@ -162,7 +162,7 @@ def test_online_regularizer_keeps_one_nearest_kronecker_pair_at_the_latest_ancho
     assert len(reg.slots) == 1
     tasks = _random_state_tasks(reg, 2)
     (f1, _, _), (f2, _, theta2) = tasks
-    for index, (a_var, g_var, anchor) in enumerate(reg.slots[0]):
+    for index, (a_var, g_var, _) in enumerate(reg.slots[0]):
         a, g, err = kron.nearest_kronecker([(0.7 * f1[index][0], f1[index][1]), f2[index]])
         _close(np.kron(a_var.numpy(), g_var.numpy()), np.kron(a, g))
         assert 0 < err == reg.last_merge_errors[kfac.layer_key(reg.factored[index][0])]
@@ -246,3 +246,29 @@ def test_structure_and_export_errors():
     model = keras_ewc.EWCModel(net, structure="kronecker")
     with pytest.raises(NotImplementedError, match="structure='kronecker'"):
         model.export("unused_path")
+
+
+def test_results_protocol_runs_the_kronecker_rows(tmp_path):
+    import importlib.util
+    import json
+    import os
+
+    from tests.test_continual_datasets import write_mnist_dir
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(
+        "results_protocol", os.path.join(root, "scripts", "results_protocol.py"))
+    protocol = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(protocol)
+    write_mnist_dir(str(tmp_path / "data"), gz=False, n=40, m=10)
+    out = tmp_path / "out"
+    assert protocol.main([str(tmp_path / "data"), "--protocol", "permuted", "--tasks", "2",
+                          "--iterations", "2", "--batch-size", "8", "--fisher-examples", "8",
+                          "--seeds", "0", "--strengths", "1e1",
+                          "--methods", "kronecker,kronecker-online", "--out", str(out)]) == 0
+    with open(out / "runs.json") as f:
+        runs = json.load(f)["runs"]
+    assert [r["method"] for r in runs] == ["kronecker", "kronecker-online"]
+    table = (out / "table.md").read_text()
+    assert "Kronecker EWC (exact, separate)" in table
+    assert "Kronecker EWC (exact, online, γ = 1)" in table

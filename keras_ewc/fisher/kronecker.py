@@ -44,8 +44,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_ewc import distribute
-from keras_ewc.fisher import diagonal
-from keras_ewc.fisher import fast
+from keras_ewc.fisher import diagonal, fast
 from keras_ewc.fisher import likelihoods as lik_module
 from keras_ewc.fisher.kernels import conv, dense
 from keras_ewc.fisher.kernels._common import f32
@@ -239,7 +238,7 @@ class _Shape:
 def factor_shapes(layers) -> list:
     """Shapes of the per-batch sums: `A_sum`, `G_sum` and the row count, per layer."""
     shapes = []
-    for layer, _, params in layers:
+    for _, _, params in layers:
         kernel = params["kernel"]
         rows = int(np.prod(kernel.shape[:-1])) + (1 if "bias" in params else 0)
         out = int(kernel.shape[-1])
@@ -254,11 +253,10 @@ def build_factor_sums(model, layers, terms_fn):
     Σ g gᵀ` over the same rows and the terms, `rows` the number of rows (float32).
     """
     layers = list(layers)
-    plan = [(layer, module, params) for layer, module, params in layers]
 
     @tf.function
     def fn(inputs, extra):
-        return factor_sums(model, plan, terms_fn, inputs, extra)
+        return factor_sums(model, layers, terms_fn, inputs, extra)
 
     return fn
 
