@@ -199,7 +199,13 @@ class KroneckerRegularizer(keras.layers.Layer):
     def __init__(self, strength: float = 1.0, mode: str = "separate", gamma: float = 1.0,
                  max_tasks: int = 10, **kwargs):
         super().__init__(**kwargs)
-        self.strength = diag.validate_strength(strength)
+        strength = diag.validate_strength(strength)
+        # λ lives in a variable, like an optimizer's learning rate: assigning
+        # `strength` takes effect at the next step without retracing.
+        self._strength_variable = self.add_weight(
+            shape=(), initializer=keras.initializers.Constant(strength), dtype="float32",
+            trainable=False, name="strength")
+        self.__dict__["_strength_set"] = strength  # the float as given, for the config
         if mode not in MODES:
             raise ValueError(f"Expected mode in {list(MODES)}. Received: mode={mode!r}")
         self.mode = mode
@@ -216,6 +222,17 @@ class KroneckerRegularizer(keras.layers.Layer):
         self.offset = None
         self.tasks = None
         self.last_merge_errors: dict = {}
+
+    @property
+    def strength(self) -> float:
+        """λ, the weight of the penalty; assign to change it at the next step."""
+        return self.__dict__["_strength_set"]
+
+    @strength.setter
+    def strength(self, value) -> None:
+        value = diag.validate_strength(value)
+        self._strength_variable.assign(value)
+        self.__dict__["_strength_set"] = value
 
     @property
     def num_slots(self) -> int:
@@ -371,7 +388,7 @@ class KroneckerRegularizer(keras.layers.Layer):
                                 [tf.convert_to_tensor(m) for m in self.anchors],
                                 tf.convert_to_tensor(self.offset),
                                 [tf.convert_to_tensor(t) for t in rest])
-        return tf.cast(self.strength, tf.float32) * value
+        return tf.convert_to_tensor(self._strength_variable) * value
 
     def gradients(self, variables: Sequence | None = None) -> list:
         """The penalty's gradient, aligned with `targets`, without differentiating:
@@ -384,7 +401,7 @@ class KroneckerRegularizer(keras.layers.Layer):
             out += split(grad, params["kernel"].shape, "bias" in params)
         for p, m, t in zip(self.precision, self.anchors, rest):
             out.append(tf.convert_to_tensor(p) * (tf.cast(t, tf.float32) - m))
-        return [tf.cast(self.strength, tf.float32) * g for g in out]
+        return [tf.convert_to_tensor(self._strength_variable) * g for g in out]
 
     # --- consolidation --------------------------------------------------------------
 
@@ -468,7 +485,8 @@ class KroneckerRegularizer(keras.layers.Layer):
         """Forgets every consolidated task: the penalty is 0 again."""
         self._check_built()
         for var in self.non_trainable_variables:
-            var.assign(tf.zeros(var.shape, var.dtype))
+            if var is not self._strength_variable:
+                var.assign(tf.zeros(var.shape, var.dtype))
 
     def get_config(self):
         config = super().get_config()

@@ -272,3 +272,31 @@ def test_results_protocol_runs_the_kronecker_rows(tmp_path):
     table = (out / "table.md").read_text()
     assert "Kronecker EWC (exact, separate)" in table
     assert "Kronecker EWC (exact, online, γ = 1)" in table
+
+
+def test_strength_set_after_fit_takes_effect_at_the_next_step():
+    model = _kron_model()
+    (xa, ya), (xb, yb) = _task(0), _task(1, n=16)
+    model.fit(xa, ya, epochs=1, verbose=0)
+    model.consolidate((xa, ya), verbose=0)
+    model.fit(xb, yb, epochs=1, verbose=0, batch_size=16)  # traced at strength 5
+    at_five = float(model.penalty())
+    model.regularizer.strength = 0.0
+    assert float(model.penalty()) == 0.0 and at_five > 1e-4
+    variables = model.network.trainable_variables
+    before = [v.numpy() for v in variables]
+    with tf.GradientTape() as tape:
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(
+            yb, model.network(tf.constant(xb)))
+    grads = tape.gradient(loss, variables)
+    logs = model.fit(xb, yb, epochs=1, verbose=0, batch_size=16, shuffle=False).history
+    assert logs["ewc_penalty"] == [0.0]
+    for v, b, g in zip(variables, before, grads):  # a plain SGD step: no penalty pull
+        _close(v.numpy(), b - 0.05 * g.numpy(), rtol=1e-4)
+    model.regularizer.strength = 2.5
+    model.regularizer.strength = 5.0
+    for v, b in zip(variables, before):
+        v.assign(b)
+    _close(model.penalty(), at_five)
+    with pytest.raises(ValueError, match="Received: strength=-1"):
+        model.regularizer.strength = -1
