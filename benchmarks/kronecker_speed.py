@@ -59,22 +59,29 @@ def factors(n, batch_size, repeats, estimators):
     layers = kfac.factored_layers(model)
     extras = {"exact": None, "sampled": noise, "empirical": y}
 
-    def batches(extra):
-        return [(tf.constant(x[s:s + batch_size]),
-                 None if extra is None else tf.constant(extra[s:s + batch_size]))
-                for s in range(0, n, batch_size)]
+    def batches(extra, weighted=False):
+        out = []
+        for s in range(0, n, batch_size):
+            xb = tf.constant(x[s:s + batch_size])
+            eb = None if extra is None else tf.constant(extra[s:s + batch_size])
+            if weighted:  # the factors' contract: (weights,) or (weights, target)
+                w = tf.ones([xb.shape[0]])
+                eb = (w,) if eb is None else (w, eb)
+            out.append((xb, eb))
+        return out
 
     rows = []
     for e in estimators:
         diag_fn = engine.build_sum_squared_grads(model, variables, _terms_fn(lik, e, 1))
         kron_fn = kfac.build_factor_sums(model, layers, _terms_fn(lik, e, 1))
         data = batches(extras[e])
+        kron_data = batches(extras[e], weighted=True)
         labelled = (x, y)
 
         def run_diag(data=data, fn=diag_fn):
             return [fn(*b) for b in data]
 
-        def run_kron(data=data, fn=kron_fn):
+        def run_kron(data=kron_data, fn=kron_fn):
             return [fn(*b) for b in data]
 
         def user_diag(e=e, data=labelled):

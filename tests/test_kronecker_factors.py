@@ -254,3 +254,22 @@ def test_tied_weights_are_refused_by_name():
     net(x)
     with pytest.raises(ValueError, match="read outside its own call"):
         keras_ewc.kronecker_factors(net, x, likelihood="categorical", verbose=0)
+
+
+def test_sample_weights_count_examples_that_many_times():
+    net = keras.Sequential([keras.Input((3, 4)), keras.layers.Dense(5, "relu"),
+                            keras.layers.Flatten(), keras.layers.Dense(3)])
+    x, y = _x((6, 3, 4), seed=5), np.arange(6) % 3
+    w = np.array([2.0, 0.0, 1.0, 3.0, 1.0, 0.0], "float32")
+    repeated = np.repeat(np.arange(6), w.astype(int))
+    for estimator in ("exact", "empirical"):
+        got = keras_ewc.kronecker_factors(net, (x, y, w), estimator=estimator,
+                                          likelihood="categorical", verbose=0, batch_size=4)
+        want = keras_ewc.kronecker_factors(net, (x[repeated], y[repeated]),
+                                           estimator=estimator, likelihood="categorical",
+                                           verbose=0)
+        for (a, g), (a0, g0) in zip(got.values(), want.values()):
+            _close(a, a0)
+            _close(g, g0)
+    with pytest.raises(ValueError, match="weights of the data sum to zero"):
+        keras_ewc.kronecker_factors(net, (x, y, 0 * w), likelihood="categorical", verbose=0)

@@ -180,7 +180,7 @@ def compute_factors(model, layers, data, estimator="exact", likelihood=None, sam
     num_examples = 0
     num_batches = 0
     for index, batch in enumerate(dataset):
-        x, y, _ = keras.utils.unpack_x_y_sample_weight(batch)
+        x, y, w = keras.utils.unpack_x_y_sample_weight(batch)
         diagonal._check_finite(x, "inputs")
         if estimator == "empirical":
             if y is None:
@@ -195,22 +195,29 @@ def compute_factors(model, layers, data, estimator="exact", likelihood=None, sam
         if num_batches == 0:
             probe = model(tf.nest.map_structure(lambda t: t[:1], x), training=False)
             diagonal._check_single_output(probe)
-        extra = None
+        w = tf.ones([size]) if w is None else tf.reshape(tf.cast(w, tf.float32), [size])
+        if not bool(tf.reduce_all(tf.math.is_finite(w))) or bool(tf.reduce_any(w < 0)):
+            raise ValueError("Expected finite, non-negative sample weights. Received "
+                             "weights with negative, NaN or Inf values.")
+        extra = (w,)
         if estimator == "empirical":
             lik.check_labels(probe, y)
-            extra = tf.convert_to_tensor(y)
+            extra = (w, tf.convert_to_tensor(y))
         elif estimator == "sampled":
             shape = lik.noise_shape(probe, samples)
             shape[0] = size
-            extra = tf.random.stateless_uniform(shape, seed=[seed, index])
+            extra = (w, tf.random.stateless_uniform(shape, seed=[seed, index]))
         sums = [tf.convert_to_tensor(s) for s in sum_fn(x, extra)]
         totals = sums if totals is None else [a + b for a, b in zip(totals, sums)]
-        num_examples += size
+        num_examples += float(tf.reduce_sum(w))
         num_batches += 1
         if progbar is not None:
             progbar.update(num_batches, values=[("examples", num_examples)], finalize=False)
-    if num_examples == 0:
+    if num_batches == 0:
         raise ValueError("The data holds no examples: cannot compute factors from nothing.")
+    if num_examples <= 0:
+        raise ValueError("The sample weights of the data sum to zero: every example is "
+                         "weighted out, so there are no factors to compute.")
     if progbar is not None:
         progbar.update(num_batches, finalize=True)
     factors = []
@@ -249,8 +256,10 @@ def factor_shapes(layers) -> list:
 def build_factor_sums(model, layers, terms_fn):
     """`fn(inputs, extra) -> [A_sum, G_sum, rows] * layers` for one batch, traced.
 
-    `A_sum = Σ ā āᵀ` over the batch's rows (examples × positions × calls), `G_sum =
-    Σ g gᵀ` over the same rows and the terms, `rows` the number of rows (float32).
+    `A_sum = Σ w ā āᵀ` over the batch's rows (examples × positions × calls), `G_sum =
+    Σ w g gᵀ` over the same rows and the terms, `rows` = Σ w over the rows (float32), w
+    the example's sample weight. `extra` is `(weights,)` or `(weights, target)`, target
+    the labels (`empirical`) or the noise (`sampled`).
     """
     layers = list(layers)
 
@@ -268,7 +277,11 @@ def factor_sums(model, layers, terms_fn, inputs, extra) -> list:
         recorder = fast.Recorder(layers, batch_size, tape)
         with recorder:
             outputs = model(inputs, training=False)
-        terms = tf.cast(terms_fn(outputs, extra), tf.float32)
+        weights = tf.cast(extra[0], tf.float32)
+        target = extra[1] if len(extra) > 1 else None
+        # √w on each example's terms and input rows: the products weigh it by w.
+        root = tf.sqrt(weights)
+        terms = tf.cast(terms_fn(outputs, target), tf.float32) * root[:, None]
         terms = tf.reshape(terms, [tf.shape(terms)[0], -1])
         columns = tf.reduce_sum(terms, axis=0)
         total = tf.reduce_sum(columns)
@@ -289,14 +302,16 @@ def factor_sums(model, layers, terms_fn, inputs, extra) -> list:
     out = []
     for (layer, module, params), c in zip(layers, calls):
         part, grads = grads[: len(c)], grads[len(c):]
-        rows = _input_rows(layer, module, [r for r, _ in c], "bias" in params)
+        rows = _input_rows(layer, module, [r for r, _ in c], "bias" in params, batch_size)
+        per_example = tf.cast(tf.shape(rows)[1], tf.float32)
+        rows = tf.reshape(rows * root[:, None, None], [-1, rows.shape[-1]])
         g_rows = [tf.reshape(f32(g), [-1, g.shape[-1]]) for g in part]
         size = rows.shape[-1]
         if c:
             a_sum = tf.matmul(rows, rows, transpose_a=True)
             g_cat = tf.concat(g_rows, 0)
             g_sum = tf.matmul(g_cat, g_cat, transpose_a=True)
-            count = tf.cast(tf.shape(rows)[0], tf.float32)
+            count = tf.reduce_sum(weights) * per_example
         else:
             out_dim = int(params["kernel"].shape[-1])
             a_sum, g_sum = tf.zeros([size, size]), tf.zeros([out_dim, out_dim])
@@ -305,8 +320,9 @@ def factor_sums(model, layers, terms_fn, inputs, extra) -> list:
     return out
 
 
-def _input_rows(layer, module, records, bias) -> tf.Tensor:
-    """`[rows, in (+1)]`: every recorded input position, a column of ones for a bias."""
+def _input_rows(layer, module, records, bias, batch_size) -> tf.Tensor:
+    """`[B, positions, in (+1)]`: every recorded input position of every call, example
+    by example, with a column of ones for a bias."""
     kernel_in = int(np.prod(layer._kernel.shape[:-1]))
     parts = []
     for record in records:
@@ -316,8 +332,8 @@ def _input_rows(layer, module, records, bias) -> tf.Tensor:
                              padding)
         else:
             x = f32(record)
-        parts.append(tf.reshape(x, [-1, kernel_in]))
-    x = tf.concat(parts, 0) if parts else tf.zeros([0, kernel_in])
+        parts.append(tf.reshape(x, [batch_size, -1, kernel_in]))
+    x = tf.concat(parts, 1) if parts else tf.zeros([batch_size, 0, kernel_in])
     if bias:
-        x = tf.concat([x, tf.ones([tf.shape(x)[0], 1])], axis=1)
+        x = tf.concat([x, tf.ones(x.shape[:-1] + [1])], axis=-1)
     return x
