@@ -209,7 +209,7 @@ class KroneckerRegularizer(keras.layers.Layer):
         if mode not in MODES:
             raise ValueError(f"Expected mode in {list(MODES)}. Received: mode={mode!r}")
         self.mode = mode
-        self.gamma = diag.validate_gamma(gamma)
+        self.__dict__["_gamma"] = diag.validate_gamma(gamma)
         if not isinstance(max_tasks, (int, np.integer)) or max_tasks < 1:
             raise ValueError(f"Expected max_tasks >= 1 (an integer). Received: "
                              f"max_tasks={max_tasks!r}")
@@ -233,6 +233,15 @@ class KroneckerRegularizer(keras.layers.Layer):
         value = diag.validate_strength(value)
         self._strength_variable.assign(value)
         self.__dict__["_strength_set"] = value
+
+    @property
+    def gamma(self) -> float:
+        """γ, the decay of the old precision in online mode (used at consolidation)."""
+        return self.__dict__["_gamma"]
+
+    @gamma.setter
+    def gamma(self, value) -> None:
+        self.__dict__["_gamma"] = diag.validate_gamma(value)
 
     @property
     def num_slots(self) -> int:
