@@ -222,6 +222,7 @@ class KroneckerRegularizer(keras.layers.Layer):
         self.offset = None
         self.tasks = None
         self.last_merge_errors: dict = {}
+        self.layer_keys: list = []
 
     @property
     def strength(self) -> float:
@@ -263,12 +264,13 @@ class KroneckerRegularizer(keras.layers.Layer):
         plan = factors_module.factored_layers(model, variables)
         covered = {id(v) for _, _, params in plan for v in params.values()}
         self._plan = _Refs(plan)
+        self.layer_keys = [factors_module.layer_key(layer, model) for layer, _, _ in plan]
         self._rest = _Refs([v for v in variables if id(v) not in covered])
         for s in range(self.num_slots):
             slot = []
-            for layer, _, params in plan:
+            for (_, _, params), key in zip(plan, self.layer_keys):
                 rows, out = _wbar_shape(params)
-                label = _label(factors_module.layer_key(layer))
+                label = _label(key)
                 slot.append(tuple(
                     self.add_weight(shape=shape, initializer="zeros", dtype="float32",
                                     trainable=False, name=f"{kind}_{label}_{s}")
@@ -435,12 +437,12 @@ class KroneckerRegularizer(keras.layers.Layer):
             raise ValueError(f"Expected {len(self.targets)} weight tensors (aligned with "
                              f"`targets`). Received {len(theta)}.")
         wbars, theta_rest = self._layer_weights(theta)
-        for (layer, params), (a, g) in zip(self.factored, factors):
+        for (_, params), (a, g), key in zip(self.factored, factors, self.layer_keys):
             rows, out = _wbar_shape(params)
             if tuple(a.shape) != (rows, rows) or tuple(g.shape) != (out, out):
                 raise ValueError(
                     f"Expected factors of shapes {(rows, rows)} and {(out, out)} for layer "
-                    f"{factors_module.layer_key(layer)}. Received {tuple(a.shape)} and "
+                    f"{key}. Received {tuple(a.shape)} and "
                     f"{tuple(g.shape)}."
                 )
             for m in (a, g):
@@ -448,7 +450,7 @@ class KroneckerRegularizer(keras.layers.Layer):
                         tf.reduce_any(tf.linalg.diag_part(m) < 0)):
                     raise ValueError(
                         "Expected finite positive semi-definite factors (non-negative "
-                        f"diagonal) for layer {factors_module.layer_key(layer)}.")
+                        f"diagonal) for layer {key}.")
         for v, f in zip(self.rest, fisher_rest):
             if tuple(f.shape) != tuple(v.shape):
                 raise ValueError(f"Expected a Fisher of shape {tuple(v.shape)} for {v.path}. "
@@ -465,12 +467,11 @@ class KroneckerRegularizer(keras.layers.Layer):
         # New values first.
         assignments, errors = [], {}
         slot = 0 if self.mode == "online" else tasks
-        for index, ((layer, _), (a, g), wbar) in enumerate(zip(self.factored, factors,
-                                                               wbars)):
+        for index, (key, (a, g), wbar) in enumerate(zip(self.layer_keys, factors, wbars)):
             if self.mode == "online" and tasks > 0:
                 a_old, g_old, _ = self.slots[0][index]
                 a, g, err = merge_online(a_old, g_old, a, g, self.gamma)
-                errors[factors_module.layer_key(layer)] = err
+                errors[key] = err
             assignments += list(zip(self.slots[slot][index], (a, g, wbar)))
         state = ([tf.convert_to_tensor(p) for p in self.precision],
                  [tf.convert_to_tensor(m) for m in self.anchors],

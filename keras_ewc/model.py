@@ -293,8 +293,7 @@ class EWCModel(keras.Model):
             rest = diagonal.fisher_diagonal(self.network, data, variables=reg.rest,
                                             **common)
         reg.consolidate(factors, rest)
-        result = {kronecker_fisher.layer_key(layer): ag
-                  for (layer, _), ag in zip(reg.factored, factors)}
+        result = dict(zip(reg.layer_keys, factors))
         result.update({v.path: f for v, f in zip(reg.rest, rest)})
         return result
 

@@ -75,9 +75,15 @@ def factored_layers(model, variables: Sequence | None = None) -> list:
     return found
 
 
-def layer_key(layer) -> str:
-    """A layer's path in its model (Keras' `layer.path`)."""
-    return str(getattr(layer, "path", None) or layer.name)
+def layer_key(layer, model=None) -> str:
+    """A layer's path in `model` (Keras' `layer.path` without the model's own name).
+
+    Relative to the model, so that two instances of one architecture (whose top-level
+    names Keras numbers `sequential`, `sequential_1`, ...) give the same keys.
+    """
+    path = str(getattr(layer, "path", None) or layer.name)
+    prefix = f"{model.name}/" if model is not None else None
+    return path[len(prefix):] if prefix and path.startswith(prefix) else path
 
 
 def kronecker_factors(
@@ -119,7 +125,8 @@ def kronecker_factors(
             batch and the sums are all-reduced, as for `fisher_diagonal`.
 
     Returns:
-        `{layer path: (A, G)}`, float32 tensors of shapes `[in (+1), in (+1)]` and
+        `{layer path: (A, G)}` (paths relative to `model`, e.g. `"dense_1"` or
+        `"block/dense"`), float32 tensors of shapes `[in (+1), in (+1)]` and
         `[out, out]` (`in` is kernel_size × channels for a conv).
 
     Example:
@@ -129,14 +136,14 @@ def kronecker_factors(
     >>> x = np.random.default_rng(0).normal(size=(16, 4)).astype("float32")
     >>> factors = keras_ewc.kronecker_factors(net, x, likelihood="categorical", verbose=0)
     >>> {k: (tuple(a.shape), tuple(g.shape)) for k, (a, g) in factors.items()}
-    {'sequential/d': ((5, 5), (3, 3))}
+    {'d': ((5, 5), (3, 3))}
     """
     layers = factored_layers(model, variables)
     values = compute_factors(model, layers, data, estimator=estimator,
                              likelihood=likelihood, samples=samples,
                              batch_size=batch_size, seed=seed, verbose=verbose,
                              strategy=strategy)
-    return {layer_key(layer): ag for (layer, _, _), ag in zip(layers, values)}
+    return {layer_key(layer, model): ag for (layer, _, _), ag in zip(layers, values)}
 
 
 def compute_factors(model, layers, data, estimator="exact", likelihood=None, samples=None,
@@ -228,7 +235,7 @@ def compute_factors(model, layers, data, estimator="exact", likelihood=None, sam
         for name, f in (("A", a), ("G", g)):
             if not bool(tf.reduce_all(tf.math.is_finite(f))):
                 raise ValueError(
-                    f"The Kronecker factor {name} of layer {layer_key(layer)} is not finite "
+                    f"The Kronecker factor {name} of layer {layer_key(layer, model)} is not finite "
                     "(NaN or Inf): the model's outputs or gradients overflow on this data."
                 )
         factors.append((a, g))
@@ -289,7 +296,7 @@ def factor_sums(model, layers, terms_fn, inputs, extra) -> list:
         leaks = tape.gradient(total, list(params.values()))
         if any(g is not None for g in leaks) or batch_size is None:
             raise ValueError(
-                f"Layer {layer_key(layer)} has no Kronecker factors: its weights are read "
+                f"Layer {layer_key(layer, model)} has no Kronecker factors: its weights are read "
                 "outside its own call (shared or tied weights), or it is called where its "
                 "inputs cannot be recorded (inside a loop, on a tensor whose first axis "
                 "is not the batch). Leave it to the diagonal with "
