@@ -216,7 +216,9 @@ class KroneckerRegularizer(keras.layers.Layer):
         self.max_tasks = int(max_tasks)
         self._plan = _Refs([])
         self._rest = _Refs([])
-        self.slots: list = []        # per slot: [(A, G, anchor) per factored layer]
+        # Per factored layer: (A [S, in, in], G [S, out, out], anchor [S, in, out]),
+        # S = `num_slots`; slot t holds task t (separate) or the merged pair (online).
+        self.kronecker_state: list = []
         self.precision: list = []    # diagonal part
         self.anchors: list = []
         self.offset = None
@@ -266,17 +268,15 @@ class KroneckerRegularizer(keras.layers.Layer):
         self._plan = _Refs(plan)
         self.layer_keys = [factors_module.layer_key(layer, model) for layer, _, _ in plan]
         self._rest = _Refs([v for v in variables if id(v) not in covered])
-        for s in range(self.num_slots):
-            slot = []
-            for (_, _, params), key in zip(plan, self.layer_keys):
-                rows, out = _wbar_shape(params)
-                label = _label(key)
-                slot.append(tuple(
-                    self.add_weight(shape=shape, initializer="zeros", dtype="float32",
-                                    trainable=False, name=f"{kind}_{label}_{s}")
-                    for kind, shape in (("A", (rows, rows)), ("G", (out, out)),
-                                        ("anchor", (rows, out)))))
-            self.slots.append(slot)
+        slots = self.num_slots
+        for (_, _, params), key in zip(plan, self.layer_keys):
+            rows, out = _wbar_shape(params)
+            self.kronecker_state.append(tuple(
+                self.add_weight(shape=(slots,) + shape, initializer="zeros",
+                                dtype="float32", trainable=False,
+                                name=f"{kind}_{_label(key)}")
+                for kind, shape in (("A", (rows, rows)), ("G", (out, out)),
+                                    ("anchor", (rows, out)))))
         for v in self._rest.items:
             label = _label(getattr(v, "path", v.name))
             self.anchors.append(self.add_weight(shape=tuple(v.shape), initializer="zeros",
@@ -322,7 +322,7 @@ class KroneckerRegularizer(keras.layers.Layer):
 
     def state_size(self) -> dict:
         """Floats of state: `{"per_task": …, "total": …}` (Kronecker slots and diagonal)."""
-        per_slot = sum(int(np.prod(v.shape)) for trio in (self.slots[0] if self.slots else [])
+        per_slot = sum(int(np.prod(v.shape[1:])) for trio in self.kronecker_state
                        for v in trio)
         diagonal = sum(2 * int(np.prod(v.shape)) for v in self.rest)
         return {"per_task": per_slot, "diagonal": diagonal,
@@ -348,27 +348,31 @@ class KroneckerRegularizer(keras.layers.Layer):
             i += k
         return out, values[i:]
 
+    def slot(self, index: int) -> list:
+        """`[(A, G, anchor)]` of slot `index` (task `index` in separate mode, the merged
+        pair online), one triple a factored layer, as float32 tensors."""
+        return [tuple(tf.convert_to_tensor(v)[index] for v in trio)
+                for trio in self.kronecker_state]
+
     def _value_and_grads(self, wbars) -> tuple:
         """`(Σ ½ tr(ΔW̄ᵀ A ΔW̄ G), [Σ A ΔW̄ G per layer])` over the used slots."""
-        tasks = tf.convert_to_tensor(self.tasks)
+        used = tf.minimum(tf.cast(tf.convert_to_tensor(self.tasks), tf.int32),
+                          self.num_slots)
         total, grads = tf.constant(0.0, tf.float32), []
-        for index, wbar in enumerate(wbars):
-            grad = tf.zeros_like(wbar)
-            for s, slot in enumerate(self.slots):
-                def used(trio=slot[index], wbar=wbar):
-                    a, g, anchor = (tf.convert_to_tensor(v) for v in trio)
-                    delta = wbar - anchor
-                    m = kronecker_gradient(a, g, delta)
-                    return 0.5 * tf.reduce_sum(delta * m), m
+        for trio, wbar in zip(self.kronecker_state, wbars):
+            a_all, g_all, anchors = (tf.convert_to_tensor(v) for v in trio)
 
-                def empty(wbar=wbar):
-                    return tf.constant(0.0, tf.float32), tf.zeros_like(wbar)
+            def body(k, value, grad, wbar=wbar, a_all=a_all, g_all=g_all,
+                     anchors=anchors):
+                delta = wbar - anchors[k]
+                m = kronecker_gradient(a_all[k], g_all[k], delta)
+                return k + 1, value + 0.5 * tf.reduce_sum(delta * m), grad + m
 
-                # Slots of tasks not consolidated yet cost nothing: the state is read
-                # and multiplied only when the slot is used.
-                value, m = tf.cond(tasks > s, used, empty)
-                total += value
-                grad += m
+            # Only the slots of consolidated tasks are visited: empty ones cost nothing.
+            _, value, grad = tf.while_loop(
+                lambda k, *_: k < used, body,
+                (tf.constant(0), tf.constant(0.0, tf.float32), tf.zeros_like(wbar)))
+            total += value
             grads.append(grad)
         return total, grads
 
@@ -469,10 +473,13 @@ class KroneckerRegularizer(keras.layers.Layer):
         slot = 0 if self.mode == "online" else tasks
         for index, (key, (a, g), wbar) in enumerate(zip(self.layer_keys, factors, wbars)):
             if self.mode == "online" and tasks > 0:
-                a_old, g_old, _ = self.slots[0][index]
+                a_old, g_old, _ = (tf.convert_to_tensor(v)[0]
+                                   for v in self.kronecker_state[index])
                 a, g, err = merge_online(a_old, g_old, a, g, self.gamma)
                 errors[key] = err
-            assignments += list(zip(self.slots[slot][index], (a, g, wbar)))
+            for var, value in zip(self.kronecker_state[index], (a, g, wbar)):
+                assignments.append((var, tf.tensor_scatter_nd_update(
+                    tf.convert_to_tensor(var), [[slot]], value[None])))
         state = ([tf.convert_to_tensor(p) for p in self.precision],
                  [tf.convert_to_tensor(m) for m in self.anchors],
                  tf.convert_to_tensor(self.offset))

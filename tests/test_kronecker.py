@@ -158,14 +158,14 @@ def test_online_regularizer_keeps_one_nearest_kronecker_pair_at_the_latest_ancho
     net = _mixed_net()
     reg = kron.KroneckerRegularizer(mode="online", gamma=0.7)
     reg.build_for(net.trainable_variables, net)
-    assert len(reg.slots) == 1
+    assert reg.num_slots == 1 and reg.kronecker_state[0][0].shape[0] == 1
     tasks = _random_state_tasks(reg, 2)
     (f1, _, _), (f2, _, theta2) = tasks
-    for index, (a_var, g_var, _) in enumerate(reg.slots[0]):
+    for index, (a_var, g_var, _) in enumerate(reg.slot(0)):
         a, g, err = kron.nearest_kronecker([(0.7 * f1[index][0], f1[index][1]), f2[index]])
-        _close(np.kron(a_var.numpy(), g_var.numpy()), np.kron(a, g))
+        _close(np.kron(a_var, g_var), np.kron(a, g))
         assert 0 < err == reg.last_merge_errors[reg.layer_keys[index]]
-    _close(reg.slots[0][0][2], kron.augment(theta2[0], theta2[1]))
+    _close(reg.slot(0)[0][2], kron.augment(theta2[0], theta2[1]))
     with pytest.raises(ValueError, match="Received: mode='both'"):
         kron.KroneckerRegularizer(mode="both")
 
