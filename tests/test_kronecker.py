@@ -212,6 +212,10 @@ def test_ewc_model_kronecker_trains_consolidates_and_round_trips(tmp_path, mode)
     fresh.load_weights(tmp_path / "m.weights.h5")
     _close(fresh.penalty(), penalty)
     assert int(fresh.regularizer.tasks.numpy()) == 2
+    path = tf.train.Checkpoint(model=model).write(str(tmp_path / "ckpt"))
+    restored = _kron_model(mode)
+    tf.train.Checkpoint(model=restored).read(path).expect_partial()
+    _close(restored.penalty(), penalty)
     diagonal = keras_ewc.EWCModel(_kron_model(mode).network, strength=5.0)
     with pytest.raises(ValueError, match="does not match"):
         diagonal.load_weights(tmp_path / "m.weights.h5")
