@@ -273,3 +273,19 @@ def test_sample_weights_count_examples_that_many_times():
             _close(g, g0)
     with pytest.raises(ValueError, match="weights of the data sum to zero"):
         keras_ewc.kronecker_factors(net, (x, y, 0 * w), likelihood="categorical", verbose=0)
+
+
+def test_factors_are_traced_once_across_calls():
+    net = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.Dense(2)])
+    x = _x((10, 3), seed=6)
+    first = keras_ewc.kronecker_factors(net, x, likelihood="categorical", verbose=0,
+                                        batch_size=10)
+    layers = kfac.factored_layers(net)
+    fn = kfac.cached_factor_sums(net, layers, keras_ewc.fisher.likelihoods.get(
+        "categorical"), "exact", 1)
+    traces = fn.experimental_get_tracing_count()
+    net.layers[0].kernel.assign(net.layers[0].kernel * 2.0)  # new weights, same trace
+    again = keras_ewc.kronecker_factors(net, x + 1.0, likelihood="categorical", verbose=0,
+                                        batch_size=10)
+    assert traces == 1 and fn.experimental_get_tracing_count() == 1
+    assert not np.allclose(list(first.values())[0][1], list(again.values())[0][1])

@@ -37,6 +37,7 @@ Kronecker block: it is refused with an error that names it.
 from __future__ import annotations
 
 import random
+import weakref
 from typing import Sequence
 
 import keras
@@ -175,8 +176,7 @@ def compute_factors(model, layers, data, estimator="exact", likelihood=None, sam
     lik = lik_module.get(likelihood, model)
     samples = int(samples or 1)
     seed = random.randrange(2**31) if seed is None else int(seed)
-    terms_fn = diagonal._terms_fn(lik, estimator, samples)
-    sum_fn = build_factor_sums(model, layers, terms_fn)
+    sum_fn = cached_factor_sums(model, layers, lik, estimator, samples)
     if distribute.is_distributed(strategy):
         shapes = [_Shape(s) for s in factor_shapes(layers)]
         sum_fn = distribute.distribute_sum_fn(strategy, sum_fn, shapes)
@@ -258,6 +258,22 @@ def factor_shapes(layers) -> list:
         out = int(kernel.shape[-1])
         shapes += [(rows, rows), (out, out), ()]
     return shapes
+
+
+# Traced per-batch functions, per model (weakly) and per layers, likelihood, estimator and
+# samples: consolidating task after task traces once per batch shape, not once a call.
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def cached_factor_sums(model, layers, lik, estimator, samples):
+    """`build_factor_sums` for these arguments, built once and reused."""
+    key = (tuple(id(layer) for layer, _, _ in layers), type(lik), repr(lik), estimator,
+           int(samples))
+    table = _CACHE.setdefault(model, {})
+    if key not in table:
+        table[key] = build_factor_sums(model, layers,
+                                       diagonal._terms_fn(lik, estimator, samples))
+    return table[key]
 
 
 def build_factor_sums(model, layers, terms_fn):
