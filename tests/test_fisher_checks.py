@@ -190,7 +190,7 @@ def test_weighted_batched_uses_the_weighted_mean_loss():
     (np.array([1, np.inf, 1, 1, 1, 1, 1, 1, 1], "float32"), r"\[1, inf\]"),
     (np.ones((9, 2), "float32"), r"shape \(4,\) or \(4, 1\).*Received .*\(4, 2\)"),
     (np.zeros(9, "float32"), "no examples .*sample weight 0"),
-])
+], ids=["negative", "nan", "inf", "shape-B-by-2", "all-zero"])
 def test_bad_sample_weights_are_refused(weights, message, no_tracing):
     x, y = data()
     with pytest.raises(ValueError, match=message):
@@ -297,47 +297,47 @@ def _built(model):
 
 x0, y0 = data()
 BAD_DATA = {
-    "unbatched dataset": (
+    "unbatched-dataset": (
         lambda: (net(), tf.data.Dataset.from_tensor_slices(x0), {}),
         r"inputs of shape \(5,\): the data has no batch dimension.*ds.batch"),
-    "unbatched dataset, rebatched": (
+    "unbatched-dataset-rebatched": (
         lambda: (net(), tf.data.Dataset.from_tensor_slices((x0, y0)), {"batch_size": 4}),
         "no batch dimension"),
-    "one example as an array": (
+    "one-example-array": (
         lambda: (net(), x0[0], {}), r"x\[None\]"),
-    "wrong feature size": (
+    "wrong-feature-size": (
         lambda: (net(), np.zeros((4, 6), "float32"), {}),
         r"shape \(None, 5\) for this model. Received inputs of shape \(4, 6\)"),
-    "file path": (lambda: (net(), "train.npz", {}), "not a file path.*'train.npz'"),
-    "pathlib path": (lambda: (net(), pathlib.Path("t.npz"), {}), "not a file path"),
-    "list of arrays": (
+    "file-path": (lambda: (net(), "train.npz", {}), "not a file path.*'train.npz'"),
+    "pathlib-path": (lambda: (net(), pathlib.Path("t.npz"), {}), "not a file path"),
+    "list-of-arrays": (
         lambda: (net(), [x0, y0], {}), r"Python list of 2 items \(ndarray\).*tuple"),
-    "list of numbers": (
+    "list-of-numbers": (
         lambda: (net(), [0.5, 1.0, 2.0], {}), r"list of 3 items \(float\).*np.asarray"),
-    "dict of features and label": (
+    "dict-of-features-and-label": (
         lambda: (net(), tf.data.Dataset.from_tensor_slices(
             {"image": x0, "label": y0}).batch(4), {}),
         r"dict with keys \['image', 'label'\].*named \['features'\].*ds.map"),
-    "one-hot of the wrong width": (
+    "one-hot-wrong-width": (
         lambda: (net(), (x0, np.eye(3, dtype="float32")[y0 % 3]),
                  {"estimator": "empirical"}),
         r"\(9,\) or \(9, 1\) .*or \(9, 4\) \(one-hot\).*Received labels of shape \(9, 3\)"),
-    "[B, 2] integer labels": (
+    "int-labels-B-by-2": (
         lambda: (net(), (x0, np.stack([y0, y0], 1)), {"estimator": "batched"}),
         r"Received labels of shape \(9, 2\)"),
-    "bernoulli labels of the wrong size": (
+    "bernoulli-labels-wrong-size": (
         lambda: (net(classes=3), (x0, np.zeros((9, 2), "float32")),
                  {"estimator": "empirical", "likelihood": "bernoulli"}),
         r"shape \(9, 3\), for a bernoulli likelihood. Received labels of shape \(9, 2\)"),
-    "multi-output functional": (
+    "multi-output-functional": (
         lambda: (_functional_two_heads(), x0, {}), "single output tensor.*with 2 outputs"),
-    "multi-output subclassed": (
+    "multi-output-subclassed": (
         lambda: (_built(ListOutputs()), x0, {}), "with 2 outputs.*net.outputs"),
-    "NaN labels": (
+    "nan-labels": (
         lambda: (net(), (x0, np.where(np.arange(9) == 2, np.nan, y0)),
                  {"estimator": "empirical"}),
         "labels contain NaN or Inf"),
-    "Inf inputs": (
+    "inf-inputs": (
         lambda: (net(), np.where(np.arange(45).reshape(9, 5) == 7, np.inf, x0), {}),
         "inputs contain NaN or Inf"),
 }
