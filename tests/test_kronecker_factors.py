@@ -236,6 +236,18 @@ def test_errors_name_the_problem():
                                     verbose=0)
     with pytest.raises(ValueError, match="holds no examples"):
         keras_ewc.kronecker_factors(net, x[:0], likelihood="categorical", verbose=0)
+    # The diagonal's checks apply: probabilities read as logits, an endless dataset.
+    soft = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, "softmax")])
+    with pytest.raises(ValueError, match="look like probabilities"):
+        keras_ewc.kronecker_factors(soft, x, verbose=0,
+                                    likelihood=keras_ewc.fisher.Categorical(from_logits=True))
+    endless = tf.data.Dataset.from_tensor_slices(x).batch(2).repeat()
+    got = keras_ewc.kronecker_factors(net, endless, likelihood="categorical", verbose=0,
+                                      steps=2)
+    want = keras_ewc.kronecker_factors(net, x, likelihood="categorical", verbose=0)
+    for (a, g), (a0, g0) in zip(got.values(), want.values()):
+        _close(a, a0)
+        _close(g, g0)
 
 
 class TiedDense(keras.Model):

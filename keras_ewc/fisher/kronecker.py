@@ -45,7 +45,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_ewc import distribute
-from keras_ewc.fisher import diagonal, fast
+from keras_ewc.fisher import checks, diagonal, fast
 from keras_ewc.fisher import likelihoods as lik_module
 from keras_ewc.fisher.kernels import conv, dense
 from keras_ewc.fisher.kernels._common import f32
@@ -98,6 +98,7 @@ def kronecker_factors(
     verbose="auto",
     variables: Sequence | None = None,
     strategy: tf.distribute.Strategy | None = None,
+    steps: int | None = None,
 ) -> dict:
     """Computes the Kronecker factors `(A, G)` of the Fisher of each Dense and Conv layer.
 
@@ -124,6 +125,11 @@ def kronecker_factors(
             (default: the trainable variables).
         strategy: a `tf.distribute.Strategy`: replicas sum over their shards of every
             batch and the sums are all-reduced, as for `fisher_diagonal`.
+        steps: the number of batches to use (needed for an infinite dataset).
+
+    Sample weights (`(x, y, sample_weight)`) make both factors weighted means: example n
+    counts `w_n` times. The data, the weights and the first batch's outputs are checked
+    as for `fisher_diagonal` (`keras_ewc.fisher.checks`).
 
     Returns:
         `{layer path: (A, G)}` (paths relative to `model`, e.g. `"dense_1"` or
@@ -143,12 +149,13 @@ def kronecker_factors(
     values = compute_factors(model, layers, data, estimator=estimator,
                              likelihood=likelihood, samples=samples,
                              batch_size=batch_size, seed=seed, verbose=verbose,
-                             strategy=strategy)
+                             strategy=strategy, steps=steps)
     return {layer_key(layer, model): ag for (layer, _, _), ag in zip(layers, values)}
 
 
 def compute_factors(model, layers, data, estimator="exact", likelihood=None, samples=None,
-                    batch_size=None, seed=None, verbose="auto", strategy=None) -> list:
+                    batch_size=None, seed=None, verbose="auto", strategy=None,
+                    steps=None) -> list:
     """`[(A, G)]` aligned with `layers` (from `factored_layers`); see `kronecker_factors`."""
     if estimator not in ESTIMATORS:
         raise ValueError(
@@ -174,6 +181,10 @@ def compute_factors(model, layers, data, estimator="exact", likelihood=None, sam
     if not layers:
         return []
     lik = lik_module.get(likelihood, model)
+    checks.check_steps(steps)
+    checks.check_single_output_model(model)
+    checks.check_finite_weights(list(getattr(model, "weights", [])))
+    checks.check_inputs(model, diagonal._x_spec(data))
     samples = int(samples or 1)
     seed = random.randrange(2**31) if seed is None else int(seed)
     sum_fn = cached_factor_sums(model, layers, lik, estimator, samples)
@@ -181,11 +192,12 @@ def compute_factors(model, layers, data, estimator="exact", likelihood=None, sam
         shapes = [_Shape(s) for s in factor_shapes(layers)]
         sum_fn = distribute.distribute_sum_fn(strategy, sum_fn, shapes)
 
-    dataset = diagonal.as_dataset(data, batch_size)
+    dataset = checks.bound_steps(diagonal.as_dataset(data, batch_size), steps)
     progbar = diagonal._progbar(dataset, verbose)
     totals = None
     num_examples = 0
     num_batches = 0
+    probe = None
     for index, batch in enumerate(dataset):
         x, y, w = keras.utils.unpack_x_y_sample_weight(batch)
         diagonal._check_finite(x, "inputs")
@@ -199,15 +211,15 @@ def compute_factors(model, layers, data, estimator="exact", likelihood=None, sam
         size = int(tf.shape(tf.nest.flatten(x)[0])[0])
         if size == 0:
             continue
-        if num_batches == 0:
-            probe = model(tf.nest.map_structure(lambda t: t[:1], x), training=False)
-            diagonal._check_single_output(probe)
-        w = tf.ones([size]) if w is None else tf.reshape(tf.cast(w, tf.float32), [size])
-        if not bool(tf.reduce_all(tf.math.is_finite(w))) or bool(tf.reduce_any(w < 0)):
-            raise ValueError("Expected finite, non-negative sample weights. Received "
-                             "weights with negative, NaN or Inf values.")
+        w = tf.ones([size]) if w is None else checks.check_sample_weight(w, size)
+        if probe is None:
+            # The first batch's outputs are checked against the likelihood first.
+            probe = model(x, training=False)
+            checks.check_single_output(probe)
+            checks.check_outputs(lik, probe, model)
         extra = (w,)
         if estimator == "empirical":
+            checks.check_label_shape(lik, [size] + list(probe.shape[1:]), y.shape)
             lik.check_labels(probe, y)
             extra = (w, tf.convert_to_tensor(y))
         elif estimator == "sampled":
@@ -235,8 +247,9 @@ def compute_factors(model, layers, data, estimator="exact", likelihood=None, sam
         for name, f in (("A", a), ("G", g)):
             if not bool(tf.reduce_all(tf.math.is_finite(f))):
                 raise ValueError(
-                    f"The Kronecker factor {name} of layer {layer_key(layer, model)} is not finite "
-                    "(NaN or Inf): the model's outputs or gradients overflow on this data."
+                    f"The Kronecker factor {name} of layer {layer_key(layer, model)} is not "
+                    "finite (NaN or Inf): the model's outputs or gradients overflow on this "
+                    "data."
                 )
         factors.append((a, g))
     return factors
