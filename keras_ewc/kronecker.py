@@ -225,6 +225,7 @@ class KroneckerRegularizer(keras.layers.Layer):
         self.tasks = None
         self.last_merge_errors: dict = {}
         self.layer_keys: list = []
+        self._keys: list = []
 
     @property
     def strength(self) -> float:
@@ -250,12 +251,14 @@ class KroneckerRegularizer(keras.layers.Layer):
     def num_slots(self) -> int:
         return 1 if self.mode == "online" else self.max_tasks
 
-    def build_for(self, variables: Sequence, model) -> None:
+    def build_for(self, variables: Sequence, model,
+                  keys: Sequence[str] | None = None) -> None:
         """Creates the state for the regularised `variables` of `model`.
 
         Dense and Conv layers whose variables are all regularised get Kronecker slots
         (`keras_ewc.fisher.kronecker.factored_layers`); the other variables get a
-        diagonal precision and anchor.
+        diagonal precision and anchor. `keys` (aligned with `variables`) name what each
+        variable is in the model, for the config (see `EWCModel`); default: the paths.
         """
         if self.built:
             raise ValueError("This KroneckerRegularizer already holds a state; it cannot be "
@@ -268,6 +271,13 @@ class KroneckerRegularizer(keras.layers.Layer):
         self._plan = _Refs(plan)
         self.layer_keys = [factors_module.layer_key(layer, model) for layer, _, _ in plan]
         self._rest = _Refs([v for v in variables if id(v) not in covered])
+        if keys is None:
+            keys = [getattr(v, "path", v.name) for v in variables]
+        if len(keys) != len(variables):
+            raise ValueError(f"Expected one key a variable. Received {len(keys)} keys for "
+                             f"{len(variables)} variables.")
+        by_id = {id(v): str(k) for v, k in zip(variables, keys)}
+        self._keys = [by_id[id(v)] for v in self.targets]
         slots = self.num_slots
         for (_, _, params), key in zip(plan, self.layer_keys):
             rows, out = _wbar_shape(params)
@@ -319,6 +329,11 @@ class KroneckerRegularizer(keras.layers.Layer):
         """Every regularised variable: the factored layers' kernels (and biases), then
         the diagonal ones."""
         return [v for _, params in self.factored for v in params.values()] + self.rest
+
+    @property
+    def keys(self) -> list:
+        """What each of `targets` is in the wrapped model (aligned with `targets`)."""
+        return list(self._keys)
 
     def state_size(self) -> dict:
         """Floats of state: `{"per_task": …, "total": …}` (Kronecker slots and diagonal)."""
