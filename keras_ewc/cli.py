@@ -227,7 +227,7 @@ def _check_common(args) -> None:
 
 def _run(args) -> int:
     from keras_ewc.continual import SEQUENCES, load_dataset, make_sequence
-    from keras_ewc.continual.tasks import normalize_scenario
+    from keras_ewc.continual.tasks import display_name, normalize_scenario
 
     _check_common(args)
     if args.sequence not in SEQUENCES:
@@ -244,7 +244,7 @@ def _run(args) -> int:
     strengths = _floats(args.strength, "--strength")
     data = load_dataset(args.dataset)
     sequence = make_sequence(args.sequence, data, args.tasks, scenario, seed=args.seed)
-    print(f"keras-ewc run: {sequence.kind} {data.name}, {len(sequence)} tasks, "
+    print(f"keras-ewc run: {sequence.kind} {display_name(data.name)}, {len(sequence)} tasks, "
           f"{sequence.scenario.capitalize()}-IL, {sequence.num_outputs} outputs; "
           f"estimator {args.estimator}; strengths {', '.join(f'{s:g}' for s in strengths)}.",
           flush=True)

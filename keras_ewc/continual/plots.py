@@ -29,7 +29,7 @@ def plot_results(results: ContinualResults | list[ContinualResults], path: str,
     One column per run. Top: `R` as a heat map (rows: after training task i; columns:
     task j; the value in each cell; one colour bar, labelled). Bottom: the accuracy on
     each task as training proceeds, one line per task, from the task's own training
-    onwards, with the legend outside the axes. Tasks are numbered 1..T in both panels.
+    onwards, with the legend below the plots. Tasks are numbered 1..T in both panels.
 
     Args:
         results: one `ContinualResults` or a list of them (e.g. fine-tuning and EWC).
@@ -93,11 +93,10 @@ def plot_results(results: ContinualResults | list[ContinualResults], path: str,
     colourbar = fig.colorbar(im, ax=list(axes[0]), shrink=0.85)
     colourbar.set_label("test accuracy")
     if cols <= 10:
-        # One legend for every run (the tasks are the same), outside the axes.
+        # One legend for every run (the tasks are the same), below the plots, off the lines.
         handles, labels = axes[1][n - 1].get_legend_handles_labels()
-        axes[1][n - 1].legend(handles, labels, fontsize=8, title="accuracy on",
-                              title_fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0),
-                              borderaxespad=0.0)
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(cols, 3),
+                   fontsize=8, title="accuracy on", title_fontsize=8)
     if title:
         fig.suptitle(title)
     fig.savefig(path, dpi=100, bbox_inches="tight")

@@ -295,7 +295,8 @@ def permuted_sequence(data: Any = None, num_tasks: int = 10, scenario: str = "do
     def make(p):
         return lambda x: x.reshape(len(x), -1)[:, p].reshape((len(x),) + shape)
 
-    names = [f"permutation {t}" + (" (identity)" if t == 0 and first_identity else "")
+    # Numbered from 1, as the tasks are in tables and plots.
+    names = [f"permutation {t + 1}" + (" (identity)" if t == 0 and first_identity else "")
              for t in range(num_tasks)]
     return _transformed_sequence(data, num_tasks, scenario, [make(p) for p in perms],
                                  names, "permuted")
