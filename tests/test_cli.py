@@ -169,7 +169,7 @@ def test_every_option_has_help_and_its_default_is_shown(command, capsys):
 def test_demo_help_states_the_measured_duration(capsys):
     assert main(["demo", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
-    assert f"about {cli.DEMO_SECONDS} s on 2 CPU cores" in text
+    assert "Offline; 1 to 2½ minutes on 2 CPU cores." in text
     assert "a few minutes" not in text
 
 
