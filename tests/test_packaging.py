@@ -59,3 +59,16 @@ def test_declared_floors_are_the_versions_installed_here():
                           ("numpy", numpy.__version__)):
         major_minor = ".".join(version.split(".")[:2])
         assert f'"{name}>={major_minor}' in text, (name, version)
+
+
+def test_deprecation_warnings_from_keras_ewc_fail_the_suite():
+    import warnings
+
+    with pytest.raises(DeprecationWarning, match="going away"):
+        warnings.warn_explicit("going away", DeprecationWarning, "keras_ewc/x.py", 1,
+                               module="keras_ewc.x")
+    with warnings.catch_warnings(record=True) as caught:
+        # Others' deprecations stay ignored (pytest.ini), so no error and nothing recorded.
+        warnings.warn_explicit("elsewhere", DeprecationWarning, "other/y.py", 1,
+                               module="other.y")
+    assert [str(w.message) for w in caught] == []
