@@ -210,6 +210,9 @@ def _demo(args) -> int:
     print(f"EWC average accuracy {ewc.average_accuracy:.3f} vs fine-tuning "
           f"{finetune.average_accuracy:.3f}: {100 * gain:+.1f} points; forgetting "
           f"{ewc.forgetting:.3f} vs {finetune.forgetting:.3f}.")
+    note = little_gain_note(sequence.scenario, gain)
+    if note:
+        print(note)
     print("Wrote " + ", ".join(written))
     print(f"Total time {time.perf_counter() - start:.0f} s.")
     return 0
