@@ -43,9 +43,14 @@ def is_entry_point() -> bool:
     orig = list(getattr(sys, "orig_argv", []))
     if "-m" in orig[:-1] and orig[orig.index("-m") + 1] in ("keras_ewc.cli", "keras_ewc"):
         return True
-    examples = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                            "examples")
-    return bool(main) and os.path.dirname(os.path.abspath(main)) == examples
+    if not main or main in ("-c", "-m"):
+        return False
+    # An example of a keras-ewc checkout: <checkout>/examples/<script>.py next to
+    # <checkout>/keras_ewc/, whether keras_ewc is imported from there or installed.
+    folder = os.path.dirname(os.path.abspath(main))
+    return (os.path.basename(folder) == "examples"
+            and os.path.isfile(os.path.join(os.path.dirname(folder), "keras_ewc",
+                                            "__init__.py")))
 
 
 def strip_startup_lines(text: str) -> str:

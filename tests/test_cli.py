@@ -173,11 +173,17 @@ def test_demo_help_states_the_measured_duration(capsys):
     assert "a few minutes" not in text
 
 
-def test_entry_points_are_recognised_and_a_plain_import_is_not(monkeypatch):
+def test_entry_points_are_recognised_and_a_plain_import_is_not(monkeypatch, tmp_path):
+    # Another checkout, whose keras_ewc may be installed rather than imported from it.
+    (tmp_path / "keras_ewc").mkdir()
+    (tmp_path / "keras_ewc" / "__init__.py").write_text("")
+    monkeypatch.setattr(sys, "argv", [str(tmp_path / "examples" / "split_mnist.py")])
+    assert _startup.is_entry_point()
     monkeypatch.setattr(sys, "orig_argv", ["python", "my_script.py"], raising=False)
     for argv0, expected in [("/venv/bin/keras-ewc", True),
                             (os.path.join(ROOT, "examples", "split_mnist.py"), True),
                             (os.path.join(ROOT, "my_script.py"), False),
+                            (os.path.join(ROOT, "tests", "examples", "x.py"), False),
                             ("-c", False), ("", False)]:
         monkeypatch.setattr(sys, "argv", [argv0])
         assert _startup.is_entry_point() is expected, argv0
