@@ -12,7 +12,7 @@ A continual learner outlives the process that trained it. This example:
 The tasks are synthetic (two linear teachers that see the inputs through different
 permutations), so it runs offline in seconds. Everything is written under --out:
 
-    python examples/save_and_resume.py [--out keras-ewc-out/save_and_resume]
+    python examples/save_and_resume.py [--out DIR]    # default keras-ewc-out/save_and_resume
 
 The last line printed is a JSON summary.
 """
@@ -33,12 +33,17 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=os.path.join("keras-ewc-out", "save_and_resume"),
                         help="work directory: learner.keras, the served/ SavedModel, "
                              "expected.npy")
+    parser.add_argument("workdir", nargs="?", default=None,
+                        help="the work directory, given without --out (overrides --out)")
     parser.add_argument("--epochs", type=int, default=8, help="training epochs a task")
     parser.add_argument("--tf-logs", action="store_true",
                         help="show TensorFlow's start-up logs (hidden by default)")
     # The second process: learns task B from the saved file (not for users).
     parser.add_argument("--task-b", action="store_true", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.workdir is not None:
+        args.out = args.workdir
+    return args
 
 
 def make_tasks(seed=3, n=1000):
