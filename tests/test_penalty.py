@@ -53,8 +53,9 @@ def test_separate_mode_equals_sum_of_three_task_penalties():
     np.testing.assert_allclose(value.numpy(), expected, rtol=1e-6)
     for g, e in zip(grads, expected_grads):
         np.testing.assert_allclose(g.numpy(), e, rtol=1e-6, atol=1e-6 * np.abs(e).max())
-    # Two numbers a parameter, plus the scalars, whatever the number of tasks.
-    assert len(reg.weights) == 2 * len(shapes) + 2
+    # Two numbers a parameter, plus the scalars (offset, tasks, strength, gamma),
+    # whatever the number of tasks.
+    assert len(reg.weights) == 2 * len(shapes) + 4
 
 
 def test_online_mode_follows_its_recursion():
