@@ -441,3 +441,43 @@ def test_all_or_nothing_puts_back_what_a_failing_load_assigned():
     with pytest.raises(OSError, match=r"'f\.keras'.*nothing was loaded.*read error"):
         saving.all_or_nothing(model, half_a_load, "f.keras")
     assert_same(everything(model), before)
+
+
+# --- nothing half-written on disk ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["keras", "weights"])
+def test_a_save_that_fails_part_way_leaves_the_previous_file_loadable(kind, tmp_path,
+                                                                      monkeypatch):
+    model = after_task_a(sequential())
+    path = tmp_path / ("m.keras" if kind == "keras" else "m.weights.h5")
+    save = model.save if kind == "keras" else model.save_weights
+    save(path)
+    expected = state(model)
+    model.regularizer.reset()
+
+    def fail(self, store):
+        store["format_version"] = np.array(2)  # a part is written, then the disk fails
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(keras_ewc.EWCRegularizer, "save_own_variables", fail)
+    with pytest.raises(OSError, match="No space left"):
+        save(path)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == [path.name]  # no temporary file left behind
+    if kind == "keras":
+        assert_same(state(keras.models.load_model(path)), expected)
+    else:
+        model.load_weights(path)
+        assert_same(state(model), expected)
+
+
+def test_save_refuses_to_overwrite_when_told_not_to(tmp_path, monkeypatch):
+    model = after_task_a(sequential())
+    model.save(tmp_path / "m.keras")
+    first = (tmp_path / "m.keras").read_bytes()
+    model.regularizer.reset()
+    # Keras asks before overwriting; answering no leaves the file as it was.
+    monkeypatch.setattr("builtins.input", lambda *a: "n")
+    model.save(tmp_path / "m.keras", overwrite=False)
+    assert (tmp_path / "m.keras").read_bytes() == first
