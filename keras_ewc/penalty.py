@@ -264,9 +264,12 @@ class EWCRegularizer(keras.layers.Layer):
         """
         self._check_built()
         theta = self.targets if variables is None else list(variables)
+        # No task consolidated (`tasks` is 0) means a zero state: `assign_state` keeps
+        # that invariant, so the step can skip the arithmetic.
         return penalty_with_gradient(
             tf.convert_to_tensor(self._strength_variable), _tensors(self.precision),
-            _tensors(self.anchors), tf.convert_to_tensor(self.offset), _tensors(theta))
+            _tensors(self.anchors), tf.convert_to_tensor(self.offset), _tensors(theta),
+            active=tf.convert_to_tensor(self.tasks) > 0)
 
     def consolidate(self, fisher: Sequence, theta: Sequence | None = None) -> None:
         """Merges a task's Fisher diagonal, anchored at `theta` (default: the current
@@ -357,6 +360,12 @@ class EWCRegularizer(keras.layers.Layer):
         if tasks < 0:
             raise ValueError(f"Expected a task count >= 0. Received: tasks={tasks!r}; "
                              "the state is left unchanged.")
+        if tasks == 0 and (any(bool(tf.reduce_any(x != 0)) for x in values[:count])
+                           or float(offset) != 0.0):
+            raise ValueError(
+                "Expected a zero precision and offset with tasks=0 (no task consolidated "
+                "means no penalty). Received: tasks=0 with a non-zero precision or offset; "
+                "pass the number of tasks the state holds. The state is left unchanged.")
         for var, value in zip(self.precision + self.anchors, values):
             var.assign(value)
         self.offset.assign(offset)
@@ -491,24 +500,39 @@ STORE_VERSION = 2
 """Version of the layout `save_own_variables` writes (1: entries by position)."""
 
 
-def penalty_with_gradient(strength, precision, anchor, offset, theta) -> tf.Tensor:
+def penalty_with_gradient(strength, precision, anchor, offset, theta,
+                          active=None) -> tf.Tensor:
     """`strength * (½ Σ P (θ − m)² + c)`, with the gradient `strength * P (θ − m)`.
 
     The gradient is given in closed form (`tf.custom_gradient`): it reuses `P (θ − m)`
-    from the forward pass, so a training step pays one multiply and one add a
-    variable for it instead of differentiating the chain of small ops.
+    from the forward pass, so a training step pays one multiply a variable for it (and
+    the add of the two gradients) instead of differentiating a chain of small ops.
+    `active` (a boolean tensor, default true) False skips the arithmetic: a state with
+    no task is 0 everywhere, and a training step then costs almost nothing more.
     """
+    theta = list(theta)
+    if active is None:
+        active = tf.constant(True)
 
     @tf.custom_gradient
     def fn(*theta):
-        diffs = [tf.cast(t, tf.float32) - m for t, m in zip(theta, anchor)]
-        scaled = [p * d for p, d in zip(precision, diffs)]
-        total = tf.add_n([tf.reduce_sum(s * d) for s, d in zip(scaled, diffs)])
+        def compute():
+            diffs = [tf.cast(t, tf.float32) - m for t, m in zip(theta, anchor)]
+            scaled = [p * d for p, d in zip(precision, diffs)]
+            total = tf.add_n([tf.reduce_sum(s * d) for s, d in zip(scaled, diffs)])
+            return [total] + scaled
+
+        def skip():
+            return [tf.zeros((), tf.float32)] + [tf.zeros(tf.shape(p), tf.float32)
+                                                 for p in precision]
+
+        total, *scaled = tf.cond(active, compute, skip)
         value = strength * (offset + 0.5 * total)
 
         def grad(upstream):
             factor = upstream * strength
-            return [tf.cast(factor * s, t.dtype) for s, t in zip(scaled, theta)]
+            grads = tf.cond(active, lambda: [factor * s for s in scaled], lambda: scaled)
+            return [tf.cast(g, t.dtype) for g, t in zip(grads, theta)]
 
         return value, grad
 

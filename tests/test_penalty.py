@@ -174,6 +174,7 @@ def test_closed_form_gradient_matches_autodiff_of_the_quadratic_in_float64():
     ("offset", r"offset: shape \(2,\), expected \(\)"),
     ("nan", r"not finite"),
     ("tasks", r"Expected a task count >= 0. Received: tasks=-1"),
+    ("zero_tasks", r"Expected a zero precision and offset with tasks=0"),
 ])
 def test_assign_state_checks_every_entry_before_assigning_any(case, message):
     net = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
@@ -187,7 +188,8 @@ def test_assign_state_checks_every_entry_before_assigning_any(case, message):
             "shape": (good_p, [good_m[0], np.zeros(3, "float32")], 0.0, 2),
             "offset": (good_p, good_m, np.zeros(2), 2),
             "nan": (good_p, [good_m[0], np.array([1.0, np.nan], "float32")], 0.0, 2),
-            "tasks": (good_p, good_m, 0.0, -1)}[case]
+            "tasks": (good_p, good_m, 0.0, -1),
+            "zero_tasks": (good_p, good_m, 0.0, 0)}[case]
     with pytest.raises(ValueError, match=message):
         reg.assign_state(*args)
     for w, b in zip(reg.weights, before):
