@@ -175,7 +175,7 @@ def test_closed_form_gradient_matches_autodiff_of_the_quadratic_in_float64():
     ("nan", r"not finite"),
     ("tasks", r"Expected a task count >= 0. Received: tasks=-1"),
     ("zero_tasks", r"Expected a zero precision and offset with tasks=0"),
-])
+], ids=["short", "shape", "offset", "nan", "tasks", "zero_tasks"])
 def test_assign_state_checks_every_entry_before_assigning_any(case, message):
     net = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     reg = keras_ewc.EWCRegularizer(strength=1.0)

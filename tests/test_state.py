@@ -309,7 +309,7 @@ def test_gamma_set_after_wrapping_is_used_by_the_next_consolidation():
     (float("nan"), r"Received: strength=nan"),
     (1e39, r"Received: strength=1e\+39"),
     ("strong", r"Received: strength='strong'"),
-])
+], ids=["negative", "nan", "inf_in_float32", "not_a_number"])
 def test_a_bad_strength_is_refused_and_the_old_one_kept(value, message):
     model = keras_ewc.EWCModel(net(), strength=3.0)
     with pytest.raises(ValueError, match=message):
