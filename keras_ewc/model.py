@@ -28,6 +28,20 @@ class EWCModel(keras.Model):
     diagonal Fisher on the task's data and merges it, anchored at the current weights,
     into `regularizer`: non-trainable float32 variables that are saved with the model.
 
+    The state knows which variable each anchor and precision belongs to (a key: the
+    variable's position in the wrapped model's `weights` and its name), so freezing or
+    unfreezing layers changes nothing about what is anchored, and loading refuses a
+    state that belongs to other variables. The wrapped model may change: at the next
+    `fit`, `evaluate`, `consolidate` or `save`, variables that left it are dropped from
+    the state with a `UserWarning` naming them, and new trainable variables (a new head)
+    that `include`/`exclude` select join it with zero precision (free until the next
+    consolidation). `regularised_variables` always reflects the model as it is.
+
+    `strength` and `gamma` can be assigned at any time (`model.strength = 10.0`, also
+    from a callback): like an optimizer's learning rate they are variables, used by the
+    next step without recompiling, and saved with the model. A strength so large that
+    the penalty's gradient would overflow float32 is refused.
+
     Args:
         model: the Keras model to wrap (Sequential, Functional or subclassed).
         strength: λ ≥ 0, the weight of the penalty.
@@ -52,9 +66,12 @@ class EWCModel(keras.Model):
     >>> _ = model.consolidate((xa, ya), verbose=0)      # Fisher on task A
     >>> int(model.regularizer.tasks.numpy())
     1
+    >>> model.strength = 30.0                         # used by the next step
     >>> logs = model.fit(xa + 1.0, ya, epochs=1, verbose=0).history
     >>> sorted(logs)
     ['ewc_penalty', 'loss']
+    >>> model.regularizer.keys                          # what each anchor belongs to
+    ['0:kernel', '1:bias', '2:kernel', '3:bias']
     """
 
     def __init__(
