@@ -10,7 +10,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_ewc import distribute
-from keras_ewc.fisher import engine
+from keras_ewc.fisher import checks, engine
 from keras_ewc.fisher import likelihoods as lik_module
 
 ESTIMATORS = ("exact", "sampled", "empirical", "batched")
@@ -29,6 +29,7 @@ def fisher_diagonal(
     verbose="auto",
     variables: Sequence[tf.Variable] | None = None,
     strategy: tf.distribute.Strategy | None = None,
+    steps: int | None = None,
 ) -> list[tf.Tensor]:
     """Computes the diagonal of the Fisher information of `model` on `data`.
 
@@ -47,12 +48,23 @@ def fisher_diagonal(
     normalisation uses its moving statistics, so the examples of a batch do not interact.
     Memory is bounded by `batch_size`, not by the number of examples.
 
+    With sample weights, the Fisher is a weighted mean: example n counts `w_n` times
+    (its terms are scaled by `√w_n`) and the sum is divided by `Σ w_n`; a zero weight
+    removes the example. `"batched"` then uses each batch's weighted mean loss.
+
+    Before any computation, the data, the model's weights and the first batch's outputs
+    are checked (`keras_ewc.fisher.checks`): outputs that contradict the likelihood
+    (probabilities read as logits, or logits read as probabilities), an infinite dataset
+    without `steps`, an un-batched dataset, labels that do not fit the outputs and
+    non-finite weights are refused with an error that says what to do.
+
     Args:
         model: a built Keras model (or any callable with `trainable_variables`)
             returning one output tensor: logits or probabilities for `categorical` and
             `bernoulli`, predictions for `gaussian`.
         data: a `tf.data.Dataset` of batches (`x`, `(x,)`, `(x, y)` or
-            `(x, y, sample_weight)`), an array of inputs, or a tuple `(x, y)` of arrays.
+            `(x, y, sample_weight)`), an array of inputs, or a tuple `(x, y)` or
+            `(x, y, sample_weight)` of arrays.
         estimator: one of `"exact"`, `"sampled"`, `"empirical"`, `"batched"`.
         likelihood: `"categorical"`, `"bernoulli"`, `"gaussian"`, a
             `keras_ewc.fisher.Likelihood`, or None to infer it from the compiled loss.
@@ -67,6 +79,8 @@ def fisher_diagonal(
             each replica sums squared per-example gradients over its shard of every
             batch, and the sums are all-reduced (see `keras_ewc.distribute`). The
             result equals the one-device Fisher. Default: one device.
+        steps: the number of batches to use (as in Keras' `evaluate`); needed for an
+            infinite dataset. Default: all of them.
 
     Returns:
         A list of float32 tensors, aligned with `variables`.
@@ -108,15 +122,23 @@ def fisher_diagonal(
         raise ValueError("The model has no trainable variables to compute a Fisher for.")
     samples = int(samples or 1)
     seed = random.randrange(2**31) if seed is None else int(seed)
+    # --- checks before the loop (keras_ewc.fisher.checks) ---
+    checks.check_steps(steps)
+    checks.check_single_output_model(model)
+    checks.check_finite_weights(list(getattr(model, "weights", [])) + variables)
+    checks.check_inputs(model, _x_spec(data))
+    # --- end of checks ---
 
-    dataset = as_dataset(data, batch_size)
+    dataset = checks.bound_steps(as_dataset(data, batch_size), steps)
     progbar = _progbar(dataset, verbose)
     totals = [tf.zeros(v.shape, tf.float32) for v in variables]
     num_examples = 0
     num_batches = 0
+    total_weight = 0.0
     sum_fn = None
+    probe = None
     for index, batch in enumerate(dataset):
-        x, y, _ = keras.utils.unpack_x_y_sample_weight(batch)
+        x, y, weight = keras.utils.unpack_x_y_sample_weight(batch)
         _check_finite(x, "inputs")
         if estimator in _NEEDS_LABELS:
             if y is None:
@@ -128,19 +150,28 @@ def fisher_diagonal(
         size = int(tf.shape(tf.nest.flatten(x)[0])[0])
         if size == 0:
             continue
-        if index == 0:
-            # One example through the model, to learn its output shape for the checks.
-            probe = model(tf.nest.map_structure(lambda t: t[:1], x), training=False)
-            _check_single_output(probe)
+        if weight is not None:
+            weight = checks.check_sample_weight(weight, size)
+            batch_weight = float(tf.reduce_sum(weight))
+            if batch_weight == 0.0:
+                continue
+        if probe is None:
+            # The first batch through the model: its outputs are checked against the
+            # likelihood before anything is traced.
+            probe = model(x, training=False)
+            checks.check_single_output(probe)
+            checks.check_outputs(lik, probe, model)
         if y is not None and estimator in _NEEDS_LABELS:
+            checks.check_label_shape(lik, [size] + list(probe.shape[1:]), y.shape)
             lik.check_labels(probe, y)
         if estimator == "batched":
-            sums = _batched_squared_mean_grad(model, variables, lik, x, y)
+            sums = _batched_squared_mean_grad(model, variables, lik, x, y, weight)
         else:
             if sum_fn is None:
-                sum_fn = engine.build_sum_squared_grads(
-                    model, variables, _terms_fn(lik, estimator, samples)
-                )
+                terms_fn = _terms_fn(lik, estimator, samples)
+                if weight is not None:
+                    terms_fn = checks.weighted_terms(terms_fn)
+                sum_fn = engine.build_sum_squared_grads(model, variables, terms_fn)
                 if distribute.is_distributed(strategy):
                     sum_fn = distribute.distribute_sum_fn(strategy, sum_fn, variables)
             extra = None
@@ -150,17 +181,23 @@ def fisher_diagonal(
                 shape = lik.noise_shape(probe, samples)
                 shape[0] = size
                 extra = tf.random.stateless_uniform(shape, seed=[seed, index])
+            if weight is not None:
+                extra = checks.weighted_extra(extra, weight)
             sums = sum_fn(x, extra)
         totals = [a + b for a, b in zip(totals, sums)]
         num_examples += size
         num_batches += 1
+        total_weight += size if weight is None else batch_weight
         if progbar is not None:
             progbar.update(num_batches, values=[("examples", num_examples)], finalize=False)
     if num_examples == 0:
-        raise ValueError("The data holds no examples: cannot compute a Fisher from nothing.")
+        raise ValueError(
+            "The data holds no examples (or only examples of sample weight 0): cannot "
+            "compute a Fisher from nothing."
+        )
     if progbar is not None:
         progbar.update(num_batches, finalize=True)
-    denominator = num_batches if estimator == "batched" else num_examples
+    denominator = num_batches if estimator == "batched" else total_weight
     fisher = [t / float(denominator) for t in totals]
     for v, f in zip(variables, fisher):
         if not bool(tf.reduce_all(tf.math.is_finite(f))):
@@ -185,10 +222,13 @@ def _terms_fn(lik, estimator, samples):
     return sampled
 
 
-def _batched_squared_mean_grad(model, variables, lik, x, y):
+def _batched_squared_mean_grad(model, variables, lik, x, y, weight=None):
     with tf.GradientTape() as tape:
         outputs = model(x, training=False)
-        loss = tf.reduce_mean(lik.nll(outputs, y))
+        if weight is None:
+            loss = tf.reduce_mean(lik.nll(outputs, y))
+        else:  # the weighted mean loss of the batch
+            loss = tf.reduce_sum(lik.nll(outputs, y) * weight) / tf.reduce_sum(weight)
     grads = tape.gradient(loss, variables, unconnected_gradients="zero")
     return [tf.square(tf.cast(g, tf.float32)) for g in grads]
 
@@ -199,10 +239,7 @@ def as_dataset(data, batch_size=None) -> tf.data.Dataset:
         if batch_size is not None:
             return data.unbatch().batch(int(batch_size))
         return data
-    if data is None:
-        raise ValueError("Expected data: a tf.data.Dataset, an array, or (x, y). Received None.")
-    if isinstance(data, list):
-        data = tuple(data)
+    checks.check_data_type(data)
     try:
         structure = tf.nest.map_structure(
             lambda a: a if tf.is_tensor(a) else np.asarray(a), data
@@ -233,12 +270,15 @@ def _check_finite(tensors, what):
             )
 
 
-def _check_single_output(outputs):
-    if len(tf.nest.flatten(outputs)) != 1:
-        raise ValueError(
-            "Expected a model with a single output tensor for the Fisher. Received "
-            f"{len(tf.nest.flatten(outputs))} outputs."
-        )
+def _x_spec(data):
+    """The inputs of one batch of `data`, as specs or arrays, for `checks.check_inputs`."""
+    if isinstance(data, tf.data.Dataset):
+        spec = data.element_spec
+    else:
+        checks.check_data_type(data)
+        spec = data
+    x, _, _ = keras.utils.unpack_x_y_sample_weight(spec)
+    return x
 
 
 def _progbar(dataset, verbose):

@@ -35,6 +35,10 @@ class Likelihood:
     """Base class. `from_logits` says whether outputs are logits or probabilities."""
 
     name = "base"
+    # Where the likelihood came from (e.g. the compiled loss), and that loss's Keras
+    # class: the checks name them in their errors. None for an explicit instance.
+    origin: str | None = None
+    loss_class: str | None = None
 
     def __init__(self, from_logits: bool = True):
         self.from_logits = bool(from_logits)
@@ -206,6 +210,12 @@ _LOSS_NAMES = {
     "mse": "gaussian",
 }
 
+_LOSS_CLASSES = {
+    "sparsecategoricalcrossentropy": "SparseCategoricalCrossentropy",
+    "categoricalcrossentropy": "CategoricalCrossentropy",
+    "binarycrossentropy": "BinaryCrossentropy",
+}
+
 
 def get(likelihood, model=None) -> Likelihood:
     """Resolves `likelihood` (an instance, a name, or None: from the compiled loss)."""
@@ -225,7 +235,9 @@ def get(likelihood, model=None) -> Likelihood:
         compiled = _from_compiled_loss(model)
         if compiled is not None and compiled.name == name:
             return compiled
-        return _CLASSES[name](from_logits=_guess_from_logits(getattr(model, "network", model)))
+        found = _CLASSES[name](from_logits=_guess_from_logits(getattr(model, "network", model)))
+        found.origin = f"likelihood={likelihood!r} (from_logits={found.from_logits}, guessed)"
+        return found
     raise ValueError(
         f"Unknown likelihood. Expected one of {list(LIKELIHOODS)} or a Likelihood "
         f"instance. Received: likelihood={likelihood!r}"
@@ -240,7 +252,10 @@ def _from_compiled_loss(model):
         return None
     if isinstance(loss, str):
         name = _LOSS_NAMES.get(loss.lower())
-        return None if name is None else _CLASSES[name](from_logits=False)
+        if name is None:
+            return None
+        return _with_origin(_CLASSES[name](from_logits=False), loss.lower(),
+                            f"the compiled loss {loss!r} (which means from_logits=False)")
     key = type(loss).__name__.lower()
     if key == "lossfunctionwrapper" and getattr(loss, "fn", None) is not None:
         key = loss.fn.__name__.lower()
@@ -250,7 +265,16 @@ def _from_compiled_loss(model):
     if name is None:
         return None
     config = loss.get_config() if hasattr(loss, "get_config") else {}
-    return _CLASSES[name](from_logits=bool(config.get("from_logits", False)))
+    from_logits = bool(config.get("from_logits", False))
+    shown = type(loss).__name__ if key == type(loss).__name__.lower() else key
+    return _with_origin(_CLASSES[name](from_logits=from_logits), key,
+                        f"the compiled loss {shown}(from_logits={from_logits})")
+
+
+def _with_origin(likelihood, key, origin):
+    likelihood.origin = origin
+    likelihood.loss_class = _LOSS_CLASSES.get(key.replace("_", ""))
+    return likelihood
 
 
 def _guess_from_logits(model) -> bool:
