@@ -264,6 +264,7 @@ class EWCModel(keras.Model):
         return distribute.logs_for_reduction(self.distribute_strategy,
                                              super().test_step(data))
 
+    # private: Keras 3.15 `Trainer._maybe_symbolic_build`, overridden (see below).
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         # Keras (3.15) reduces the first distributed batch with `strategy.reduce`, which
         # MultiWorkerMirroredStrategy cannot do for a nest of tensors; the build needs
@@ -527,6 +528,8 @@ def _check_selector(selector, what):
 
 def _layer_names_by_variable(network) -> dict:
     owners: dict = {}
+    # private: `_flatten_layers` is the only walk over every nested layer (public
+    # `layers` stops at the first level of a plain Layer).
     for layer in network._flatten_layers(include_self=True, recursive=True):
         for v in layer.trainable_variables:
             owners.setdefault(id(v), set()).add(layer.name)

@@ -483,6 +483,7 @@ class EWCRegularizer(keras.layers.Layer):
         return (values[1:2 * count:2], values[0:2 * count:2], values[2 * count],
                 int(np.asarray(values[2 * count + 1])))
 
+    # private: TensorFlow's `Trackable._trackable_children`, the hook checkpoints use.
     def _trackable_children(self, save_type="checkpoint", **kwargs):
         # `tf.train.Checkpoint` does not look inside Keras' tracked lists; name the
         # anchors and precisions by key so checkpoints (and SavedModels) carry them and

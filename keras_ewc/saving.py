@@ -187,6 +187,7 @@ def all_or_nothing(model, load, filepath):
 
 def serving_signature(model) -> list:
     """The input signature of the wrapped network, for the serving endpoint."""
+    # private: Keras has no public way to read a model's input signature.
     from keras.src.export.export_utils import get_input_signature
 
     try:
