@@ -3,7 +3,8 @@
 Three tasks share one teacher but see the inputs through different permutations. The
 model learns them one after the other, consolidating after each; every replica trains
 on its share of each global batch and computes the Fisher on its share of the data.
-After each task the script prints the accuracy on every task seen so far.
+After each task the script prints the accuracy on every task seen so far (tasks
+numbered from 1); it writes no files.
 
     python examples/multi_gpu.py [--tasks 3] [--strength 10]
 """
@@ -11,17 +12,24 @@ After each task the script prints the accuracy on every task seen so far.
 from __future__ import annotations
 
 import argparse
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 
-def make_strategy() -> tf.distribute.Strategy:
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--tasks", type=int, default=3, help="number of permuted tasks")
+    parser.add_argument("--strength", type=float, default=10.0, help="EWC strength λ")
+    parser.add_argument("--epochs", type=int, default=5, help="training epochs a task")
+    parser.add_argument("--tf-logs", action="store_true",
+                        help="show TensorFlow's start-up logs (hidden by default)")
+    return parser.parse_args(argv)
+
+
+def make_strategy():
     """Mirrors over the GPUs; with none, splits the CPU into two logical devices."""
+    import tensorflow as tf
+
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
         return tf.distribute.MirroredStrategy()
@@ -31,6 +39,8 @@ def make_strategy() -> tf.distribute.Strategy:
 
 
 def permuted_tasks(count, n=4000, d=32, classes=4, seed=0):
+    import numpy as np
+
     rng = np.random.default_rng(seed)
     teacher = rng.normal(size=(d, classes))
     tasks = []
@@ -42,17 +52,14 @@ def permuted_tasks(count, n=4000, d=32, classes=4, seed=0):
     return tasks
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", type=int, default=3)
-    parser.add_argument("--strength", type=float, default=10.0)
-    parser.add_argument("--epochs", type=int, default=5)
-    args = parser.parse_args()
+def main(argv=None):
+    args = parse_args(argv)
+    # Imported after the arguments are read, so that --help answers at once; keras_ewc
+    # first, so that TensorFlow starts quietly (--tf-logs shows its logs).
+    import keras_ewc
 
     strategy = make_strategy()  # before Keras touches a device
     import keras
-
-    import keras_ewc
 
     keras.utils.set_random_seed(0)
     print(f"{strategy.num_replicas_in_sync} replicas: "
@@ -71,8 +78,8 @@ def main():
         model.consolidate(x[:1000], verbose=0)
         accuracies = [model.evaluate(xt, yt, verbose=0, return_dict=True)["accuracy"]
                       for _, (xt, yt) in tasks[: t + 1]]
-        print(f"after task {t}: " + "  ".join(f"task {i} {a:.3f}"
-                                               for i, a in enumerate(accuracies)))
+        print(f"after task {t + 1}: " + "  ".join(f"task {i + 1} {a:.3f}"
+                                                   for i, a in enumerate(accuracies)))
 
 
 if __name__ == "__main__":

@@ -1,55 +1,77 @@
 """Permuted MNIST (Domain-IL): fine-tuning against EWC, with the accuracy matrix.
 
+Every task shows the same digits (or clothes) through its own fixed permutation of the
+pixels, and one shared output layer answers all of them. A network fine-tuned on each task
+in turn forgets the earlier ones; EWC keeps most of them.
+
 Runs offline on the Fashion-MNIST subset bundled with keras-ewc; `--dataset mnist` uses
 TensorFlow Datasets' MNIST (downloaded once, network needed), and `--dataset DIR` a
-directory of MNIST-format IDX files.
+directory of MNIST-format IDX files. Writes results.json, results.csv and accuracy.png
+under --out.
 
     python examples/permuted_mnist.py                       # bundled data, 5 tasks
     python examples/permuted_mnist.py --dataset mnist --tasks 10 --steps 1000
 """
 
 import argparse
-
-import keras
-
-import keras_ewc
-from keras_ewc import continual
+import os
 
 
-def build(sequence, hidden, strength=None):
-    net = continual.mlp(sequence.input_shape, sequence.num_outputs, hidden=hidden, seed=0)
-    model = net if strength is None else keras_ewc.EWCModel(net, strength=strength)
-    model.compile(optimizer=keras.optimizers.Adam(1e-3),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"])
-    return model
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--dataset", default="bundled",
-                        help="'bundled' (default), 'mnist' (TFDS) or an IDX directory")
-    parser.add_argument("--tasks", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=400, help="batches per task")
-    parser.add_argument("--strength", type=float, default=1000.0)
-    parser.add_argument("--estimator", default="exact")
-    parser.add_argument("--hidden", type=int, nargs="+", default=[400, 400])
-    parser.add_argument("--plot", default="permuted.png")
-    args = parser.parse_args()
+                        help="'bundled' (offline), 'mnist' (TFDS) or a directory of IDX files")
+    parser.add_argument("--tasks", type=int, default=5, help="number of permuted tasks")
+    parser.add_argument("--steps", type=int, default=400, help="training batches per task")
+    parser.add_argument("--strength", type=float, default=1000.0, help="EWC strength λ")
+    parser.add_argument("--estimator", default="exact",
+                        help="Fisher estimator: exact, sampled, empirical or batched")
+    parser.add_argument("--fisher-examples", type=int, default=300,
+                        help="examples of each task used for the Fisher")
+    parser.add_argument("--hidden", type=int, nargs="+", default=[400, 400],
+                        help="hidden layer widths of the MLP")
+    parser.add_argument("--seed", type=int, default=0, help="seed of weights and data order")
+    parser.add_argument("--out", default=os.path.join("keras-ewc-out", "permuted_mnist"),
+                        help="directory for results.json, results.csv and accuracy.png")
+    parser.add_argument("--tf-logs", action="store_true",
+                        help="show TensorFlow's start-up logs (hidden by default)")
+    return parser.parse_args(argv)
 
-    keras.utils.set_random_seed(0)
+
+def main(argv=None):
+    args = parse_args(argv)
+    # Imported after the arguments are read, so that --help answers at once; keras_ewc
+    # before keras, so that TensorFlow starts quietly (--tf-logs shows its logs).
+    import keras_ewc
+    from keras_ewc import continual
+
+    # isort: split
+    import keras
+
     sequence = continual.permuted_sequence(args.dataset, num_tasks=args.tasks,
-                                           scenario="domain", seed=0)
-    print(sequence)
+                                           scenario="domain", seed=args.seed)
+    print(sequence.title)
     results = []
     for label, strength in [("fine-tuning", None), (f"EWC λ={args.strength:g}", args.strength)]:
-        model = build(sequence, args.hidden, strength)
+        keras.utils.set_random_seed(args.seed)
+        net = continual.mlp(sequence.input_shape, sequence.num_outputs, hidden=args.hidden,
+                            seed=args.seed)
+        model = net if strength is None else keras_ewc.EWCModel(net, strength=strength)
+        model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      metrics=["accuracy"])
         results.append(continual.train_sequence(
             model, sequence, steps_per_task=args.steps, estimator=args.estimator,
-            label=label))
+            fisher_examples=args.fisher_examples, seed=args.seed, label=label))
     print(continual.results_table(results))
-    continual.plot_results(results, args.plot, title=str(sequence))
-    print(f"wrote {args.plot}")
+    os.makedirs(args.out, exist_ok=True)
+    continual.save_results(results, json_path=os.path.join(args.out, "results.json"),
+                           csv_path=os.path.join(args.out, "results.csv"))
+    plot = continual.plot_results(results, os.path.join(args.out, "accuracy.png"),
+                                  title=sequence.title)
+    print(f"Wrote {args.out}/results.json, results.csv and {os.path.basename(plot)}")
 
 
 if __name__ == "__main__":

@@ -10,30 +10,45 @@ A continual learner outlives the process that trained it. This example:
    EWCModel from it with `EWCModel.from_saved_model`.
 
 The tasks are synthetic (two linear teachers that see the inputs through different
-permutations), so it runs offline in seconds:
+permutations), so it runs offline in seconds. Everything is written under --out:
 
-    python examples/save_and_resume.py [workdir]
+    python examples/save_and_resume.py [--out DIR]    # default keras-ewc-out/save_and_resume
 
 The last line printed is a JSON summary.
 """
 
+import argparse
 import json
 import os
 import subprocess
 import sys
-import tempfile
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-
-import keras_ewc  # noqa: E402
 
 INPUTS, CLASSES = 20, 3
 
 
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", default=os.path.join("keras-ewc-out", "save_and_resume"),
+                        help="work directory: learner.keras, the served/ SavedModel, "
+                             "expected.npy")
+    parser.add_argument("workdir", nargs="?", default=None,
+                        help="the work directory, given without --out (overrides --out)")
+    parser.add_argument("--epochs", type=int, default=8, help="training epochs a task")
+    parser.add_argument("--tf-logs", action="store_true",
+                        help="show TensorFlow's start-up logs (hidden by default)")
+    # The second process: learns task B from the saved file (not for users).
+    parser.add_argument("--task-b", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.workdir is not None:
+        args.out = args.workdir
+    return args
+
+
 def make_tasks(seed=3, n=1000):
+    import numpy as np
+
     rng = np.random.default_rng(seed)
     w = rng.normal(size=(INPUTS, CLASSES))
     xa = rng.normal(size=(n, INPUTS)).astype("float32")
@@ -43,6 +58,8 @@ def make_tasks(seed=3, n=1000):
 
 
 def accuracy(predict, x, y):
+    import numpy as np
+
     return float(np.mean(np.argmax(np.asarray(predict(x)), axis=1) == y))
 
 
@@ -50,7 +67,11 @@ def quiet(model):
     return lambda x: model.predict(x, verbose=0)
 
 
-def learn_task_a(workdir):
+def learn_task_a(workdir, epochs):
+    import keras
+
+    import keras_ewc
+
     keras.utils.set_random_seed(0)
     (xa, ya), _ = make_tasks()
     net = keras.Sequential([keras.Input((INPUTS,)),
@@ -59,20 +80,25 @@ def learn_task_a(workdir):
     model = keras_ewc.EWCModel(net, strength=30.0)
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
-    model.fit(xa, ya, epochs=8, batch_size=64, verbose=0)
+    model.fit(xa, ya, epochs=epochs, batch_size=64, verbose=0)
     model.consolidate((xa, ya), verbose=0)
     model.save(os.path.join(workdir, "learner.keras"))
     print(f"task A learned: accuracy {accuracy(quiet(model), xa, ya):.2f}; "
           f"saved to {workdir}/learner.keras", file=sys.stderr)
 
 
-def learn_task_b(workdir):
+def learn_task_b(workdir, epochs):
     """Runs in a new process: nothing of the first one survives but the file."""
+    import keras
+    import numpy as np
+
+    import keras_ewc  # noqa: F401  (registers the classes that load_model meets)
+
     keras.utils.set_random_seed(1)
     (xa, ya), (xb, yb) = make_tasks()
     model = keras.models.load_model(os.path.join(workdir, "learner.keras"))
     assert int(model.regularizer.tasks.numpy()) == 1, "the state of task A was lost"
-    model.fit(xb, yb, epochs=8, batch_size=64, verbose=0)
+    model.fit(xb, yb, epochs=epochs, batch_size=64, verbose=0)
     model.consolidate((xb, yb), verbose=0)
     model.save(os.path.join(workdir, "learner.keras"))
     model.export(os.path.join(workdir, "served"))
@@ -83,7 +109,11 @@ def learn_task_b(workdir):
 
 
 def serve(workdir):
+    import keras
+    import numpy as np
     import tensorflow as tf
+
+    import keras_ewc
 
     (xa, ya), (xb, yb) = make_tasks()
     served = tf.saved_model.load(os.path.join(workdir, "served"))
@@ -102,17 +132,21 @@ def serve(workdir):
     }
 
 
-def main(argv):
-    if len(argv) > 2 and argv[1] == "--task-b":
-        learn_task_b(argv[2])
+def main(argv=None):
+    args = parse_args(argv)
+    # Imported after the arguments are read, so that --help answers at once; keras_ewc
+    # before keras, so that TensorFlow starts quietly (--tf-logs shows its logs).
+    import keras_ewc  # noqa: F401
+    if args.task_b:
+        learn_task_b(args.out, args.epochs)
         return
-    workdir = argv[1] if len(argv) > 1 else tempfile.mkdtemp(prefix="keras_ewc_")
-    os.makedirs(workdir, exist_ok=True)
-    learn_task_a(workdir)
-    subprocess.run([sys.executable, os.path.abspath(__file__), "--task-b", workdir],
+    os.makedirs(args.out, exist_ok=True)
+    learn_task_a(args.out, args.epochs)
+    subprocess.run([sys.executable, os.path.abspath(__file__), "--task-b", "--out", args.out,
+                    "--epochs", str(args.epochs)] + (["--tf-logs"] if args.tf_logs else []),
                    check=True)
-    print(json.dumps(serve(workdir)))
+    print(json.dumps(serve(args.out)))
 
 
 if __name__ == "__main__":
-    main(sys.argv)
+    main()

@@ -125,7 +125,8 @@ def logs_for_reduction(strategy, logs):
     dimension 0"). Giving each scalar the shape `[1]` makes that reduction the plain
     mean over replicas, a scalar again. Other strategies get the logs unchanged.
     """
-    from keras.src.backend.tensorflow import trainer  # the test Keras itself uses
+    # private: the test Keras itself uses to choose the reduction.
+    from keras.src.backend.tensorflow import trainer
 
     if not trainer._collective_all_reduce_multi_worker(strategy):
         return logs

@@ -526,6 +526,7 @@ class KroneckerRegularizer(keras.layers.Layer):
                        "max_tasks": self.max_tasks})
         return config
 
+    # private: TensorFlow's `Trackable._trackable_children`, the hook checkpoints use.
     def _trackable_children(self, save_type="checkpoint", **kwargs):
         # `tf.train.Checkpoint` does not look inside Keras' tracked lists: name the state.
         children = dict(super()._trackable_children(save_type, **kwargs))

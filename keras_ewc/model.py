@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Sequence
 
 import keras
@@ -30,6 +31,20 @@ class EWCModel(keras.Model):
     adds it to the logged `loss`). After each task, `consolidate(data)` computes the
     diagonal Fisher on the task's data and merges it, anchored at the current weights,
     into `regularizer`: non-trainable float32 variables that are saved with the model.
+
+    The state knows which variable each anchor and precision belongs to (a key: the
+    variable's position in the wrapped model's `weights` and its name), so freezing or
+    unfreezing layers changes nothing about what is anchored, and loading refuses a
+    state that belongs to other variables. The wrapped model may change: at the next
+    `fit`, `evaluate`, `consolidate` or `save`, variables that left it are dropped from
+    the state with a `UserWarning` naming them, and new trainable variables (a new head)
+    that `include`/`exclude` select join it with zero precision (free until the next
+    consolidation). `regularised_variables` always reflects the model as it is.
+
+    `strength` and `gamma` can be assigned at any time (`model.strength = 10.0`, also
+    from a callback): like an optimizer's learning rate they are variables, used by the
+    next step without recompiling, and saved with the model. A strength so large that
+    the penalty's gradient would overflow float32 is refused.
 
     Args:
         model: the Keras model to wrap (Sequential, Functional or subclassed).
@@ -62,9 +77,12 @@ class EWCModel(keras.Model):
     >>> _ = model.consolidate((xa, ya), verbose=0)      # Fisher on task A
     >>> int(model.regularizer.tasks.numpy())
     1
+    >>> model.strength = 30.0                         # used by the next step
     >>> logs = model.fit(xa + 1.0, ya, epochs=1, verbose=0).history
     >>> sorted(logs)
     ['ewc_penalty', 'loss']
+    >>> model.regularizer.keys                          # what each anchor belongs to
+    ['0:kernel', '1:bias', '2:kernel', '3:bias']
     """
 
     def __init__(
@@ -79,7 +97,8 @@ class EWCModel(keras.Model):
         max_tasks: int = 10,
         **kwargs,
     ):
-        selected = kwargs.pop("variable_indices", None)
+        keys = kwargs.pop("variable_keys", None)
+        selected = kwargs.pop("variable_indices", None)  # format version 1
         super().__init__(**kwargs)
         if structure not in STRUCTURES:
             raise ValueError(f"Expected structure in {list(STRUCTURES)}. Received: "
@@ -100,7 +119,9 @@ class EWCModel(keras.Model):
                                               name="ewc_state")
         self.include = _check_selector(include, "include")
         self.exclude = _check_selector(exclude, "exclude")
+        self._saved_keys = None if keys is None else [str(k) for k in keys]
         self._selected_indices = None if selected is None else [int(i) for i in selected]
+        self._signature = None
         self.penalty_tracker = keras.metrics.Mean(name="ewc_penalty")
         if model.built and model.weights:
             self._build_state()
@@ -118,47 +139,136 @@ class EWCModel(keras.Model):
         self.built = True
 
     def _build_state(self):
-        variables = self._regularised_variables()
+        variables, keys = self._regularised_variables()
         if self.structure == "kronecker":
-            self.regularizer.build_for(variables, self.network)
+            self.regularizer.build_for(variables, self.network, keys)
         else:
-            self.regularizer.build_for(variables)
+            self.regularizer.build_for(variables, keys)
+        self._signature = self._model_signature()
         self.built = True
 
-    def _regularised_variables(self) -> list:
+    def _regularised_variables(self) -> tuple[list, list]:
+        if self._saved_keys is not None:
+            variables = variable_for_keys(self.network, self._saved_keys)
+            return variables, list(self._saved_keys)
         variables = list(self.network.trainable_variables)
         if not variables:
             raise ValueError(
                 "The wrapped model has no trainable variables, so there is nothing for EWC "
                 "to regularise."
             )
-        if self._selected_indices is not None:
+        if self._selected_indices is not None:  # a format version 1 file
             if max(self._selected_indices, default=-1) >= len(variables):
                 raise ValueError(
                     f"The saved EWC selection names variable {max(self._selected_indices)}, "
                     f"but the wrapped model has only {len(variables)} trainable variables."
                 )
-            return [variables[i] for i in self._selected_indices]
-        owners = _layer_names_by_variable(self.network)
-        chosen = variables
-        if self.include is not None:
-            keep = _match(self.include, variables, owners, "include")
-            chosen = [v for v in variables if id(v) in keep]
-        if self.exclude is not None:
-            drop = _match(self.exclude, variables, owners, "exclude")
-            chosen = [v for v in chosen if id(v) not in drop]
+            chosen = [variables[i] for i in self._selected_indices]
+            return chosen, variable_keys(self.network, chosen)
+        chosen = self._select(variables, strict=True)
         if not chosen:
             raise ValueError(
                 "include/exclude leave no variable to regularise. Received: "
                 f"include={self.include!r}, exclude={self.exclude!r}"
             )
-        ids = [id(v) for v in variables]
-        self._selected_indices = [ids.index(id(v)) for v in chosen]
+        return chosen, variable_keys(self.network, chosen)
+
+    def _select(self, variables, strict) -> list:
+        """Applies include/exclude to `variables`; `strict` refuses names that match
+        no layer (at wrapping time; variables added later need not match)."""
+        owners = _layer_names_by_variable(self.network)
+        chosen = list(variables)
+        if self.include is not None:
+            keep = _match(self.include, variables, owners, "include", strict)
+            chosen = [v for v in variables if id(v) in keep]
+        if self.exclude is not None:
+            drop = _match(self.exclude, variables, owners, "exclude", strict)
+            chosen = [v for v in chosen if id(v) not in drop]
         return chosen
+
+    def _model_signature(self) -> tuple:
+        # Cheap to compute and compare: which variables the model holds and which of
+        # them train. Nothing is rebuilt while it stays the same.
+        return (tuple(id(w) for w in self.network.weights),
+                tuple(id(v) for v in self.network.trainable_variables))
+
+    def _sync_state(self) -> bool:
+        """Follows the wrapped model if its variables changed since the state was built.
+
+        Variables that left the model are dropped from the state with a warning naming
+        them; new trainable variables (a new head, an unfrozen layer that was frozen
+        when wrapped) that include/exclude select join it with zero precision. Frozen
+        variables keep their state. Returns whether the state changed.
+        """
+        if not self.regularizer.built:
+            return False
+        signature = self._model_signature()
+        if signature == self._signature:
+            return False
+        if self.structure == "kronecker":
+            return self._check_kronecker_unchanged(signature)
+        weights = list(self.network.weights)
+        present = {id(w) for w in weights}
+        reg = self.regularizer
+        held = {id(t) for t in reg.targets}
+        removed = [(k, t) for k, t in zip(reg.keys, reg.targets) if id(t) not in present]
+        candidates = [v for v in self.network.trainable_variables if id(v) not in held]
+        added = {id(v) for v in self._select(candidates, strict=False)} if candidates else set()
+        keep = (held & present) | added
+        targets = [w for w in weights if id(w) in keep]
+        keys = variable_keys(self.network, targets)
+        if not targets:
+            raise ValueError(
+                "The wrapped model no longer holds any of the regularised variables "
+                f"({[k for k, _ in removed]}) and has no new trainable variable to "
+                "regularise. Wrap the new model in a new EWCModel."
+            )
+        changed = bool(removed or added) or keys != reg.keys
+        if changed:
+            with self.distribute_strategy.scope():
+                reg.rebind(targets, keys)
+            if removed:
+                warnings.warn(
+                    "These regularised variables are no longer part of the wrapped "
+                    "model; their EWC state (anchor and precision) is dropped: "
+                    + ", ".join(f"{k} ({t.path})" for k, t in removed),
+                    UserWarning, stacklevel=3,
+                )
+        self._signature = signature
+        return changed
+
+    def make_train_function(self, force=False):
+        # `fit` and `train_on_batch` come here first: follow a model that changed
+        # (which retraces), else keep the traced step.
+        changed = self._sync_state()
+        return super().make_train_function(force=force or changed)
+
+    def make_test_function(self, force=False):
+        changed = self._sync_state()
+        return super().make_test_function(force=force or changed)
+
+    def _check_kronecker_unchanged(self, signature) -> bool:
+        """Kronecker state is shaped per layer: refuse variables added or removed."""
+        present = {id(w) for w in self.network.weights}
+        reg = self.regularizer
+        held = {id(t) for t in reg.targets}
+        removed = [k for k, t in zip(reg.keys, reg.targets) if id(t) not in present]
+        candidates = [v for v in self.network.trainable_variables if id(v) not in held]
+        added = self._select(candidates, strict=False) if candidates else []
+        if removed or added:
+            raise ValueError(
+                "structure='kronecker' does not follow a wrapped model whose variables "
+                f"change. Removed: {removed}; added: {[v.path for v in added]}. Wrap the "
+                "changed model in a new EWCModel, or use structure='diagonal' (which "
+                "follows such changes)."
+            )
+        self._signature = signature
+        return False
 
     @property
     def regularised_variables(self) -> list:
-        """The wrapped model's variables that the penalty anchors."""
+        """The wrapped model's variables that the penalty anchors, as the model is now."""
+        self._sync_state()
         return self.regularizer.targets
 
     # --- forward and loss ----------------------------------------------------------
@@ -181,8 +291,10 @@ class EWCModel(keras.Model):
         if training and loss is not None:
             # Keras divides each replica's loss by the number of replicas before the
             # gradients are summed; the penalty must be divided the same way.
-            scaled = keras.src.losses.loss.scale_loss_for_distribution(penalty)
-            loss = loss + tf.cast(scaled, loss.dtype)
+            replicas = tf.distribute.get_strategy().num_replicas_in_sync
+            if replicas > 1:
+                penalty = penalty * (1.0 / replicas)
+            loss = loss + tf.cast(penalty, loss.dtype)
         return loss
 
     def train_step(self, data):
@@ -197,6 +309,7 @@ class EWCModel(keras.Model):
         return distribute.logs_for_reduction(self.distribute_strategy,
                                              super().test_step(data))
 
+    # private: Keras 3.15 `Trainer._maybe_symbolic_build`, overridden (see below).
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         # Keras (3.15) reduces the first distributed batch with `strategy.reduce`, which
         # MultiWorkerMirroredStrategy cannot do for a nest of tensors; the build needs
@@ -220,6 +333,7 @@ class EWCModel(keras.Model):
         verbose="auto",
         likelihood=None,
         seed: int | None = None,
+        steps: int | None = None,
     ) -> list:
         """Computes the Fisher on `data` and anchors the current weights with it.
 
@@ -239,6 +353,7 @@ class EWCModel(keras.Model):
             likelihood: as in `fisher_diagonal`; inferred from the compiled loss when
                 None.
             seed: seed for the `sampled` estimator.
+            steps: batches to read from `data` (None: all of them), as in `evaluate`.
 
         With `structure="kronecker"`, the Dense and Conv layers get Kronecker factors
         (`keras_ewc.kronecker_factors`) and the other variables the diagonal; the
@@ -256,9 +371,11 @@ class EWCModel(keras.Model):
                 "The EWCModel is not built: it has no weights to anchor yet. Train it, "
                 "call it on a batch, or call `build(input_shape)` before `consolidate`."
             )
+        self._sync_state()
+        options = {} if steps is None else {"steps": steps}
         if self.structure == "kronecker":
             return self._consolidate_kronecker(data, estimator, samples, batch_size,
-                                               verbose, likelihood, seed)
+                                               verbose, likelihood, seed, options)
         fisher = diagonal.fisher_diagonal(
             self.network,
             data,
@@ -270,6 +387,7 @@ class EWCModel(keras.Model):
             verbose=verbose,
             variables=self.regularizer.targets,
             strategy=self.distribute_strategy,
+            **options,
         )
         # Outside `strategy.run`: cross-replica context, where mirrored state variables
         # are assigned on every replica at once.
@@ -277,7 +395,7 @@ class EWCModel(keras.Model):
         return fisher
 
     def _consolidate_kronecker(self, data, estimator, samples, batch_size, verbose,
-                               likelihood, seed):
+                               likelihood, seed, options):
         import random
 
         reg = self.regularizer
@@ -286,7 +404,7 @@ class EWCModel(keras.Model):
         seed = random.randrange(2**31) if seed is None else int(seed)
         common = dict(estimator=estimator, likelihood=lik, samples=samples,
                       batch_size=batch_size, seed=seed, verbose=verbose,
-                      strategy=self.distribute_strategy)
+                      strategy=self.distribute_strategy, **options)
         factors = kronecker_fisher.compute_factors(self.network, reg.plan, data, **common)
         rest = []
         if reg.rest:
@@ -301,7 +419,13 @@ class EWCModel(keras.Model):
 
     @property
     def strength(self) -> float:
+        """λ: assign to change it; the next step uses it, with no recompiling."""
         return self.regularizer.strength
+
+    @strength.setter
+    def strength(self, value) -> None:
+        self._sync_state()
+        self.regularizer.strength = value
 
     @property
     def mode(self) -> str:
@@ -309,7 +433,12 @@ class EWCModel(keras.Model):
 
     @property
     def gamma(self) -> float:
+        """γ (online mode): assign to change it for the next consolidation."""
         return self.regularizer.gamma
+
+    @gamma.setter
+    def gamma(self, value) -> None:
+        self.regularizer.gamma = value
 
     def get_config(self):
         config = {
@@ -326,10 +455,12 @@ class EWCModel(keras.Model):
             config["structure"] = self.structure
             config["max_tasks"] = self.regularizer.max_tasks
         config["format_version"] = saving.FORMAT_VERSION
-        if self._selected_indices is not None:
-            # The exact selection, so a reloaded model (also one selected by a
+        if self.regularizer.built:
+            # The exact selection, by key, so a reloaded model (also one selected by a
             # predicate, which cannot be serialised) rebuilds the same state layout.
-            config["variable_indices"] = list(self._selected_indices)
+            config["variable_keys"] = self.regularizer.keys
+        elif self._saved_keys is not None:
+            config["variable_keys"] = list(self._saved_keys)
         return config
 
     @classmethod
@@ -356,6 +487,28 @@ class EWCModel(keras.Model):
         elif config:
             super().build_from_config(config)
 
+    def save(self, filepath, overwrite=True, zipped=None, **kwargs):
+        """Saves the model; the file is written beside `filepath` and renamed into place,
+        so a save that fails part-way leaves the previous file as it was."""
+        self._sync_state()
+        return saving.write_then_rename(
+            filepath, overwrite,
+            lambda path: super(EWCModel, self).save(path, overwrite=True, zipped=zipped,
+                                                    **kwargs),
+            fallback=lambda: super(EWCModel, self).save(
+                filepath, overwrite=overwrite, zipped=zipped, **kwargs),
+            atomic=zipped is not False and not kwargs)
+
+    def save_weights(self, filepath, overwrite=True, max_shard_size=None):
+        """Saves weights and EWC state, written beside `filepath` and renamed into place."""
+        self._sync_state()
+        return saving.write_then_rename(
+            filepath, overwrite,
+            lambda path: super(EWCModel, self).save_weights(path, overwrite=True),
+            fallback=lambda: super(EWCModel, self).save_weights(
+                filepath, overwrite=overwrite, max_shard_size=max_shard_size),
+            atomic=max_shard_size is None)
+
     def load_weights(self, filepath, skip_mismatch=False, **kwargs):
         """Loads weights, optimizer variables and EWC state: all of them, or none.
 
@@ -363,6 +516,7 @@ class EWCModel(keras.Model):
         truncated or corrupted file), every variable is put back as it was before
         the call and the error says what did not match.
         """
+        self._sync_state()
         return saving.all_or_nothing(
             self,
             lambda: super(EWCModel, self).load_weights(
@@ -395,6 +549,7 @@ class EWCModel(keras.Model):
         >>> bool(np.allclose(served.serve(x), model.predict(x, verbose=0)))
         True
         """
+        self._sync_state()
         if format in ("tf_saved_model", "saved_model"):
             if self.structure == "kronecker":
                 raise NotImplementedError(
@@ -459,21 +614,23 @@ def _check_selector(selector, what):
 
 def _layer_names_by_variable(network) -> dict:
     owners: dict = {}
+    # private: `_flatten_layers` is the only walk over every nested layer (public
+    # `layers` stops at the first level of a plain Layer).
     for layer in network._flatten_layers(include_self=True, recursive=True):
         for v in layer.trainable_variables:
             owners.setdefault(id(v), set()).add(layer.name)
     return owners
 
 
-def _match(selector, variables, owners, what) -> set:
+def _match(selector, variables, owners, what, strict=True) -> set:
     if callable(selector):
         chosen = {id(v) for v in variables if selector(v)}
-        if not chosen:
+        if not chosen and strict:
             raise ValueError(f"The {what} predicate matches no trainable variable.")
         return chosen
     known = set().union(*owners.values()) if owners else set()
     missing = [n for n in selector if n not in known]
-    if missing:
+    if missing and strict:
         raise ValueError(
             f"{what} names layers that hold no trainable variable: {missing}. "
             f"Layers with trainable variables: {sorted(known)}"
@@ -491,3 +648,44 @@ def _zeros_like_shape(input_shape):
     shape = [1 if d is None else int(d) for d in input_shape]
     shape[0] = 1
     return np.zeros(shape, "float32")
+
+
+# A key is the variable's position in the wrapped model's `weights` and its name
+# ("2:kernel"). Positions in `weights` are the order Keras' own `get_weights` /
+# `set_weights` use and rely on when copying weights between two instances of one
+# architecture; they do not move when a layer is frozen or unfrozen (unlike positions
+# in `trainable_variables`), and unlike `Variable.path` they do not depend on
+# auto-generated names (`sequential_3/dense_7/kernel`), which differ between processes
+# and between two instances built in one process. The name guards against a file from
+# a model whose weights are ordered otherwise. A file's state that belongs to other
+# variables has other keys, whatever the shapes, and is refused.
+
+
+def variable_keys(network, variables) -> list:
+    """The key of each of `variables` in `network`: `"{position in weights}:{name}"`."""
+    index = {id(w): i for i, w in enumerate(network.weights)}
+    missing = [v.path for v in variables if id(v) not in index]
+    if missing:
+        raise ValueError(f"These variables are not weights of the wrapped model: {missing}")
+    return [f"{index[id(v)]}:{v.name}" for v in variables]
+
+
+def variable_for_keys(network, keys) -> list:
+    """The variables of `network` that `keys` (from `variable_keys`) name."""
+    weights = list(network.weights)
+    found, wrong = [], []
+    for key in keys:
+        head, _, name = str(key).partition(":")
+        i = int(head) if head.isdigit() else -1
+        if 0 <= i < len(weights) and weights[i].name == name:
+            found.append(weights[i])
+        else:
+            have = (f"weight {i} is {weights[i].name!r} ({weights[i].path})"
+                    if 0 <= i < len(weights) else f"the model has {len(weights)} weights")
+            wrong.append(f"{key} ({have})")
+    if wrong:
+        raise ValueError(
+            "The saved EWC state names variables this model does not have: "
+            + "; ".join(wrong) + ". Load it into the architecture it was saved from."
+        )
+    return found

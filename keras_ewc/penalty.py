@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 MODES = ("separate", "online")
@@ -54,6 +55,10 @@ def quadratic(precision, anchor, offset, theta):
 
 # --- the Keras object -----------------------------------------------------------------
 
+# Largest |gradient| whose square is still a finite float32 (Adam and RMSprop square the
+# gradients: past this bound their second moment overflows and the weights turn to NaN).
+GRADIENT_LIMIT = float(np.sqrt(np.finfo(np.float32).max))
+
 
 @keras.saving.register_keras_serializable(package="keras_ewc")
 class EWCRegularizer(keras.layers.Layer):
@@ -61,9 +66,18 @@ class EWCRegularizer(keras.layers.Layer):
 
     The penalty is `strength * (½ Σ_i P_i (θ_i − m_i)² + c)`: `P` is the `precision`
     (accumulated Fisher diagonal), `m` the `anchors`, `c` the `offset`. The state is held
-    in non-trainable float32 variables, created by `build()`, so that it is saved,
-    checkpointed and distributed with the model. The offset is stored without the
-    strength, so changing `strength` later rescales the whole penalty consistently.
+    in non-trainable float32 variables, created by `build_for()`, so that it is saved,
+    checkpointed and distributed with the model. Each anchor and precision records the
+    variable it belongs to by a key (`keys`), written into every file; loading matches
+    the keys and refuses a state that belongs to other variables. The offset is stored
+    without the strength, so changing `strength` later rescales the whole penalty.
+
+    `strength` and `gamma` live in non-trainable float32 variables, like an optimizer's
+    learning rate: assigning `reg.strength = 10.0` takes effect at the next step, with
+    no retracing. A strength so large that the penalty's gradient would overflow
+    float32 is refused. The penalty's gradient, `strength * P (θ − m)`, is given
+    directly (`tf.custom_gradient`), so training does not differentiate through a chain
+    of small operations per variable.
 
     Args:
         strength: λ ≥ 0, the weight of the penalty.
@@ -85,47 +99,145 @@ class EWCRegularizer(keras.layers.Layer):
     >>> _ = net.layers[0].bias.assign([1.0, 1.0])
     >>> round(float(reg.penalty()), 4)     # 10 * ½ * (1² + 1²)
     10.0
+    >>> reg.strength = 2.0                 # takes effect at once
+    >>> round(float(reg.penalty()), 4)
+    2.0
     """
 
     def __init__(self, strength: float = 1.0, mode: str = "separate", gamma: float = 1.0,
                  **kwargs):
         super().__init__(**kwargs)
-        self.strength = validate_strength(strength)
+        strength = validate_strength(strength)
         self.mode = validate_mode(mode)
-        self.gamma = validate_gamma(gamma)
-        self._refs = _Refs([])
-        self.anchors: list = []
-        self.precision: list = []
+        gamma = validate_gamma(gamma)
+        self._strength_variable = self.add_weight(
+            shape=(), initializer=keras.initializers.Constant(strength), dtype="float32",
+            trainable=False, name="strength")
+        self._gamma_variable = self.add_weight(
+            shape=(), initializer=keras.initializers.Constant(gamma), dtype="float32",
+            trainable=False, name="gamma")
+        # The Python floats as given, so configs round-trip exactly (the variables
+        # hold them in float32); kept out of Keras' attribute tracking.
+        self.__dict__["_strength_set"] = strength
+        self.__dict__["_gamma_set"] = gamma
+        self._state = _State()
         self.offset = None
         self.tasks = None
 
-    def build_for(self, variables: Sequence) -> None:
-        """Creates the state variables for the regularised `variables`."""
+    # --- hyperparameters -------------------------------------------------------------
+
+    @property
+    def strength(self) -> float:
+        """λ, the weight of the penalty; assign to change it at the next step."""
+        return _python_value(self._strength_variable, self.__dict__.get("_strength_set"))
+
+    @strength.setter
+    def strength(self, value) -> None:
+        value = validate_strength(value)
+        if self.built:
+            self._check_strength(value, _tensors(self.precision), _tensors(self.anchors),
+                                 tf.convert_to_tensor(self.offset), _tensors(self.targets))
+        self._strength_variable.assign(value)
+        self.__dict__["_strength_set"] = value
+
+    @property
+    def gamma(self) -> float:
+        """γ, the decay of the precision in online mode; assign to change it."""
+        return _python_value(self._gamma_variable, self.__dict__.get("_gamma_set"))
+
+    @gamma.setter
+    def gamma(self, value) -> None:
+        value = validate_gamma(value)
+        self._gamma_variable.assign(value)
+        self.__dict__["_gamma_set"] = value
+
+    # --- the state ---------------------------------------------------------------------
+
+    @property
+    def anchors(self) -> list:
+        """The anchors m, one float32 variable a regularised variable."""
+        return list(self._state.anchors)
+
+    @property
+    def precision(self) -> list:
+        """The precision P (accumulated Fisher), one float32 variable a regularised one."""
+        return list(self._state.precision)
+
+    @property
+    def targets(self) -> list:
+        """The regularised variables (owned by the model, not by this layer)."""
+        return list(self._state.targets)
+
+    @property
+    def keys(self) -> list:
+        """The key of each regularised variable, as written into files."""
+        return list(self._state.keys)
+
+    def build_for(self, variables: Sequence, keys: Sequence[str] | None = None) -> None:
+        """Creates the state variables for the regularised `variables`.
+
+        Args:
+            variables: the variables to anchor.
+            keys: a stable key for each variable, recorded in files (default:
+                `"{position}:{name}"` in `variables`).
+        """
         if self.built:
             raise ValueError("This EWCRegularizer already holds a state; it cannot be rebuilt.")
         variables = list(variables)
         if not variables:
             raise ValueError("Expected at least one variable to regularise. Received none.")
-        self._refs = _Refs(variables)
-        for i, v in enumerate(variables):
-            shape = tuple(v.shape)
-            label = _label(v, i)
-            self.anchors.append(self.add_weight(
-                shape=shape, initializer="zeros", dtype="float32", trainable=False,
-                name=f"anchor_{label}"))
-            self.precision.append(self.add_weight(
-                shape=shape, initializer="zeros", dtype="float32", trainable=False,
-                name=f"precision_{label}"))
+        keys = _check_keys(variables, keys)
         self.offset = self.add_weight(shape=(), initializer="zeros", dtype="float32",
                                       trainable=False, name="offset")
         self.tasks = self.add_weight(shape=(), initializer="zeros", dtype="int64",
                                      trainable=False, name="tasks")
+        self._state = _State(variables, keys, *self._new_entries(variables, keys))
         self.built = True
 
-    @property
-    def targets(self) -> list:
-        """The regularised variables (owned by the model, not by this layer)."""
-        return list(self._refs.items)
+    def _new_entries(self, variables, keys):
+        anchors, precision = [], []
+        for v, key in zip(variables, keys):
+            label = key.replace(":", "_")
+            # The anchor of a variable with zero precision does not count; the current
+            # weights make it a sensible value to read.
+            anchors.append(self.add_weight(
+                shape=tuple(v.shape), dtype="float32", trainable=False,
+                initializer=keras.initializers.Constant(0.0), name=f"anchor_{label}"))
+            anchors[-1].assign(tf.cast(tf.convert_to_tensor(v), tf.float32))
+            precision.append(self.add_weight(
+                shape=tuple(v.shape), initializer="zeros", dtype="float32", trainable=False,
+                name=f"precision_{label}"))
+        return anchors, precision
+
+    def rebind(self, variables: Sequence, keys: Sequence[str]) -> list:
+        """Follows a model that changed: keeps the state of `variables` already held,
+        adds zero precision for new ones, drops the rest. Returns the dropped keys.
+
+        Variables are matched by identity (the same variable object), so a variable
+        keeps its anchor and precision whatever its new key.
+        """
+        self._check_built()
+        variables = list(variables)
+        if not variables:
+            raise ValueError("Expected at least one variable to regularise. Received none.")
+        keys = _check_keys(variables, keys)
+        held = {id(t): (a, p) for t, a, p in zip(self.targets, self.anchors, self.precision)}
+        new = [(v, k) for v, k in zip(variables, keys) if id(v) not in held]
+        fresh = iter(zip(*self._new_entries([v for v, _ in new], [k for _, k in new])))
+        anchors, precision = [], []
+        for v in variables:
+            a, p = held[id(v)] if id(v) in held else next(fresh)
+            anchors.append(a)
+            precision.append(p)
+        kept = {id(v) for v in variables}
+        dropped = [(k, a, p) for t, k, a, p in zip(self.targets, self.keys, self.anchors,
+                                                   self.precision) if id(t) not in kept]
+        for _, a, p in dropped:
+            # private: Keras has no public way for a layer to forget a weight it created.
+            self._untrack_variable(a)
+            self._untrack_variable(p)
+        self._state = _State(variables, keys, anchors, precision)
+        return [k for k, _, _ in dropped]
 
     def build(self, input_shape=None):
         # The state is shaped after the regularised variables: see `build_for`.
@@ -135,7 +247,7 @@ class EWCRegularizer(keras.layers.Layer):
         return self.penalty()
 
     def _check_built(self):
-        if not self.targets:
+        if not self.built or not self.targets:
             raise ValueError(
                 "The EWCRegularizer holds no state yet: call `build_for(variables)` first "
                 "(an EWCModel does this when it is built)."
@@ -144,14 +256,20 @@ class EWCRegularizer(keras.layers.Layer):
     def penalty(self, variables: Sequence | None = None) -> tf.Tensor:
         """The current penalty, a float32 scalar; 0 before any consolidation.
 
+        Its gradient with respect to the variables is `strength * P (θ − m)`, given in
+        closed form.
+
         Args:
             variables: the weights to evaluate at (default: the regularised variables).
         """
         self._check_built()
         theta = self.targets if variables is None else list(variables)
-        value = quadratic(_tensors(self.precision), _tensors(self.anchors),
-                          tf.convert_to_tensor(self.offset), _tensors(theta))
-        return tf.cast(self.strength, tf.float32) * value
+        # No task consolidated (`tasks` is 0) means a zero state: `assign_state` keeps
+        # that invariant, so the step can skip the arithmetic.
+        return penalty_with_gradient(
+            tf.convert_to_tensor(self._strength_variable), _tensors(self.precision),
+            _tensors(self.anchors), tf.convert_to_tensor(self.offset), _tensors(theta),
+            active=tf.convert_to_tensor(self.tasks) > 0)
 
     def consolidate(self, fisher: Sequence, theta: Sequence | None = None) -> None:
         """Merges a task's Fisher diagonal, anchored at `theta` (default: the current
@@ -166,11 +284,11 @@ class EWCRegularizer(keras.layers.Layer):
                 f"Expected {len(self.targets)} Fisher and weight tensors, one per "
                 f"regularised variable. Received {len(fisher)} and {len(theta)}."
             )
-        for v, f, t in zip(self.targets, fisher, theta):
+        for key, v, f, t in zip(self.keys, self.targets, fisher, theta):
             if tuple(f.shape) != tuple(v.shape) or tuple(t.shape) != tuple(v.shape):
                 raise ValueError(
                     f"Expected a Fisher and weights of shape {tuple(v.shape)} for variable "
-                    f"{_label(v, 0)}. Received {tuple(f.shape)} and {tuple(t.shape)}."
+                    f"{key} ({v.path}). Received {tuple(f.shape)} and {tuple(t.shape)}."
                 )
         for f in fisher:
             if not bool(tf.reduce_all(tf.math.is_finite(f))) or bool(tf.reduce_any(f < 0)):
@@ -180,19 +298,75 @@ class EWCRegularizer(keras.layers.Layer):
         if self.mode == "separate":
             new = merge_separate(*state, fisher, theta)
         else:
-            new = merge_online(*state, fisher, theta, self.gamma)
+            new = merge_online(*state, fisher, theta, tf.convert_to_tensor(self._gamma_variable))
+        self._check_strength(self.strength, *new, _tensors(self.targets))
         self.assign_state(*new, tasks=int(self.tasks.numpy()) + 1)
 
+    def _check_strength(self, strength, precision, anchors, offset, theta) -> None:
+        """Refuses a strength whose penalty or gradient overflows float32 on this state."""
+        if not precision:
+            return
+        p_max = max(float(tf.reduce_max(p)) for p in precision) if precision else 0.0
+        if p_max == 0.0 and float(offset) == 0.0:
+            return  # no task yet: the penalty is 0 at any strength
+        theta = [tf.cast(t, tf.float32) for t in theta]
+        reach = max([1.0] + [float(tf.reduce_max(tf.abs(t - m))) for t, m in
+                             zip(theta, anchors)])
+        # The gradient a weight `reach` away from its anchor gets (at least 1 away).
+        gradient = float(np.float64(strength) * p_max * reach)
+        value = float(np.float64(strength) * float(quadratic(precision, anchors, offset,
+                                                             theta)))
+        if gradient < GRADIENT_LIMIT and value < float(np.finfo(np.float32).max):
+            return
+        limit = GRADIENT_LIMIT / (p_max * reach) if p_max > 0 else float("inf")
+        raise ValueError(
+            f"strength={strength:g} is too large for this EWC state: the penalty's "
+            f"gradient strength * P * (θ − m) reaches {gradient:.3g} (largest precision "
+            f"{p_max:.3g}, weights up to {reach:.3g} from their anchors) and the penalty "
+            f"{value:.3g}; float32 overflows (Adam and RMSprop square the gradient) and "
+            f"the weights would turn to NaN. Expected strength < {limit:.3g}. Received: "
+            f"strength={strength!r}. The state and the weights are unchanged."
+        )
+
     def assign_state(self, precision, anchors, offset, tasks) -> None:
-        """Assigns a whole state at once (checked first, so nothing is half-written)."""
+        """Assigns a whole state at once: the count, shape and finiteness of every
+        entry is checked before any variable is assigned, so nothing is half-written."""
         self._check_built()
-        values = [tf.convert_to_tensor(x, tf.float32) for x in list(precision) + list(anchors)]
-        values.append(tf.convert_to_tensor(offset, tf.float32))
-        if not all(bool(tf.reduce_all(tf.math.is_finite(x))) for x in values):
+        precision, anchors = list(precision), list(anchors)
+        count = len(self.targets)
+        if len(precision) != count or len(anchors) != count:
+            raise ValueError(
+                f"Expected {count} precision and {count} anchor arrays, one per "
+                f"regularised variable ({self.keys}). Received {len(precision)} and "
+                f"{len(anchors)}; the state is left unchanged."
+            )
+        values = [tf.convert_to_tensor(x, tf.float32) for x in precision + anchors]
+        shapes = [tuple(v.shape) for v in self.targets] * 2
+        wrong = [f"{'precision' if i < count else 'anchor'} of {self.keys[i % count]}: "
+                 f"shape {tuple(x.shape)}, expected {s}"
+                 for i, (x, s) in enumerate(zip(values, shapes)) if tuple(x.shape) != s]
+        offset = tf.convert_to_tensor(offset, tf.float32)
+        if offset.shape.rank != 0:
+            wrong.append(f"offset: shape {tuple(offset.shape)}, expected ()")
+        if wrong:
+            raise ValueError("The new EWC state does not fit the regularised variables; "
+                             "the state is left unchanged: " + "; ".join(wrong))
+        if not all(bool(tf.reduce_all(tf.math.is_finite(x))) for x in values + [offset]):
             raise ValueError("The new EWC state is not finite; the state is left unchanged.")
-        for var, value in zip(self.precision, precision):
-            var.assign(value)
-        for var, value in zip(self.anchors, anchors):
+        try:
+            tasks = int(tasks)
+        except (TypeError, ValueError):
+            tasks = -1
+        if tasks < 0:
+            raise ValueError(f"Expected a task count >= 0. Received: tasks={tasks!r}; "
+                             "the state is left unchanged.")
+        if tasks == 0 and (any(bool(tf.reduce_any(x != 0)) for x in values[:count])
+                           or float(offset) != 0.0):
+            raise ValueError(
+                "Expected a zero precision and offset with tasks=0 (no task consolidated "
+                "means no penalty). Received: tasks=0 with a non-zero precision or offset; "
+                "pass the number of tasks the state holds. The state is left unchanged.")
+        for var, value in zip(self.precision + self.anchors, values):
             var.assign(value)
         self.offset.assign(offset)
         self.tasks.assign(tasks)
@@ -210,10 +384,23 @@ class EWCRegularizer(keras.layers.Layer):
 
     # --- persistence ---------------------------------------------------------------
 
+    def save_own_variables(self, store):
+        # Entries are named by key, so loading matches them by the variable they belong
+        # to, never by position (format version 2).
+        store["format_version"] = np.array(STORE_VERSION, "int64")
+        store["strength"] = self._strength_variable.numpy()
+        store["gamma"] = self._gamma_variable.numpy()
+        if not self.built:
+            return
+        store["offset"] = self.offset.numpy()
+        store["tasks"] = self.tasks.numpy()
+        for key, a, p in zip(self.keys, self.anchors, self.precision):
+            store[f"anchor:{key}"] = a.numpy()
+            store[f"precision:{key}"] = p.numpy()
+
     def load_own_variables(self, store):
         # Checks every saved value before assigning any, so a mismatched file leaves
-        # the state as it was and the error names the variable that does not match.
-        variables = self._trainable_variables + self._non_trainable_variables
+        # the state as it was and the error names the variables that do not match.
         failed = getattr(self, "_load_failure", None)
         if len(store.keys()) == 0 and failed is not None and failed[0] is store:
             # Keras visits this layer a second time (as the model's attribute) after a
@@ -221,54 +408,190 @@ class EWCRegularizer(keras.layers.Layer):
             self.__dict__["_load_failure"] = None
             raise failed[1]
         try:
-            self._load_state_from(store, variables)
+            self._load_state_from(store)
             self.__dict__["_load_failure"] = None
         except ValueError as error:
             # Kept out of Keras' tracking: a plain note for the second visit.
             self.__dict__["_load_failure"] = (store, error)
             raise
 
-    def _load_state_from(self, store, variables):
-        if len(store.keys()) != len(variables):
+    def _load_state_from(self, store):
+        names = list(store.keys())
+        if "format_version" in names:
+            strength, gamma, state = self._read_keyed(store, names)
+        else:
+            strength, gamma, state = None, None, self._read_positional(store, names)
+        if state is not None:
+            self.assign_state(*state)
+        if strength is not None:
+            self._strength_variable.assign(validate_strength(strength))
+            self._gamma_variable.assign(validate_gamma(gamma))
+
+    def _read_keyed(self, store, names):
+        version = int(np.asarray(store["format_version"]))
+        if version > STORE_VERSION:
             raise ValueError(
-                f"The saved EWC state holds {len(store.keys())} variables, but this model's "
-                f"state has {len(variables)} (an anchor and a precision for each of "
-                f"{len(self.anchors)} regularised variables, the offset and the task "
-                "count). The file was saved from a model that regularises other variables."
-            )
-        values = [store[str(i)] for i in range(len(variables))]
-        wrong = [f"{v.path}: saved shape {tuple(x.shape)}, expected {tuple(v.shape)}"
-                 for v, x in zip(variables, values) if tuple(x.shape) != tuple(v.shape)]
+                f"Unknown keras_ewc format version of the saved EWC state. Received: "
+                f"format_version={version}; this keras_ewc reads versions 1 to "
+                f"{STORE_VERSION}. Upgrade keras_ewc to load it.")
+        strength = float(np.asarray(store["strength"]))
+        gamma = float(np.asarray(store["gamma"]))
+        saved = [n[len("anchor:"):] for n in names if n.startswith("anchor:")]
+        if not self.built:
+            if saved:
+                raise ValueError(
+                    f"The saved EWC state anchors {sorted(saved, key=_key_order)}, but this "
+                    "model's state is not built. Build the model before loading.")
+            return strength, gamma, None
+        if sorted(saved, key=_key_order) != sorted(self.keys, key=_key_order):
+            raise ValueError(state_mismatch(saved, self.keys, self.targets))
+        wrong = []
+        for key, v in zip(self.keys, self.targets):
+            for kind in ("anchor", "precision"):
+                shape = tuple(store[f"{kind}:{key}"].shape)
+                if shape != tuple(v.shape):
+                    wrong.append(f"{kind}:{key}: saved shape {shape}, expected "
+                                 f"{tuple(v.shape)} ({v.path})")
         if wrong:
             raise ValueError("The saved EWC state does not match the regularised "
                              "variables: " + "; ".join(wrong))
-        for v, x in zip(variables, values):
-            v.assign(x)
+        state = ([store[f"precision:{k}"] for k in self.keys],
+                 [store[f"anchor:{k}"] for k in self.keys],
+                 store["offset"], int(np.asarray(store["tasks"])))
+        return strength, gamma, state
 
+    def _read_positional(self, store, names):
+        # Format version 1: an anchor and a precision a regularised variable, in the
+        # order of the variables, then the offset and the task count.
+        count = len(self.targets)
+        if len(names) != 2 * count + 2:
+            raise ValueError(
+                f"The saved EWC state (format version 1) holds {len(names)} variables, "
+                f"but this model's state has {2 * count + 2} (an anchor and a precision "
+                f"for each of {count} regularised variables, the offset and the task "
+                "count). The file was saved from a model that regularises other variables."
+            )
+        values = [store[str(i)] for i in range(2 * count + 2)]
+        wrong = [f"{kind}_{key} (vars/{2 * i + j}): saved shape "
+                 f"{tuple(values[2 * i + j].shape)}, expected {tuple(v.shape)}"
+                 for i, (key, v) in enumerate(zip(self.keys, self.targets))
+                 for j, kind in enumerate(("anchor", "precision"))
+                 if tuple(values[2 * i + j].shape) != tuple(v.shape)]
+        if wrong:
+            raise ValueError("The saved EWC state does not match the regularised "
+                             "variables: " + "; ".join(wrong))
+        return (values[1:2 * count:2], values[0:2 * count:2], values[2 * count],
+                int(np.asarray(values[2 * count + 1])))
+
+    # private: TensorFlow's `Trackable._trackable_children`, the hook checkpoints use.
     def _trackable_children(self, save_type="checkpoint", **kwargs):
         # `tf.train.Checkpoint` does not look inside Keras' tracked lists; name the
-        # anchors and precisions so checkpoints (and SavedModels) carry them.
+        # anchors and precisions by key so checkpoints (and SavedModels) carry them and
+        # a checkpoint restores them only into the variables they belong to.
         children = dict(super()._trackable_children(save_type, **kwargs))
-        for i, (anchor, precision) in enumerate(zip(self.anchors, self.precision)):
-            children[f"anchor_{i}"] = anchor
-            children[f"precision_{i}"] = precision
+        children["strength"] = self._strength_variable
+        children["gamma"] = self._gamma_variable
+        for key, anchor, precision in zip(self.keys, self.anchors, self.precision):
+            children[f"anchor_{key}"] = anchor
+            children[f"precision_{key}"] = precision
         return children
+
+
+STORE_VERSION = 2
+"""Version of the layout `save_own_variables` writes (1: entries by position)."""
+
+
+def penalty_with_gradient(strength, precision, anchor, offset, theta,
+                          active=None) -> tf.Tensor:
+    """`strength * (½ Σ P (θ − m)² + c)`, with the gradient `strength * P (θ − m)`.
+
+    The gradient is given in closed form (`tf.custom_gradient`): it reuses `P (θ − m)`
+    from the forward pass, so a training step pays one multiply a variable for it (and
+    the add of the two gradients) instead of differentiating a chain of small ops.
+    `active` (a boolean tensor, default true) False skips the arithmetic: a state with
+    no task is 0 everywhere, and a training step then costs almost nothing more.
+    """
+    theta = list(theta)
+    if active is None:
+        active = tf.constant(True)
+
+    @tf.custom_gradient
+    def fn(*theta):
+        def compute():
+            diffs = [tf.cast(t, tf.float32) - m for t, m in zip(theta, anchor)]
+            scaled = [p * d for p, d in zip(precision, diffs)]
+            total = tf.add_n([tf.reduce_sum(s * d) for s, d in zip(scaled, diffs)])
+            return [total] + scaled
+
+        def skip():
+            return [tf.zeros((), tf.float32)] + [tf.zeros(tf.shape(p), tf.float32)
+                                                 for p in precision]
+
+        total, *scaled = tf.cond(active, compute, skip)
+        value = strength * (offset + 0.5 * total)
+
+        def grad(upstream):
+            factor = upstream * strength
+            grads = tf.cond(active, lambda: [factor * s for s in scaled], lambda: scaled)
+            return [tf.cast(g, t.dtype) for g, t in zip(grads, theta)]
+
+        return value, grad
+
+    return fn(*theta)
+
+
+def state_mismatch(saved, own, targets) -> str:
+    """The error for a saved state that belongs to other variables than `own`."""
+    paths = {k: getattr(v, "path", "?") for k, v in zip(own, targets)}
+    saved = sorted(saved, key=_key_order)
+    own = sorted(own, key=_key_order)
+    only_file = [k for k in saved if k not in own]
+    only_model = [f"{k} ({paths[k]})" for k in own if k not in saved]
+    return (
+        f"The saved EWC state belongs to other variables than this model regularises. "
+        f"The file anchors {saved}; this model regularises "
+        f"{[f'{k} ({paths[k]})' for k in own]}. Only in the file: {only_file}; only in "
+        f"this model: {only_model}. (A key is the variable's position in the wrapped "
+        "model's `weights` and its name.) Load the file into a model that regularises the "
+        "same variables (the same architecture and include/exclude)."
+    )
+
+
+def _key_order(key):
+    head = str(key).split(":", 1)[0]
+    return (int(head) if head.isdigit() else 1 << 62, str(key))
+
+
+def _check_keys(variables, keys):
+    if keys is None:
+        return [f"{i}:{getattr(v, 'name', 'variable')}" for i, v in enumerate(variables)]
+    keys = [str(k) for k in keys]
+    if len(keys) != len(variables) or len(set(keys)) != len(keys):
+        raise ValueError(f"Expected one distinct key a variable ({len(variables)}). "
+                         f"Received: keys={keys}")
+    bad = [k for k in keys if "/" in k]
+    if bad:
+        raise ValueError(f"Expected keys without '/'. Received: {bad}")
+    return keys
+
+
+def _python_value(variable, given) -> float:
+    """`given` while the float32 `variable` still holds it (not reloaded since)."""
+    held = float(variable.numpy())
+    return given if given is not None and float(np.float32(given)) == held else held
 
 
 def _tensors(variables) -> list:
     return [tf.convert_to_tensor(v) for v in variables]
 
 
-class _Refs:
-    """Holds the regularised variables without Keras tracking them as our own weights."""
+class _State:
+    """The regularised variables, their keys and their state, kept out of Keras'
+    attribute tracking (the state variables are tracked as this layer's weights)."""
 
-    def __init__(self, items):
-        self.items = tuple(items)
-
-
-def _label(variable, index) -> str:
-    path = getattr(variable, "path", None) or getattr(variable, "name", f"variable_{index}")
-    return str(path).replace("/", "_").replace(":", "_")
+    def __init__(self, targets=(), keys=(), anchors=(), precision=()):
+        self.targets, self.keys = tuple(targets), tuple(keys)
+        self.anchors, self.precision = tuple(anchors), tuple(precision)
 
 
 def validate_strength(strength) -> float:
@@ -276,8 +599,9 @@ def validate_strength(strength) -> float:
         value = float(strength)
     except (TypeError, ValueError):
         value = float("nan")
-    if not value >= 0 or value == float("inf"):
-        raise ValueError(f"Expected strength >= 0 (finite). Received: strength={strength!r}")
+    if not value >= 0 or value > float(np.finfo(np.float32).max):
+        raise ValueError(f"Expected strength >= 0, finite in float32. Received: "
+                         f"strength={strength!r}")
     return value
 
 

@@ -8,18 +8,26 @@ ordinary Keras and TensorFlow machinery (the state is a set of variables of the
 - `export_saved_model`: a serving SavedModel that also carries the state, under named
   variable collections, and the configuration needed to go back to training;
 - `load_saved_model`: rebuilds a trainable `EWCModel` from such a SavedModel;
-- `all_or_nothing`: runs a load and puts every variable back if it fails part-way.
+- `all_or_nothing`: runs a load and puts every variable back if it fails part-way;
+- `write_then_rename`: writes a file beside its target and renames it into place.
+
+Format version 2 records which variable each anchor and precision belongs to by a key
+(see `keras_ewc.model.variable_keys`), in the config (`variable_keys`), in the saved
+state (entries `anchor:<key>`, `precision:<key>`) and in checkpoints; version 1 matched
+them by position and is still read.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Version of the EWC state layout written into configs and SavedModels."""
 
 # Names of the variable collections in an exported SavedModel.
@@ -103,6 +111,12 @@ def check_weights_file(model, filepath) -> None:
             and getattr(optimizer, "built", False)):
         saved = {k: v for k, v in saved.items() if not k.startswith("optimizer/")}
         expected = {k: v for k, v in expected.items() if not k.startswith("optimizer/")}
+    # The EWC state's entries are checked by the state itself, by key (and positionally
+    # for format version 1 files), before anything is assigned.
+    state = _state_group(expected)
+    if state is not None:
+        saved = {k: v for k, v in saved.items() if not k.startswith(state)}
+        expected = {k: v for k, v in expected.items() if not k.startswith(state)}
     problems = [f"{k}: missing from the file (this model has shape {v})"
                 for k, v in expected.items() if k not in saved]
     problems += [f"{k}: in the file (shape {v}) but not in this model"
@@ -110,15 +124,44 @@ def check_weights_file(model, filepath) -> None:
     problems += [f"{k}: file has shape {saved[k]}, this model {v}"
                  for k, v in expected.items() if k in saved and saved[k] != v]
     if problems:
-        where = "the EWC state" if all("ewc_regularizer" in p for p in problems) else (
-            "the architecture")
         raise ValueError(
-            f"The weights file {str(filepath)!r} does not match {where} of this "
-            f"{type(model).__name__} (paths as in the file; `ewc_regularizer` is the EWC "
-            "state: an anchor and a precision a regularised variable, the offset and the "
-            "task count); nothing was loaded: " + "; ".join(problems[:12])
+            f"The weights file {str(filepath)!r} does not match the architecture of this "
+            f"{type(model).__name__} (paths as in the file); nothing was loaded: "
+            + "; ".join(problems[:12])
             + (f"; and {len(problems) - 12} more" if len(problems) > 12 else "")
         )
+
+
+def _state_group(entries) -> str | None:
+    """The h5 group (with a trailing '/') that holds the EWC state, if any."""
+    for key in entries:
+        if key.endswith("/format_version"):
+            return key[: -len("format_version")]
+    return None
+
+
+def write_then_rename(filepath, overwrite, write, fallback, atomic=True):
+    """Writes a file with `write(temporary_path)` beside `filepath`, then renames it
+    into place (`os.replace`), so a write that fails part-way leaves the previous file
+    as it was. Paths that are not local files (or `atomic=False`) use `fallback()`."""
+    path = os.fspath(filepath)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not atomic or "://" in path or not os.path.isdir(folder) or os.path.isdir(path):
+        return fallback()
+    if not overwrite and os.path.exists(path):
+        return fallback()  # Keras asks before overwriting
+    name = os.path.basename(path)
+    # The same file name ending (Keras checks `.keras`, `.weights.h5`).
+    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix="-" + name, dir=folder)
+    os.close(handle)
+    try:
+        result = write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+    return result
 
 
 def all_or_nothing(model, load, filepath):
@@ -144,6 +187,7 @@ def all_or_nothing(model, load, filepath):
 
 def serving_signature(model) -> list:
     """The input signature of the wrapped network, for the serving endpoint."""
+    # private: Keras has no public way to read a model's input signature.
     from keras.src.export.export_utils import get_input_signature
 
     try:
@@ -167,7 +211,8 @@ def export_saved_model(model, filepath, input_signature=None, verbose=None) -> N
     - `ewc_offset`, `ewc_tasks`: one-element lists (the scalar offset, the task count);
     - `ewc_network_weights`: the wrapped network's weights, in `network.weights` order;
     - `ewc_config`: one string variable, a JSON object with the format version,
-      `strength`, `mode`, `gamma`, `variable_indices` and the weights' paths and shapes.
+      `strength`, `mode`, `gamma`, `variable_keys` (the key of each regularised
+      variable, aligned with `ewc_anchors`) and the weights' paths and shapes.
     """
     if not model.regularizer.built:
         raise ValueError("Cannot export an EWCModel that is not built. Call it on a batch "
@@ -188,7 +233,7 @@ def export_saved_model(model, filepath, input_signature=None, verbose=None) -> N
         "strength": reg.strength,
         "mode": reg.mode,
         "gamma": reg.gamma,
-        "variable_indices": list(model._selected_indices),
+        "variable_keys": list(reg.keys),
         "network_weights": [[w.path, list(w.shape)] for w in model.network.weights],
         "regularised": [[v.path, list(v.shape)] for v in reg.targets],
         "input_shape": _single_input_shape(signature),
@@ -236,12 +281,14 @@ def load_saved_model(cls, filepath, model, **kwargs):
     """Rebuilds a trainable `cls` (an EWCModel) around `model` from a SavedModel."""
     config, arrays = read_saved_state(filepath)
     config = check_format_version(config)
+    selection = ({"variable_keys": config["variable_keys"]} if "variable_keys" in config
+                 else {"variable_indices": config["variable_indices"]})  # version 1
     ewc = cls(
         model,
         strength=kwargs.pop("strength", config["strength"]),
         mode=config["mode"],
         gamma=config["gamma"],
-        variable_indices=config["variable_indices"],
+        **selection,
         **kwargs,
     )
     if not ewc.regularizer.built:

@@ -1,21 +1,26 @@
 """The `keras-ewc` command: what it prints and writes, and its errors."""
 
+import argparse
 import csv
 import json
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 
-import keras_ewc
-from keras_ewc.cli import main
+from keras_ewc import _startup, cli
+from keras_ewc.cli import grid_edge_note, little_gain_note, main
 
-needs_core = pytest.mark.skipif(not hasattr(keras_ewc, "EWCModel"),
-                                reason="keras_ewc.EWCModel not available")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# TensorFlow's start-up lines, written independently of keras_ewc._startup's own pattern.
+STARTUP = re.compile(r"absl::InitializeLog|oneDNN|cuda|cuInit|cpu_feature_guard|"
+                     r"^[IWE]0000 ", re.M | re.I)
 TINY = ["--tasks", "2", "--steps", "3", "--hidden", "16", "--fisher-examples", "32",
         "--batch-size", "32", "--quiet"]
 
 
-@needs_core
 def test_demo_prints_table_and_writes_files(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", *TINY, "--strength", "10", "--out", str(out)]) == 0
@@ -23,7 +28,8 @@ def test_demo_prints_table_and_writes_files(tmp_path, capsys):
     assert "2 permuted Fashion-MNIST tasks (bundled subset, 6000 training images a task)" in text
     lines = text.splitlines()
     header = next(line for line in lines if line.startswith("method"))
-    assert header.split()[-3:] == ["acc", "BWT", "forgetting"]
+    assert header.split() == ["method", "task", "1", "task", "2", "avg", "acc", "BWT",
+                              "forgetting"]
     assert any(line.startswith("fine-tuning ") for line in lines)
     assert any(line.startswith("EWC (λ=10) ") for line in lines)
     assert "points; forgetting" in text
@@ -41,7 +47,6 @@ def test_demo_prints_table_and_writes_files(tmp_path, capsys):
         assert f.read(4) == b"\x89PNG"
 
 
-@needs_core
 def test_run_sweeps_strength_and_reports_best(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["run", "--sequence", "split", "--scenario", "task", "--tasks", "2",
@@ -49,14 +54,21 @@ def test_run_sweeps_strength_and_reports_best(tmp_path, capsys):
             "--out", str(out), *TINY[2:]]
     assert main(argv) == 0
     text = capsys.readouterr().out
-    assert "split fashion_mnist_subset, 2 tasks, Task-IL, 10 outputs; estimator empirical" in text
+    assert "split Fashion-MNIST (bundled subset), 2 tasks, Task-IL, 10 outputs; " \
+        "estimator empirical" in text
     data = json.loads((out / "results.json").read_text())
     assert [d["config"]["strength"] for d in data] == [1.0, 100.0]
     best = max(data, key=lambda d: d["average_accuracy"])
     assert f"Best strength: {best['config']['strength']:g} (average accuracy " \
            f"{best['average_accuracy']:.3f}" in text
-    assert data[0]["task_names"] == ["classes 0,1", "classes 2,3,4,5,6,7,8,9"] or \
-        data[0]["task_names"] == ["classes 0,1,2,3,4", "classes 5,6,7,8,9"]
+    # With two strengths the best is at an end of the grid, and the command says so.
+    if best["config"]["strength"] == 100.0:
+        assert "largest of the grid: a larger one may be better. Try --strength " \
+               "100,1e4,1e6." in text
+    else:
+        assert "smallest of the grid: a smaller one may be better. Try --strength " \
+               "1e-4,0.01,1." in text
+    assert data[0]["task_names"] == ["classes 0,1,2,3,4", "classes 5,6,7,8,9"]
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -94,3 +106,129 @@ def test_usage_errors_return_codes(capsys):
     assert "invalid choice" in capsys.readouterr().err
     assert main(["demo", "--help"]) == 0
     assert "--strength" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("grid,best,expected", [
+    ([1e2, 1e3, 1e4], 1e3, None),
+    ([1e2, 1e3, 1e4], 1e4, "The best strength is the largest of the grid: a larger one may "
+                           "be better. Try --strength 1e4,1e5,1e6."),
+    ([1e4, 1e2, 1e3], 1e2, "The best strength is the smallest of the grid: a smaller one may "
+                           "be better. Try --strength 1,10,100."),
+    ([1, 3, 10], 10, "The best strength is the largest of the grid: a larger one may be "
+                     "better. Try --strength 10,33.3333,111.111."),
+    ([500.0], 500.0, "Only one strength was tried. Try --strength 50,500,5000."),
+    ([0, 1e2], 0, "The best strength is 0: EWC did not help on this sequence at these "
+                  "settings."),
+])
+def test_grid_edge_note(grid, best, expected):
+    assert grid_edge_note(grid, best) == expected
+
+
+def test_little_gain_note_names_the_scenario_and_stays_quiet_otherwise():
+    assert little_gain_note("task", 0.0) is None
+    assert little_gain_note("domain", 0.05) is None
+    domain = little_gain_note("domain", 0.012)
+    assert domain.startswith("EWC gained +1.2 points: expected, in Domain-IL")
+    cls = little_gain_note("class", -0.004)
+    assert cls.startswith("EWC gained -0.4 points: expected, in Class-IL")
+    assert "van de Ven, Tuytelaars & Tolias" in cls
+
+
+def test_run_in_class_il_explains_a_small_gain(tmp_path, capsys):
+    argv = ["run", "--sequence", "split", "--scenario", "class", "--tasks", "2",
+            "--strength", "1", "--out", str(tmp_path), *TINY[2:]]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    data = json.loads((tmp_path / "results.json").read_text())
+    gain = data[1]["average_accuracy"] - data[0]["average_accuracy"]
+    note = little_gain_note("class", gain)
+    assert (note in text) if note else ("EWC gained" not in text)
+    assert "Only one strength was tried. Try --strength 0.1,1,10." in text
+
+
+def _options(parser):
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return subparsers.choices
+
+
+@pytest.mark.parametrize("command", ["demo", "run"])
+def test_every_option_has_help_and_its_default_is_shown(command, capsys):
+    sub = _options(cli._build_parser())[command]
+    assert main([command, "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for action in sub._actions:
+        if action.dest == "help":
+            continue
+        assert action.help and len(action.help) > 8, action.dest
+        if action.default not in (None, False, argparse.SUPPRESS):
+            assert f"(default: {action.default})" in text, action.dest
+    for option in ("--tasks", "--batch-size", "--seed", "--lr", "--out", "--tf-logs"):
+        assert option in text
+
+
+def test_demo_help_states_the_measured_duration(capsys):
+    assert main(["demo", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Offline; 1 to 2½ minutes on 2 CPU cores." in text
+    assert "a few minutes" not in text
+
+
+def test_entry_points_are_recognised_and_a_plain_import_is_not(monkeypatch, tmp_path):
+    # Another checkout, whose keras_ewc may be installed rather than imported from it.
+    (tmp_path / "keras_ewc").mkdir()
+    (tmp_path / "keras_ewc" / "__init__.py").write_text("")
+    monkeypatch.setattr(sys, "argv", [str(tmp_path / "examples" / "split_mnist.py")])
+    assert _startup.is_entry_point()
+    monkeypatch.setattr(sys, "orig_argv", ["python", "my_script.py"], raising=False)
+    for argv0, expected in [("/venv/bin/keras-ewc", True),
+                            (os.path.join(ROOT, "examples", "split_mnist.py"), True),
+                            (os.path.join(ROOT, "my_script.py"), False),
+                            (os.path.join(ROOT, "tests", "examples", "x.py"), False),
+                            ("-c", False), ("", False)]:
+        monkeypatch.setattr(sys, "argv", [argv0])
+        assert _startup.is_entry_point() is expected, argv0
+    monkeypatch.setattr(sys, "argv", ["/x/keras_ewc/cli.py"])
+    monkeypatch.setattr(sys, "orig_argv", ["python", "-m", "keras_ewc.cli", "demo"])
+    assert _startup.is_entry_point()
+
+
+def test_tf_logs_requested(monkeypatch):
+    monkeypatch.delenv(_startup.LOGS_ENV, raising=False)
+    assert not _startup.tf_logs_requested(["keras-ewc", "demo"])
+    assert _startup.tf_logs_requested(["keras-ewc", "demo", "--tf-logs"])
+    monkeypatch.setenv(_startup.LOGS_ENV, "1")
+    assert _startup.tf_logs_requested(["keras-ewc", "demo"])
+    monkeypatch.setenv(_startup.LOGS_ENV, "0")
+    assert not _startup.tf_logs_requested(["keras-ewc", "demo"])
+
+
+def test_strip_startup_lines_keeps_everything_else():
+    captured = (
+        "WARNING: All log messages before absl::InitializeLog() is called are written to "
+        "STDERR\n"
+        "I0000 00:00:1795628930.478635    5030 port.cc:153] oneDNN custom operations are on.\n"
+        "To enable the following instructions: AVX2 FMA, in other operations, rebuild.\n"
+        "E0000 00:00:1795628933.340022    5030 cuda_platform.cc:52] failed call to cuInit\n"
+        "/x/y.py:3: UserWarning: something the user should see\n"
+    )
+    assert _startup.strip_startup_lines(captured) == (
+        "/x/y.py:3: UserWarning: something the user should see\n")
+
+
+def _command(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "keras_ewc.cli", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": ROOT, **(env or {})})
+
+
+def test_command_starts_quietly_unless_tf_logs_are_asked_for(tmp_path):
+    env = {"TF_CPP_MIN_LOG_LEVEL": "0"}  # the user's environment does not quiet anything
+    quiet = _command("demo", "--tasks", "1", "--steps", "2", "--hidden", "8",
+                     "--fisher-examples", "8", "--quiet", "--out", str(tmp_path), env=env)
+    assert quiet.returncode == 0, quiet.stderr
+    assert not STARTUP.search(quiet.stderr), quiet.stderr
+    assert "keras-ewc demo: 1 permuted" in quiet.stdout
+    # The same start with --tf-logs shows TensorFlow's lines: the quiet run hid real ones.
+    loud = _command("--tf-logs", "demo", "--help", env=env)
+    assert loud.returncode == 0
+    assert STARTUP.search(loud.stderr), loud.stderr

@@ -303,3 +303,21 @@ def test_strength_set_after_fit_takes_effect_at_the_next_step():
     _close(model.penalty(), at_five)
     with pytest.raises(ValueError, match="Received: strength=-1"):
         model.regularizer.strength = -1
+
+
+def test_freezing_changes_nothing_and_a_replaced_head_is_refused():
+    (xa, ya), (xb, yb) = _task(0), _task(1, n=16)
+    model = _kron_model()
+    model.fit(xa, ya, epochs=1, verbose=0)
+    model.consolidate((xa, ya), verbose=0)
+    model.fit(xb, yb, epochs=1, verbose=0)
+    penalty = float(model.penalty())
+    network = model.network
+    network.get_layer("h").trainable = False  # frozen after wrapping: still anchored
+    assert len(model.regularised_variables) == 6
+    _close(model.penalty(), penalty)
+    network.get_layer("h").trainable = True
+    network.pop()
+    network.add(keras.layers.Dense(3, name="new_head"))  # the state cannot follow it
+    with pytest.raises(ValueError, match=r"Removed: \['4:kernel', '5:bias'\]"):
+        model.fit(xb, yb, epochs=1, verbose=0)

@@ -187,3 +187,17 @@ def test_bad_input_errors_and_unchanged_state():
     for w, b in zip(model.regularizer.weights, before):
         np.testing.assert_array_equal(w.numpy(), b)
     assert int(model.regularizer.tasks.numpy()) == 1
+
+
+def test_consolidate_passes_steps_to_the_fisher():
+    (xa, ya), _ = teacher_tasks(n=64)
+    model = compiled(mlp(hidden=8), strength=1.0)
+    endless = tf.data.Dataset.from_tensor_slices((xa, ya)).batch(16).repeat()
+    fisher = model.consolidate(endless, steps=2, estimator="empirical",
+                               likelihood="categorical", verbose=0)
+    expected = keras_ewc.fisher_diagonal(model.network, (xa[:32], ya[:32]),
+                                         estimator="empirical", likelihood="categorical",
+                                         batch_size=16, verbose=0)
+    for f, e in zip(fisher, expected):
+        np.testing.assert_allclose(np.asarray(f), np.asarray(e), rtol=1e-5, atol=1e-9)
+    assert int(model.regularizer.tasks.numpy()) == 1

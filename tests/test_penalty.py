@@ -53,8 +53,9 @@ def test_separate_mode_equals_sum_of_three_task_penalties():
     np.testing.assert_allclose(value.numpy(), expected, rtol=1e-6)
     for g, e in zip(grads, expected_grads):
         np.testing.assert_allclose(g.numpy(), e, rtol=1e-6, atol=1e-6 * np.abs(e).max())
-    # Two numbers a parameter, plus the scalars, whatever the number of tasks.
-    assert len(reg.weights) == 2 * len(shapes) + 2
+    # Two numbers a parameter, plus the scalars (offset, tasks, strength, gamma),
+    # whatever the number of tasks.
+    assert len(reg.weights) == 2 * len(shapes) + 4
 
 
 def test_online_mode_follows_its_recursion():
@@ -143,3 +144,54 @@ def test_config_round_trip():
     reg = keras_ewc.EWCRegularizer(strength=3.0, mode="online", gamma=0.9)
     again = keras_ewc.EWCRegularizer.from_config(reg.get_config())
     assert (again.strength, again.mode, again.gamma) == (3.0, "online", 0.9)
+
+
+def test_closed_form_gradient_matches_autodiff_of_the_quadratic_in_float64():
+    rng = np.random.default_rng(5)
+    shapes = [(3, 2), (2,)]
+    precision = [rng.gamma(0.5, 1.0, s).astype("float32") for s in shapes]
+    anchor = [rng.normal(size=s).astype("float32") for s in shapes]
+    theta = [tf.Variable(rng.normal(size=s).astype("float32")) for s in shapes]
+    with tf.GradientTape() as tape:
+        value = P.penalty_with_gradient(tf.constant(3.0), precision, anchor,
+                                        tf.constant(0.25), [tf.convert_to_tensor(t)
+                                                            for t in theta])
+    grads = tape.gradient(value, theta)
+    theta64 = [tf.constant(t.numpy(), tf.float64) for t in theta]
+    with tf.GradientTape() as tape:
+        tape.watch(theta64)
+        oracle = 3.0 * (0.25 + sum(0.5 * tf.reduce_sum(p.astype("float64") * (t - m) ** 2)
+                                   for p, m, t in zip(precision, anchor, theta64)))
+    expected = tape.gradient(oracle, theta64)
+    np.testing.assert_allclose(float(value), float(oracle), rtol=1e-6)
+    for g, e in zip(grads, expected):
+        np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("short", r"Expected 2 precision and 2 anchor arrays.*Received 1 and 2"),
+    ("shape", r"anchor of 1:bias: shape \(3,\), expected \(2,\)"),
+    ("offset", r"offset: shape \(2,\), expected \(\)"),
+    ("nan", r"not finite"),
+    ("tasks", r"Expected a task count >= 0. Received: tasks=-1"),
+    ("zero_tasks", r"Expected a zero precision and offset with tasks=0"),
+], ids=["short", "shape", "offset", "nan", "tasks", "zero_tasks"])
+def test_assign_state_checks_every_entry_before_assigning_any(case, message):
+    net = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    reg = keras_ewc.EWCRegularizer(strength=1.0)
+    reg.build_for(net.trainable_variables)
+    reg.consolidate([np.ones(v.shape, "float32") for v in net.trainable_variables])
+    before = [w.numpy().copy() for w in reg.weights]
+    good_p = [np.full((3, 2), 9.0, "float32"), np.full(2, 9.0, "float32")]
+    good_m = [np.full((3, 2), 9.0, "float32"), np.full(2, 9.0, "float32")]
+    args = {"short": (good_p[:1], good_m, 0.0, 2),
+            "shape": (good_p, [good_m[0], np.zeros(3, "float32")], 0.0, 2),
+            "offset": (good_p, good_m, np.zeros(2), 2),
+            "nan": (good_p, [good_m[0], np.array([1.0, np.nan], "float32")], 0.0, 2),
+            "tasks": (good_p, good_m, 0.0, -1),
+            "zero_tasks": (good_p, good_m, 0.0, 0)}[case]
+    with pytest.raises(ValueError, match=message):
+        reg.assign_state(*args)
+    for w, b in zip(reg.weights, before):
+        np.testing.assert_array_equal(w.numpy(), b)
+    assert int(reg.tasks.numpy()) == 1

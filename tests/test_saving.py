@@ -164,10 +164,10 @@ def test_format_version_is_written_and_an_unknown_one_is_refused(tmp_path):
     model = after_task_a(sequential())
     model.save(tmp_path / "m.keras")
     with zipfile.ZipFile(tmp_path / "m.keras") as z:
-        assert json.loads(z.read("config.json"))["config"]["format_version"] == 1
+        assert json.loads(z.read("config.json"))["config"]["format_version"] == 2
     _rewrite_config(tmp_path / "m.keras", tmp_path / "future.keras",
                     lambda c: c.update(format_version=99))
-    with pytest.raises(ValueError, match=r"format_version=99.*reads versions 1 to 1"):
+    with pytest.raises(ValueError, match=r"format_version=99.*reads versions 1 to 2"):
         keras.models.load_model(tmp_path / "future.keras")
     # A file from before the version existed still loads.
     _rewrite_config(tmp_path / "m.keras", tmp_path / "old.keras",
@@ -175,16 +175,22 @@ def test_format_version_is_written_and_an_unknown_one_is_refused(tmp_path):
     assert_same(state(keras.models.load_model(tmp_path / "old.keras")), state(model))
 
 
-def test_keras_file_with_mismatched_state_shapes_is_refused(tmp_path):
+def test_keras_file_whose_state_belongs_to_other_variables_is_refused(tmp_path):
     model = after_task_a(sequential(), include=["hidden"])
     model.save(tmp_path / "m.keras")
     # The config now says the head is regularised, but the saved state is the hidden
-    # layer's: same number of variables, other shapes.
+    # layer's: same number of variables, other keys.
     _rewrite_config(tmp_path / "m.keras", tmp_path / "bad.keras",
-                    lambda c: c.update(variable_indices=[2, 3]))
-    with pytest.raises(ValueError, match=r"anchor_\w*head_kernel: saved shape "
-                                         r"\(6, 8\), expected \(8, 3\)"):
+                    lambda c: c.update(variable_keys=["2:kernel", "3:bias"]))
+    with pytest.raises(ValueError, match=r"belongs to other variables.*file anchors "
+                                         r"\['0:kernel', '1:bias'\].*2:kernel \((\w+/)?head"):
         keras.models.load_model(tmp_path / "bad.keras")
+    # A config naming a variable the architecture does not have.
+    _rewrite_config(tmp_path / "m.keras", tmp_path / "bad2.keras",
+                    lambda c: c.update(variable_keys=["0:kernel", "9:bias"]))
+    with pytest.raises(ValueError, match=r"names variables this model does not have: "
+                                         r"9:bias \(the model has 4 weights\)"):
+        keras.models.load_model(tmp_path / "bad2.keras")
 
 
 def test_truncated_and_corrupted_keras_files_raise(tmp_path):
@@ -240,9 +246,10 @@ def test_a_failed_load_weights_changes_nothing(case, tmp_path):
     expected = {
         "architecture": r"the architecture .*sequential/layers/dense/vars/0: file has "
                         r"shape \(6, 5\), this model \(6, 8\)",
-        "state_shapes": r"the EWC state .*ewc_regularizer/vars/0: file has shape "
-                        r"\(8, 3\), this model \(6, 8\)",
-        "state_count": r"the EWC state .*ewc_regularizer/vars/9: missing from the file",
+        "state_shapes": r"belongs to other variables .*file anchors \['2:kernel', "
+                        r"'3:bias'\]; this model regularises \['0:kernel \(\w+/hidden/kernel\)",
+        "state_count": r"belongs to other variables .*only in this model: \['2:kernel "
+                       r"\(\w+/head/kernel\)', '3:bias",
         "truncated": r"w\.weights\.h5.*truncated or corrupted",
     }[case]
     with pytest.raises(Exception, match=r"nothing was loaded") as info:
@@ -356,8 +363,9 @@ def test_saved_model_serves_and_carries_named_state(tmp_path):
     assert float(served.ewc_offset[0].numpy()) == float(reg.offset.numpy())
     assert int(served.ewc_tasks[0].numpy()) == 1
     config = json.loads(served.ewc_config[0].numpy())
-    assert config["strength"] == 50.0 and config["format_version"] == 1
+    assert config["strength"] == 50.0 and config["format_version"] == 2
     assert [p for p, _ in config["regularised"]] == [v.path for v in reg.targets]
+    assert config["variable_keys"] == ["0:kernel", "1:bias", "2:kernel", "3:bias"]
 
 
 @pytest.mark.parametrize("arch", ["sequential", "subclassed_lazy"])
@@ -396,10 +404,10 @@ def test_from_saved_model_refuses_an_unknown_format_version(tmp_path, monkeypatc
     from keras_ewc import saving
 
     model = after_task_a(sequential())
-    monkeypatch.setattr(saving, "FORMAT_VERSION", 2)
+    monkeypatch.setattr(saving, "FORMAT_VERSION", 3)
     model.export(tmp_path / "served")
-    monkeypatch.setattr(saving, "FORMAT_VERSION", 1)
-    with pytest.raises(ValueError, match=r"format_version=2.*reads versions 1 to 1"):
+    monkeypatch.setattr(saving, "FORMAT_VERSION", 2)
+    with pytest.raises(ValueError, match=r"format_version=3.*reads versions 1 to 2"):
         keras_ewc.EWCModel.from_saved_model(tmp_path / "served", sequential())
 
 
@@ -433,3 +441,43 @@ def test_all_or_nothing_puts_back_what_a_failing_load_assigned():
     with pytest.raises(OSError, match=r"'f\.keras'.*nothing was loaded.*read error"):
         saving.all_or_nothing(model, half_a_load, "f.keras")
     assert_same(everything(model), before)
+
+
+# --- nothing half-written on disk ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["keras", "weights"])
+def test_a_save_that_fails_part_way_leaves_the_previous_file_loadable(kind, tmp_path,
+                                                                      monkeypatch):
+    model = after_task_a(sequential())
+    path = tmp_path / ("m.keras" if kind == "keras" else "m.weights.h5")
+    save = model.save if kind == "keras" else model.save_weights
+    save(path)
+    expected = state(model)
+    model.regularizer.reset()
+
+    def fail(self, store):
+        store["format_version"] = np.array(2)  # a part is written, then the disk fails
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(keras_ewc.EWCRegularizer, "save_own_variables", fail)
+    with pytest.raises(OSError, match="No space left"):
+        save(path)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == [path.name]  # no temporary file left behind
+    if kind == "keras":
+        assert_same(state(keras.models.load_model(path)), expected)
+    else:
+        model.load_weights(path)
+        assert_same(state(model), expected)
+
+
+def test_save_refuses_to_overwrite_when_told_not_to(tmp_path, monkeypatch):
+    model = after_task_a(sequential())
+    model.save(tmp_path / "m.keras")
+    first = (tmp_path / "m.keras").read_bytes()
+    model.regularizer.reset()
+    # Keras asks before overwriting; answering no leaves the file as it was.
+    monkeypatch.setattr("builtins.input", lambda *a: "n")
+    model.save(tmp_path / "m.keras", overwrite=False)
+    assert (tmp_path / "m.keras").read_bytes() == first

@@ -44,7 +44,7 @@ class ContinualResults:
                 f"Expected a 2-D accuracy matrix. Received: shape={self.matrix.shape}"
             )
         if self.task_names is None:
-            self.task_names = [f"task {j}" for j in range(self.matrix.shape[1])]
+            self.task_names = [f"task {j + 1}" for j in range(self.matrix.shape[1])]
         self.task_names = list(self.task_names)
 
     @property
@@ -144,15 +144,18 @@ def save_results(results: list[ContinualResults], json_path: str | None = None,
 def results_table(results: list[ContinualResults]) -> str:
     """A plain-text table: one line per run, final accuracy per task and the metrics.
 
+    Tasks are numbered 1..T in the header, as in the plots; `task_names` says what each is.
+
     Example:
 
     >>> from keras_ewc.continual import ContinualResults, results_table
     >>> print(results_table([ContinualResults([[0.9, float("nan")], [0.6, 0.8]], label="ft")]))
-    method  task 0  task 1  avg acc  BWT     forgetting
+    method  task 1  task 2  avg acc  BWT     forgetting
     ft      0.600   0.800   0.700    -0.300  0.300
     """
     names = results[0].task_names if results else []
-    header = ["method"] + names + ["avg acc", "BWT", "forgetting"]
+    header = ["method"] + [f"task {j + 1}" for j in range(len(names))]
+    header += ["avg acc", "BWT", "forgetting"]
     rows = []
     for r in results:
         n = r.matrix.shape[0]

@@ -107,6 +107,32 @@ class Task:
         return ds.prefetch(tf.data.AUTOTUNE)
 
 
+_DISPLAY_NAMES = {
+    "fashion_mnist_subset": "Fashion-MNIST (bundled subset)",
+    "fashion_mnist": "Fashion-MNIST",
+    "mnist": "MNIST",
+    "kmnist": "Kuzushiji-MNIST",
+    "emnist": "EMNIST",
+    "cifar10": "CIFAR-10",
+    "cifar100": "CIFAR-100",
+}
+
+
+def display_name(dataset_name: str) -> str:
+    """The name of a dataset as a reader knows it, for titles and reports.
+
+    Args:
+        dataset_name: the name a dataset was loaded under (`ArrayDataset.name`).
+
+    Example:
+
+    >>> from keras_ewc.continual.tasks import display_name
+    >>> display_name("fashion_mnist_subset"), display_name("mnist"), display_name("my_data")
+    ('Fashion-MNIST (bundled subset)', 'MNIST', 'my_data')
+    """
+    return _DISPLAY_NAMES.get(dataset_name.split(":")[0].lower(), dataset_name or "data")
+
+
 class TaskSequence:
     """An ordered list of tasks in one continual-learning scenario.
 
@@ -156,6 +182,14 @@ class TaskSequence:
         return (f"TaskSequence(kind={self.kind!r}, scenario={self.scenario!r}, "
                 f"tasks={len(self)}, num_outputs={self.num_outputs}, "
                 f"dataset={self.dataset_name!r})")
+
+    @property
+    def title(self) -> str:
+        """A title for reports and plots, e.g. `Permuted Fashion-MNIST (bundled subset),
+        5 tasks, Domain-IL`."""
+        return (f"{self.kind.capitalize()} {display_name(self.dataset_name)}, "
+                f"{len(self)} task{'s' if len(self) != 1 else ''}, "
+                f"{self.scenario.capitalize()}-IL")
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -261,7 +295,8 @@ def permuted_sequence(data: Any = None, num_tasks: int = 10, scenario: str = "do
     def make(p):
         return lambda x: x.reshape(len(x), -1)[:, p].reshape((len(x),) + shape)
 
-    names = [f"permutation {t}" + (" (identity)" if t == 0 and first_identity else "")
+    # Numbered from 1, as the tasks are in tables and plots.
+    names = [f"permutation {t + 1}" + (" (identity)" if t == 0 and first_identity else "")
              for t in range(num_tasks)]
     return _transformed_sequence(data, num_tasks, scenario, [make(p) for p in perms],
                                  names, "permuted")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -89,6 +90,8 @@ def train_sequence(
         log_dir: TensorBoard directory for per-task accuracies (see `ContinualEvaluation`);
             by default that of a `keras.callbacks.TensorBoard` in `callbacks`, if any.
         verbose: 0 silent, 1 a header and a progress bar per task, 2 one line per epoch.
+            When standard output is not a terminal (a log file, a pipe), 1 acts as 2: Keras'
+            bar would fill the log with carriage returns and colour codes.
         seed: seed of the shuffling and of the Fisher subset.
         label: the method's name in the results.
         print_fn: where the per-task headers go.
@@ -123,6 +126,7 @@ def train_sequence(
                         if isinstance(c, keras.callbacks.TensorBoard)), None)
     evaluation = ContinualEvaluation(sequence, log_dir=log_dir, label=label)
     can_consolidate = consolidate and hasattr(model, "consolidate")
+    fit_verbose = _fit_verbose(verbose)
     start = time.perf_counter()
     for t, task in enumerate(sequence):
         if verbose:
@@ -132,11 +136,11 @@ def train_sequence(
         fit_callbacks = [evaluation] + list(callbacks or [])
         if steps_per_task is not None:
             ds = task.dataset("train", batch_size, seed=seed + t, repeat=True)
-            model.fit(ds, epochs=1, steps_per_epoch=steps_per_task, verbose=verbose,
+            model.fit(ds, epochs=1, steps_per_epoch=steps_per_task, verbose=fit_verbose,
                       callbacks=fit_callbacks, shuffle=False)
         else:
             ds = task.dataset("train", batch_size, seed=seed + t)
-            model.fit(ds, epochs=epochs, verbose=verbose, callbacks=fit_callbacks,
+            model.fit(ds, epochs=epochs, verbose=fit_verbose, callbacks=fit_callbacks,
                       shuffle=False)
         if can_consolidate and (t < len(sequence) - 1 or consolidate_last):
             data = task.dataset("train", fisher_batch_size, shuffle=False,
@@ -153,6 +157,21 @@ def train_sequence(
         results.config.update({"estimator": estimator, "fisher_examples": fisher_examples,
                                "strength": _strength(model)})
     return results
+
+
+def _fit_verbose(verbose: int) -> int:
+    # Keras draws its bar with "\r" and ANSI colours whenever the "posix" module is loaded,
+    # terminal or not; a log gets one plain line a task instead.
+    if verbose == 1 and not _is_terminal(sys.stdout):
+        return 2
+    return verbose
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
 
 
 def _strength(model):

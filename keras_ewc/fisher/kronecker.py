@@ -359,7 +359,7 @@ def factor_sums(model, layers, terms_fn, inputs, extra) -> list:
 def _input_rows(layer, module, records, bias, batch_size) -> tf.Tensor:
     """`[B, positions, in (+1)]`: every recorded input position of every call, example
     by example, with a column of ones for a bias."""
-    kernel_in = int(np.prod(layer._kernel.shape[:-1]))
+    kernel_in = int(np.prod(layer.kernel.shape[:-1]))
     parts = []
     for record in records:
         if module is conv:

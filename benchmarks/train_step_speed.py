@@ -1,0 +1,101 @@
+"""The cost of a `fit` step of an EWCModel against a plain Keras model, side by side.
+
+MLP 784-400-400-10, batch 128, Adam, on CPU (where Keras does not use XLA). Four models
+with the same weights train in turns: plain Keras, and an EWCModel with 0, 1 and 20
+consolidated tasks (random Fisher diagonals: the step's cost does not depend on their
+values). Each round times one epoch of `--steps` steps for each model in a rotating
+order; the ratio to the plain model is taken within each round (so the machine's drift
+cancels) and the median over rounds is printed, for wall time and for the process's CPU
+time (less sensitive to other processes on a shared machine; with `--threads 1` it is
+the work a step costs).
+
+    python benchmarks/train_step_speed.py [--rounds 15] [--steps 50] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def mlp():
+    return keras.Sequential([keras.Input((784,)), keras.layers.Dense(400, activation="relu"),
+                             keras.layers.Dense(400, activation="relu"),
+                             keras.layers.Dense(10)])
+
+
+def models(weights):
+    import keras_ewc
+
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    out = {}
+    plain = mlp()
+    plain.set_weights(weights)
+    plain.compile(keras.optimizers.Adam(1e-4), loss)
+    out["plain"] = plain
+    rng = np.random.default_rng(0)
+    for tasks in (0, 1, 20):
+        net = mlp()
+        net.set_weights(weights)
+        model = keras_ewc.EWCModel(net, strength=100.0)
+        model.compile(keras.optimizers.Adam(1e-4), loss)
+        for _ in range(tasks):
+            fisher = [rng.gamma(0.5, 1e-3, size=v.shape).astype("float32")
+                      for v in model.regularised_variables]
+            model.regularizer.consolidate(fisher)
+        out[f"ewc, {tasks} tasks"] = model
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="TensorFlow intra- and inter-op threads (0: TensorFlow's "
+                             "default)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(128 * args.steps, 784)).astype("float32")
+    y = rng.integers(0, 10, len(x))
+    candidates = models(mlp().get_weights())
+    for model in candidates.values():  # warm-up: tracing
+        model.fit(x, y, batch_size=128, epochs=1, shuffle=False, verbose=0)
+    names = list(candidates)
+    wall = {name: [] for name in names}
+    cpu = {name: [] for name in names}
+    for r in range(args.rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            start, start_cpu = time.perf_counter(), time.process_time()
+            candidates[name].fit(x, y, batch_size=128, epochs=1, shuffle=False, verbose=0)
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    print(f"MLP 784-400-400-10, batch 128, Adam, {args.steps} steps a round, "
+          f"{args.rounds} rounds, threads {args.threads or 'default'}")
+    for label, times in (("wall", wall), ("cpu", cpu)):
+        plain = np.array(times["plain"])
+        print(f"[{label}] plain Keras: {1e3 * np.median(plain) / args.steps:.2f} ms a step "
+              "(median)")
+        for name in names[1:]:
+            ratio = np.array(times[name]) / plain
+            print(f"[{label}] {name:>15}: {np.median(ratio):.3f}x a plain step (median; "
+                  f"quartiles {np.percentile(ratio, 25):.3f}-"
+                  f"{np.percentile(ratio, 75):.3f})")
+
+
+if __name__ == "__main__":
+    main()
