@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import random
+import sys
+import time
+import warnings
+import weakref
 from typing import Sequence
 
 import keras
@@ -11,6 +15,7 @@ import tensorflow as tf
 
 from keras_ewc import distribute
 from keras_ewc.fisher import engine
+from keras_ewc.fisher import fast as fast_module
 from keras_ewc.fisher import likelihoods as lik_module
 
 ESTIMATORS = ("exact", "sampled", "empirical", "batched")
@@ -29,7 +34,9 @@ def fisher_diagonal(
     verbose="auto",
     variables: Sequence[tf.Variable] | None = None,
     strategy: tf.distribute.Strategy | None = None,
-) -> list[tf.Tensor]:
+    fallback: str = "allow",
+    return_paths: bool = False,
+):
     """Computes the diagonal of the Fisher information of `model` on `data`.
 
     `F = (1/N) Σ_n E_{y∼q_n} (∇_θ log p(y | x_n, θ))²`, where the estimator chooses q_n:
@@ -67,9 +74,15 @@ def fisher_diagonal(
             each replica sums squared per-example gradients over its shard of every
             batch, and the sums are all-reduced (see `keras_ewc.distribute`). The
             result equals the one-device Fisher. Default: one device.
+        fallback: what to do when variables take the slow per-example reference path
+            (no kernel covers their layer; see `kernel_paths`): `"allow"` (default),
+            `"warn"`, or `"error"` (a ValueError naming them, before the second batch).
+        return_paths: also return a dict from each variable's path to the path its
+            Fisher took (`"fast"`, `"reference"`, or `"batched"`).
 
     Returns:
-        A list of float32 tensors, aligned with `variables`.
+        A list of float32 tensors, aligned with `variables` (and the paths, when
+        `return_paths`).
 
     Example:
 
@@ -84,6 +97,10 @@ def fisher_diagonal(
         raise ValueError(
             f"Unknown estimator. Expected one of {list(ESTIMATORS)}. "
             f"Received: estimator={estimator!r}"
+        )
+    if fallback not in FALLBACKS:
+        raise ValueError(
+            f"Expected fallback in {FALLBACKS}. Received: fallback={fallback!r}"
         )
     if samples is not None:
         if estimator != "sampled":
@@ -110,87 +127,355 @@ def fisher_diagonal(
     seed = random.randrange(2**31) if seed is None else int(seed)
 
     dataset = as_dataset(data, batch_size)
-    progbar = _progbar(dataset, verbose)
-    totals = [tf.zeros(v.shape, tf.float32) for v in variables]
-    num_examples = 0
-    num_batches = 0
-    sum_fn = None
+    progress = _Progress(dataset, verbose)
+    loop = _Loop(model, variables, lik, estimator, samples, seed, strategy)
     for index, batch in enumerate(dataset):
-        x, y, _ = keras.utils.unpack_x_y_sample_weight(batch)
-        _check_finite(x, "inputs")
-        if estimator in _NEEDS_LABELS:
-            if y is None:
-                raise ValueError(
-                    f"estimator={estimator!r} needs the true labels, but the data holds "
-                    "inputs only. Pass (x, y) or use estimator='exact' or 'sampled'."
-                )
-            _check_finite(y, "labels")
-        size = int(tf.shape(tf.nest.flatten(x)[0])[0])
-        if size == 0:
-            continue
-        if index == 0:
-            # One example through the model, to learn its output shape for the checks.
-            probe = model(tf.nest.map_structure(lambda t: t[:1], x), training=False)
-            _check_single_output(probe)
-        if y is not None and estimator in _NEEDS_LABELS:
-            lik.check_labels(probe, y)
-        if estimator == "batched":
-            sums = _batched_squared_mean_grad(model, variables, lik, x, y)
-        else:
-            if sum_fn is None:
-                sum_fn = engine.build_sum_squared_grads(
-                    model, variables, _terms_fn(lik, estimator, samples)
-                )
-                if distribute.is_distributed(strategy):
-                    sum_fn = distribute.distribute_sum_fn(strategy, sum_fn, variables)
-            extra = None
-            if estimator == "empirical":
-                extra = tf.convert_to_tensor(y)
-            elif estimator == "sampled":
-                shape = lik.noise_shape(probe, samples)
-                shape[0] = size
-                extra = tf.random.stateless_uniform(shape, seed=[seed, index])
-            sums = sum_fn(x, extra)
-        totals = [a + b for a, b in zip(totals, sums)]
-        num_examples += size
-        num_batches += 1
-        if progbar is not None:
-            progbar.update(num_batches, values=[("examples", num_examples)], finalize=False)
-    if num_examples == 0:
-        raise ValueError("The data holds no examples: cannot compute a Fisher from nothing.")
-    if progbar is not None:
-        progbar.update(num_batches, finalize=True)
-    denominator = num_batches if estimator == "batched" else num_examples
-    fisher = [t / float(denominator) for t in totals]
-    for v, f in zip(variables, fisher):
-        if not bool(tf.reduce_all(tf.math.is_finite(f))):
-            raise ValueError(
-                f"The Fisher of variable {v.path if hasattr(v, 'path') else v.name} is not "
-                "finite (NaN or Inf): the model's outputs or gradients overflow on this data."
-            )
+        size = loop.add(batch, index)
+        if size and loop.batches == 1:
+            _check_paths(loop.paths, fallback)
+        progress.update(loop.batches, loop.examples)
+    fisher = loop.result()
+    progress.finish(loop.batches, loop.examples)
+    if return_paths:
+        return fisher, dict(loop.paths)
     return fisher
 
 
-def _terms_fn(lik, estimator, samples):
-    if estimator == "exact":
-        return lambda outputs, _extra: lik.exact_terms(outputs)
-    if estimator == "empirical":
-        return lambda outputs, y: lik.nll(outputs, y)[:, None]
-    scale = 1.0 / np.sqrt(samples)
-
-    def sampled(outputs, noise):
-        labels = lik.sample(outputs, noise)
-        return lik.nll_of_samples(outputs, labels) * scale
-
-    return sampled
+FALLBACKS = ("allow", "warn", "error")
 
 
-def _batched_squared_mean_grad(model, variables, lik, x, y):
+def _check_paths(paths, fallback):
+    slow = sorted(k for k, p in paths.items() if p == "reference")
+    if not slow or fallback == "allow":
+        return
+    message = (
+        f"{len(slow)} variable(s) take the slow per-example reference path, as no "
+        f"kernel covers their use: {slow}. Register a kernel for their layer with "
+        "`keras_ewc.fisher.register_kernel`, or pass fallback='allow'."
+    )
+    if fallback == "error":
+        raise ValueError(message)
+    warnings.warn(message, stacklevel=3)
+
+
+def kernel_paths(model, variables: Sequence[tf.Variable] | None = None) -> dict:
+    """Which path each variable's Fisher takes: `"fast"` (a kernel) or `"reference"`.
+
+    The answer is read from the layers before any data flows: a weight that a kernel
+    covers but that the model also reads outside its layer (a tied weight) is found only
+    when the Fisher is traced, and then takes the reference path; `fisher_diagonal(...,
+    return_paths=True)` reports the paths as computed.
+
+    Args:
+        model: a built Keras model.
+        variables: the variables to ask about (default: `model.trainable_variables`).
+
+    Returns:
+        A dict from each variable's path to `"fast"` or `"reference"`.
+
+    Example:
+
+    >>> import keras
+    >>> from keras_ewc.fisher import kernel_paths
+    >>> net = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3),
+    ...                         keras.layers.SimpleRNN(2)])
+    >>> sorted(set(kernel_paths(net).values()))
+    ['fast', 'reference']
+    """
+    variables = list(model.trainable_variables if variables is None else variables)
+    fast_ids = {id(v) for _, _, params in fast_module.plan(model, variables)
+                for v in params.values()}
+    return {engine.variable_key(v): "fast" if id(v) in fast_ids else "reference"
+            for v in variables}
+
+
+# --- the loop --------------------------------------------------------------------------
+#
+# One traced step a batch: pads the batch to a static size with zero-weight rows (the
+# kernels need a static batch size, and padding keeps one trace for a ragged last
+# batch), draws the sampled estimator's noise, computes the per-variable sums and adds
+# them, the weight total and the checks' flags to the running state. Nothing is read
+# back to the host until the end. Steps are cached per model (weakly) and per variables,
+# estimator, likelihood, batch size and input signature, so a second call, on the same
+# or other data of the same kind, traces nothing.
+
+_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+# misc state: [weight total, inputs not finite, labels not finite, label summary (4)]
+_MISC = 7
+
+
+def trace_count(model) -> int:
+    """How many times the cached Fisher steps of `model` have been traced (for tests)."""
+    return sum(step.function.experimental_get_tracing_count()
+               for step in _STEPS.get(model, {}).values())
+
+
+class _Loop:
+    """Runs the Fisher estimator batch by batch and accumulates the sums."""
+
+    def __init__(self, model, variables, lik, estimator, samples, seed, strategy):
+        self.model, self.variables, self.lik = model, variables, lik
+        self.estimator, self.samples, self.seed = estimator, samples, seed
+        self.distributed = distribute.is_distributed(strategy)
+        self.strategy = strategy
+        self.step = None
+        self.state = None
+        self.batches = 0
+        self.examples = 0
+        self.paths = {}
+        self.num_outputs = None
+
+    def add(self, batch, index) -> int:
+        x, y, w = keras.utils.unpack_x_y_sample_weight(batch)
+        size = int(tf.nest.flatten(x)[0].shape[0])
+        if size == 0:
+            return 0
+        if self.estimator in _NEEDS_LABELS and y is None:
+            raise ValueError(
+                f"estimator={self.estimator!r} needs the true labels, but the data holds "
+                "inputs only. Pass (x, y) or use estimator='exact' or 'sampled'."
+            )
+        if self.step is None or size > self.step.batch_size:
+            self._build(x, y, w, size)
+        if self.distributed:
+            self._add_distributed(x, y, w, index)
+        else:
+            self.state = self.step.function(
+                self.state, (x, y, w) if w is not None else (x, y) if y is not None else (x,),
+                tf.constant([self.seed, index], tf.int64),
+            )
+        self.batches += 1
+        self.examples += size
+        return size
+
+    def _build(self, x, y, w, size):
+        # One example through the model, to learn its output shape for the checks.
+        probe = self.model(tf.nest.map_structure(lambda t: t[:1], x), training=False)
+        _check_single_output(probe)
+        self.num_outputs = self.lik.num_outputs(probe)
+        noise = None
+        if self.estimator == "sampled":
+            noise = tuple(self.lik.noise_shape(probe, self.samples)[1:])
+        spec = _relaxed_spec((x, y, w) if w is not None else (x, y) if y is not None else (x,))
+        if self.state is None:
+            self.state = (
+                [tf.zeros(v.shape, tf.float32) for v in self.variables],
+                tf.constant([0.0, 0.0, 0.0, -np.inf, -np.inf, 0.0, 0.0], tf.float64),
+            )
+        if self.distributed:
+            self.step = _DistributedStep(self, noise)
+            return
+        key = (tuple(id(v) for v in self.variables), self.estimator, self.lik, noise,
+               int(size), _spec_key(spec))
+        steps = _STEPS.setdefault(self.model, {})
+        step = steps.get(key)
+        if step is None or step.batch_size < size:
+            step = _Step(self.model, self.variables, self.lik, self.estimator, noise,
+                         int(size), spec, self.num_outputs)
+            steps[key] = step
+        self.step = step
+        self.paths = step.paths
+
+    def _add_distributed(self, x, y, w, index):
+        totals, misc = self.state
+        sums, flags = self.step(x, y, w, index)
+        self.state = ([a + b for a, b in zip(totals, sums)], _combine(misc, flags))
+
+    def result(self) -> list:
+        if self.state is None or self.batches == 0:
+            raise ValueError("The data holds no examples: cannot compute a Fisher from nothing.")
+        totals, misc = self.state
+        finite = tf.stack([tf.reduce_all(tf.math.is_finite(t)) for t in totals])
+        misc, finite = misc.numpy(), finite.numpy()  # the one read-back of the loop
+        if misc[1]:
+            raise ValueError(
+                "The data's inputs contain NaN or Inf values; the Fisher would be "
+                "meaningless. Clean the data first."
+            )
+        if misc[2]:
+            raise ValueError(
+                "The data's labels contain NaN or Inf values; the Fisher would be "
+                "meaningless. Clean the data first."
+            )
+        if self.estimator in _NEEDS_LABELS:
+            self.lik.check_label_summary(misc[3:], self.num_outputs)
+        denominator = self.batches if self.estimator == "batched" else float(misc[0])
+        if denominator <= 0:
+            raise ValueError(
+                "The sample weights of the data sum to zero: every example is weighted "
+                "out, so there is no Fisher to compute."
+            )
+        for v, ok in zip(self.variables, finite):
+            if not ok:
+                raise ValueError(
+                    f"The Fisher of variable {engine.variable_key(v)} is not finite (NaN "
+                    "or Inf): the model's outputs or gradients overflow on this data."
+                )
+        return [t / denominator for t in totals]
+
+
+class _Step:
+    """The traced step for one (model, variables, estimator, likelihood, batch size)."""
+
+    def __init__(self, model, variables, lik, estimator, noise, batch_size, spec,
+                 num_outputs):
+        self.batch_size = batch_size
+        self.paths = {}
+        model_ref = weakref.ref(model)  # the cache must not keep the model alive
+        variables = list(variables)
+        terms = _weighted_terms(lik, estimator)
+        batch_fn = _batch_fn(lik, estimator, noise, batch_size, num_outputs)
+        state_spec = (
+            [tf.TensorSpec(v.shape, tf.float32) for v in variables],
+            tf.TensorSpec([_MISC], tf.float64),
+        )
+        paths = self.paths
+
+        def step(state, batch, seed):
+            model = model_ref()
+            totals, misc = state
+            inputs, extra, flags = batch_fn(batch, seed)
+            if estimator == "batched":
+                sums = _batched_sums(model, variables, lik, inputs, extra)
+                paths.update({engine.variable_key(v): "batched" for v in variables})
+            else:
+                layers = fast_module.plan(model, variables)
+                sums = engine.sum_squared_grads(
+                    model, layers, variables, terms, inputs, extra, paths)
+            if estimator == "batched":
+                flags = tf.concat([[1.0], flags[1:]], 0)
+            sums = [a + tf.cast(b, tf.float32) for a, b in zip(totals, sums)]
+            return sums, _combine(misc, flags)
+
+        self.function = tf.function(
+            step, input_signature=[state_spec, spec, tf.TensorSpec([2], tf.int64)])
+
+
+class _DistributedStep:
+    """Eager steps under a strategy with several replicas (see keras_ewc.distribute)."""
+
+    def __init__(self, loop, noise):
+        self.batch_size = float("inf")
+        lik, estimator = loop.lik, loop.estimator
+        self.batch_fn = _batch_fn(lik, estimator, noise, None, loop.num_outputs)
+        if estimator == "batched":
+            def sums(inputs, extra):
+                return _batched_sums(loop.model, loop.variables, lik, inputs, extra)
+            self.sum_fn = sums
+        else:
+            sum_fn = engine.build_sum_squared_grads(
+                loop.model, loop.variables, _weighted_terms(lik, estimator))
+            loop.paths = sum_fn.paths
+            self.sum_fn = distribute.distribute_sum_fn(loop.strategy, sum_fn, loop.variables)
+        self.estimator = estimator
+        self.seed = loop.seed
+
+    def __call__(self, x, y, w, index):
+        batch = (x, y, w) if w is not None else (x, y) if y is not None else (x,)
+        inputs, extra, flags = self.batch_fn(batch, tf.constant([self.seed, index], tf.int64))
+        sums = self.sum_fn(inputs, extra)
+        if self.estimator == "batched":
+            flags = tf.concat([[1.0], flags[1:]], 0)
+        return [tf.cast(s, tf.float32) for s in sums], tf.cast(flags, tf.float64)
+
+
+def _batch_fn(lik, estimator, noise, batch_size, num_outputs):
+    """`fn(batch, seed) -> (inputs, extra, flags)`: a batch made ready for the sums.
+
+    `extra` is `(weights,)` or `(weights, target)`, target being the labels or the
+    sampled estimator's noise; rows are padded to `batch_size` (when given) with copies
+    of the first row at weight 0. `flags` is the misc state of this batch.
+    """
+
+    def fn(batch, seed):
+        x, y, w = keras.utils.unpack_x_y_sample_weight(batch)
+        size = tf.shape(tf.nest.flatten(x)[0])[0]
+        w = tf.ones([size], tf.float32) if w is None else tf.reshape(
+            tf.cast(w, tf.float32), [size])
+        bad_inputs = _any_not_finite(x)
+        bad_labels = tf.constant(False)
+        summary = tf.constant([-np.inf, -np.inf, 0.0, 0.0], tf.float64)
+        target = None
+        if estimator in _NEEDS_LABELS:
+            target = y
+            bad_labels = _any_not_finite(y)
+            found = lik.label_summary(y, num_outputs)
+            if found is not None:
+                summary = found
+        elif estimator == "sampled":
+            target = tf.random.stateless_uniform(
+                tf.concat([[size], tf.constant(noise, tf.int32)], 0), seed=seed)
+        extra = (w,) if target is None else (w, target)
+        if batch_size is not None:
+            x = tf.nest.map_structure(lambda t: _pad(t, size, batch_size), x)
+            extra = tf.nest.map_structure(lambda t: _pad(t, size, batch_size), extra)
+            extra = (tf.where(tf.range(batch_size) < size, extra[0], 0.0),) + extra[1:]
+        flags = tf.concat([
+            tf.stack([tf.reduce_sum(tf.cast(w, tf.float64)),
+                      tf.cast(bad_inputs, tf.float64), tf.cast(bad_labels, tf.float64)]),
+            summary,
+        ], 0)
+        return x, extra, flags
+
+    return fn
+
+
+def _combine(misc, flags):
+    """Adds a batch's weight total (or batch count) and takes the maximum of the rest."""
+    return tf.concat([misc[:1] + flags[:1], tf.maximum(misc[1:], flags[1:])], 0)
+
+
+def _pad(t, size, batch_size):
+    """`t` with rows `size..batch_size` filled with copies of its first row, static size."""
+    t = tf.convert_to_tensor(t)
+    filler = tf.repeat(t[:1], batch_size - size, axis=0)
+    return tf.ensure_shape(tf.concat([t, filler], 0), [batch_size] + t.shape[1:])
+
+
+def _weighted_terms(lik, estimator):
+    """The engine's `terms_fn`: the likelihood's terms, each row scaled by √weight."""
+
+    def terms(outputs, extra):
+        target = extra[1] if len(extra) > 1 else None
+        values = tf.cast(lik.terms(estimator, outputs, target), tf.float32)
+        return values * tf.sqrt(tf.cast(extra[0], tf.float32))[:, None]
+
+    return terms
+
+
+def _batched_sums(model, variables, lik, inputs, extra):
+    weights, y = extra
     with tf.GradientTape() as tape:
-        outputs = model(x, training=False)
-        loss = tf.reduce_mean(lik.nll(outputs, y))
+        outputs = model(inputs, training=False)
+        loss = tf.math.divide_no_nan(
+            tf.reduce_sum(weights * lik.nll(outputs, y)), tf.reduce_sum(weights))
     grads = tape.gradient(loss, variables, unconnected_gradients="zero")
     return [tf.square(tf.cast(g, tf.float32)) for g in grads]
+
+
+def _any_not_finite(tensors):
+    flags = [tf.reduce_any(tf.logical_not(tf.math.is_finite(t)))
+             for t in tf.nest.flatten(tensors) if t is not None and t.dtype.is_floating]
+    return tf.reduce_any(tf.stack(flags)) if flags else tf.constant(False)
+
+
+def _relaxed_spec(batch):
+    """The batch's `TensorSpec`s with the batch dimension left free."""
+
+    def spec(t):
+        t = tf.convert_to_tensor(t)
+        shape = t.shape
+        if shape.rank:
+            shape = tf.TensorShape([None]).concatenate(shape[1:])
+        return tf.TensorSpec(shape, t.dtype)
+
+    return tf.nest.map_structure(spec, batch)
+
+
+def _spec_key(spec):
+    return tuple((tuple(s.shape.as_list()), s.dtype.name) for s in tf.nest.flatten(spec)) + (
+        str(tf.nest.map_structure(lambda _: 0, spec)),)
 
 
 def as_dataset(data, batch_size=None) -> tf.data.Dataset:
@@ -223,16 +508,6 @@ def as_dataset(data, batch_size=None) -> tf.data.Dataset:
     )
 
 
-def _check_finite(tensors, what):
-    for t in tf.nest.flatten(tensors):
-        t = tf.convert_to_tensor(t)
-        if t.dtype.is_floating and not bool(tf.reduce_all(tf.math.is_finite(t))):
-            raise ValueError(
-                f"The data's {what} contain NaN or Inf values; the Fisher would be "
-                "meaningless. Clean the data first."
-            )
-
-
 def _check_single_output(outputs):
     if len(tf.nest.flatten(outputs)) != 1:
         raise ValueError(
@@ -241,14 +516,37 @@ def _check_single_output(outputs):
         )
 
 
-def _progbar(dataset, verbose):
-    if verbose in (0, False):
-        return None
-    cardinality = int(dataset.cardinality())
-    target = cardinality if cardinality > 0 else None
-    return keras.utils.Progbar(
-        target,
-        verbose=1 if verbose == "auto" else int(verbose),
-        stateful_metrics=["examples"],
-        unit_name="batch",
-    )
+class _Progress:
+    """Counts batches and examples for the user: integers, no control codes in files.
+
+    On a terminal the line is redrawn in place (at most ten times a second); elsewhere
+    (a log file, a pipe, a notebook's captured output) one line is printed at the end.
+    """
+
+    def __init__(self, dataset, verbose):
+        self.enabled = verbose not in (0, False)
+        cardinality = int(dataset.cardinality())
+        self.target = cardinality if cardinality > 0 else None
+        self.terminal = bool(getattr(sys.stdout, "isatty", lambda: False)())
+        self.start = self.shown = time.monotonic()
+
+    def _line(self, batches, examples):
+        done = f"{batches}/{self.target}" if self.target else f"{batches}"
+        return f"Fisher: {done} batches - examples: {examples}"
+
+    def update(self, batches, examples):
+        if not (self.enabled and self.terminal):
+            return
+        now = time.monotonic()
+        if now - self.shown >= 0.1:
+            self.shown = now
+            sys.stdout.write("\r" + self._line(batches, examples))
+            sys.stdout.flush()
+
+    def finish(self, batches, examples):
+        if not self.enabled:
+            return
+        elapsed = time.monotonic() - self.start
+        prefix = "\r" if self.terminal else ""
+        sys.stdout.write(f"{prefix}{self._line(batches, examples)} - {elapsed:.1f}s\n")
+        sys.stdout.flush()
