@@ -151,9 +151,22 @@ class Categorical(Likelihood):
         return tf.math.log(tf.clip_by_value(probs, _EPS, 1.0))
 
     def exact_terms(self, outputs):
-        # Σ_c p_c (∇ log p_c)² = Σ_c (∇ [sg(√p_c) log p_c])²: one term a class.
+        # Σ_c p_c (∇ log p_c)² = Σ_c (∇ [sg(√p_c) log p_c])²: one term a class, u_c.
         log_p = self.log_probs(outputs)
-        return tf.stop_gradient(tf.sqrt(tf.exp(log_p))) * log_p
+        root = tf.stop_gradient(tf.sqrt(tf.exp(log_p)))
+        terms = root * log_p
+        classes = terms.shape[-1]
+        if classes is None or classes < 2:
+            return terms
+        # The columns' gradients U = [∇u_c] satisfy U √p = Σ_c p_c ∇log p_c = ∇ Σ_c p_c
+        # = 0, so U Uᵀ = U Q Qᵀ Uᵀ for any Q whose C − 1 orthonormal columns span the
+        # complement of √p: C − 1 terms, one backward pass fewer. Q is the Householder
+        # reflection H = I − 2 v vᵀ / vᵀv, v = √p + e_C (H √p = −e_C), less its last
+        # column; |v| ≥ 1, so it is well conditioned.
+        v = root + tf.one_hot(classes - 1, classes)
+        scale = 2.0 * tf.reduce_sum(terms * v, -1, keepdims=True) / tf.reduce_sum(
+            v * v, -1, keepdims=True)
+        return terms[:, :-1] - v[:, :-1] * scale
 
     def nll(self, outputs, y):
         log_p = self.log_probs(outputs)
