@@ -352,6 +352,11 @@ class _Step:
             step, input_signature=[state_spec, spec, tf.TensorSpec([2], tf.int64)])
 
 
+class _Cached:
+    def __init__(self, function):
+        self.function = function
+
+
 class _DistributedStep:
     """Eager steps under a strategy with several replicas (see keras_ewc.distribute)."""
 
@@ -364,8 +369,14 @@ class _DistributedStep:
                 return _batched_sums(loop.model, loop.variables, lik, inputs, extra)
             self.sum_fn = sums
         else:
-            sum_fn = engine.build_sum_squared_grads(
-                loop.model, loop.variables, _weighted_terms(lik, estimator))
+            # Cached like the one-device step: each shard size traces once per model.
+            steps = _STEPS.setdefault(loop.model, {})
+            key = ("distributed", tuple(id(v) for v in loop.variables), estimator, lik)
+            if key not in steps:
+                # A proxy: the cache, held by the model, must not keep it alive.
+                steps[key] = _Cached(engine.build_sum_squared_grads(
+                    weakref.proxy(loop.model), loop.variables, _weighted_terms(lik, estimator)))
+            sum_fn = steps[key].function
             loop.paths = sum_fn.paths
             self.sum_fn = distribute.distribute_sum_fn(loop.strategy, sum_fn, loop.variables)
         self.estimator = estimator

@@ -4,7 +4,8 @@ Each likelihood gives, for a batch of outputs, the pseudo-losses ("terms", `[B, 
 whose squared per-example gradients sum to the Fisher of one estimator:
 
 - `exact_terms(outputs)`: Σ_t (∇ term_t)² = E_{y∼p(y|x)} (∇ log p(y|x))², in closed form
-  over the model's predictive distribution (C terms for C classes).
+  over the model's predictive distribution (C − 1 terms for C classes, K for K
+  Bernoulli or Gaussian outputs).
 - `nll(outputs, y)`: −log p(y|x) per example, for the `empirical` (true labels) and
   `sampled` (labels drawn from the model) estimators.
 - `sample(outputs, noise)`: labels drawn from the model, deterministic given `noise`,
@@ -58,9 +59,6 @@ class Likelihood:
 
     def num_outputs(self, outputs) -> int:
         return int(_flat(outputs).shape[-1])
-
-    def num_exact_terms(self, outputs) -> int:
-        return self.num_outputs(outputs)
 
     def terms(self, estimator: str, outputs, extra=None):
         """The `[B, T]` pseudo-losses of `estimator` for a batch of outputs.
