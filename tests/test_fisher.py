@@ -403,3 +403,17 @@ def test_register_kernel_rejects_an_incomplete_kernel():
 
     with pytest.raises(ValueError, match=r"lacks \['forward', 'sum_squared'\]"):
         register_kernel(Scale)(Incomplete)
+
+
+@pytest.mark.parametrize("weights, message", [
+    ([1, -1, 1, 1, 1], r"weights >= 0 and finite. Received weights in \[-1, 1\]"),
+    ([1, np.nan, 1, 1, 1], r"in \[1, 1\] with NaN"),
+    ([1, np.inf, 1, 1, 1], r"\[1, inf\]"),
+    ([0, 0, 0, 0, 0], "only examples of sample weight 0"),
+])
+def test_bad_sample_weights_are_reported_after_the_traced_loop(weights, message):
+    model = dense_model()
+    x, y = _data(model, n=5)
+    with pytest.raises(ValueError, match=message):
+        fisher_diagonal(model, (x, y, np.array(weights, "float32")),
+                        likelihood="categorical", batch_size=2, verbose=0)

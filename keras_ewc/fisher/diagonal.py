@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_ewc import distribute
-from keras_ewc.fisher import engine
+from keras_ewc.fisher import engine, kernels
 from keras_ewc.fisher import fast as fast_module
 from keras_ewc.fisher import likelihoods as lik_module
 
@@ -199,10 +199,18 @@ def kernel_paths(model, variables: Sequence[tf.Variable] | None = None) -> dict:
 # estimator, likelihood, batch size and input signature, so a second call, on the same
 # or other data of the same kind, traces nothing.
 
+_NO_EXAMPLES = (
+    "The data holds no examples (or only examples of sample weight 0): cannot compute a "
+    "Fisher from nothing."
+)
+
 _STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-# misc state: [weight total, inputs not finite, labels not finite, label summary (4)]
-_MISC = 7
+# The misc state, a float64 vector: the weight total (or, for `batched`, the count of
+# batches with weight), then values combined by maximum: whether inputs or labels are not
+# finite, the likelihood's label summary (4), and the weights' summary (−min, max, NaN).
+_MISC = 10
+_EMPTY_MISC = [0.0, 0.0, 0.0, -np.inf, -np.inf, 0.0, 0.0, -np.inf, -np.inf, 0.0]
 
 
 def trace_count(model) -> int:
@@ -236,6 +244,11 @@ class _Loop:
                 f"estimator={self.estimator!r} needs the true labels, but the data holds "
                 "inputs only. Pass (x, y) or use estimator='exact' or 'sampled'."
             )
+        if w is not None and tuple(w.shape) not in ((size,), (size, 1)):
+            raise ValueError(
+                f"Expected sample weights of shape ({size},) or ({size}, 1): one weight for "
+                f"each example. Received sample weights of shape {tuple(w.shape)}."
+            )
         if self.step is None or size > self.step.batch_size:
             self._build(x, y, w, size)
         if self.distributed:
@@ -261,13 +274,13 @@ class _Loop:
         if self.state is None:
             self.state = (
                 [tf.zeros(v.shape, tf.float32) for v in self.variables],
-                tf.constant([0.0, 0.0, 0.0, -np.inf, -np.inf, 0.0, 0.0], tf.float64),
+                tf.constant(_EMPTY_MISC, tf.float64),
             )
         if self.distributed:
             self.step = _DistributedStep(self, noise)
             return
-        key = (tuple(id(v) for v in self.variables), self.estimator, self.lik, noise,
-               int(size), _spec_key(spec))
+        key = (tuple(id(v) for v in self.variables), self.estimator, _lik_key(self.lik),
+               noise, int(size), _spec_key(spec), kernels.version())
         steps = _STEPS.setdefault(self.model, {})
         step = steps.get(key)
         if step is None or step.batch_size < size:
@@ -284,10 +297,17 @@ class _Loop:
 
     def result(self) -> list:
         if self.state is None or self.batches == 0:
-            raise ValueError("The data holds no examples: cannot compute a Fisher from nothing.")
+            raise ValueError(_NO_EXAMPLES)
         totals, misc = self.state
         finite = tf.stack([tf.reduce_all(tf.math.is_finite(t)) for t in totals])
         misc, finite = misc.numpy(), finite.numpy()  # the one read-back of the loop
+        low, high, nan = misc[7:]
+        if nan or -low < 0 or high == np.inf:
+            raise ValueError(
+                f"Expected sample weights >= 0 and finite. Received weights in "
+                f"[{-low:g}, {high:g}]{' with NaN' if nan else ''}. A zero weight removes "
+                "an example; negative or non-finite weights have no meaning for a Fisher."
+            )
         if misc[1]:
             raise ValueError(
                 "The data's inputs contain NaN or Inf values; the Fisher would be "
@@ -299,13 +319,10 @@ class _Loop:
                 "meaningless. Clean the data first."
             )
         if self.estimator in _NEEDS_LABELS:
-            self.lik.check_label_summary(misc[3:], self.num_outputs)
-        denominator = self.batches if self.estimator == "batched" else float(misc[0])
+            self.lik.check_label_summary(misc[3:7], self.num_outputs)
+        denominator = float(misc[0])
         if denominator <= 0:
-            raise ValueError(
-                "The sample weights of the data sum to zero: every example is weighted "
-                "out, so there is no Fisher to compute."
-            )
+            raise ValueError(_NO_EXAMPLES)
         for v, ok in zip(self.variables, finite):
             if not ok:
                 raise ValueError(
@@ -344,7 +361,7 @@ class _Step:
                 sums = engine.sum_squared_grads(
                     model, layers, variables, terms, inputs, extra, paths)
             if estimator == "batched":
-                flags = tf.concat([[1.0], flags[1:]], 0)
+                flags = tf.concat([tf.cast(flags[:1] > 0, tf.float64), flags[1:]], 0)
             sums = [a + tf.cast(b, tf.float32) for a, b in zip(totals, sums)]
             return sums, _combine(misc, flags)
 
@@ -371,7 +388,8 @@ class _DistributedStep:
         else:
             # Cached like the one-device step: each shard size traces once per model.
             steps = _STEPS.setdefault(loop.model, {})
-            key = ("distributed", tuple(id(v) for v in loop.variables), estimator, lik)
+            key = ("distributed", tuple(id(v) for v in loop.variables), estimator,
+                   _lik_key(lik), kernels.version())
             if key not in steps:
                 # A proxy: the cache, held by the model, must not keep it alive.
                 steps[key] = _Cached(engine.build_sum_squared_grads(
@@ -387,7 +405,7 @@ class _DistributedStep:
         inputs, extra, flags = self.batch_fn(batch, tf.constant([self.seed, index], tf.int64))
         sums = self.sum_fn(inputs, extra)
         if self.estimator == "batched":
-            flags = tf.concat([[1.0], flags[1:]], 0)
+            flags = tf.concat([tf.cast(flags[:1] > 0, tf.float64), flags[1:]], 0)
         return [tf.cast(s, tf.float32) for s in sums], tf.cast(flags, tf.float64)
 
 
@@ -402,8 +420,14 @@ def _batch_fn(lik, estimator, noise, batch_size, num_outputs):
     def fn(batch, seed):
         x, y, w = keras.utils.unpack_x_y_sample_weight(batch)
         size = tf.shape(tf.nest.flatten(x)[0])[0]
-        w = tf.ones([size], tf.float32) if w is None else tf.reshape(
-            tf.cast(w, tf.float32), [size])
+        weights = tf.constant([-np.inf, -np.inf, 0.0], tf.float64)
+        if w is None:
+            w = tf.ones([size], tf.float32)
+        else:
+            w = tf.reshape(tf.cast(w, tf.float32), [size])
+            weights = _weight_summary(w)
+            # Bad weights are reported at the end; meanwhile they must not poison the sums.
+            w = tf.where(tf.math.is_finite(w) & (w >= 0), w, 0.0)
         bad_inputs = _any_not_finite(x)
         bad_labels = tf.constant(False)
         summary = tf.constant([-np.inf, -np.inf, 0.0, 0.0], tf.float64)
@@ -426,10 +450,20 @@ def _batch_fn(lik, estimator, noise, batch_size, num_outputs):
             tf.stack([tf.reduce_sum(tf.cast(w, tf.float64)),
                       tf.cast(bad_inputs, tf.float64), tf.cast(bad_labels, tf.float64)]),
             summary,
+            weights,
         ], 0)
         return x, extra, flags
 
     return fn
+
+
+def _weight_summary(w):
+    w = tf.cast(w, tf.float64)
+    nan = tf.math.is_nan(w)
+    inf = tf.constant(np.inf, tf.float64)
+    return tf.stack([-tf.reduce_min(tf.where(nan, inf, w)),
+                     tf.reduce_max(tf.where(nan, -inf, w)),
+                     tf.cast(tf.reduce_any(nan), tf.float64)])
 
 
 def _combine(misc, flags):
@@ -482,6 +516,15 @@ def _relaxed_spec(batch):
         return tf.TensorSpec(shape, t.dtype)
 
     return tf.nest.map_structure(spec, batch)
+
+
+def _lik_key(lik):
+    """The likelihood itself when hashable (equal likelihoods share a trace), else its id."""
+    try:
+        hash(lik)
+        return lik
+    except TypeError:
+        return ("id", id(lik))
 
 
 def _spec_key(spec):

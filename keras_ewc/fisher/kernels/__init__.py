@@ -6,6 +6,12 @@ here and importing it below; a user's own layer registers the same way.
 """
 
 from keras_ewc.fisher.kernels import conv, dense, einsum_dense, embedding, normalization  # noqa: F401, I001  (registers the built-in kernels)
-from keras_ewc.fisher.kernels._registry import Kernel, lookup, register_kernel, registry
+from keras_ewc.fisher.kernels._registry import (
+    Kernel,
+    lookup,
+    register_kernel,
+    registry,
+    version,
+)
 
-__all__ = ["Kernel", "lookup", "register_kernel", "registry"]
+__all__ = ["Kernel", "lookup", "register_kernel", "registry", "version"]

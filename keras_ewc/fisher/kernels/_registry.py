@@ -47,6 +47,12 @@ class Kernel:
 
 # Layer class -> (kernel instance, names of the methods a subclass must not override).
 _REGISTRY: dict = {}
+_VERSION = [0]  # bumped by each registration: cached Fisher steps keyed by it retrace
+
+
+def version() -> int:
+    """How many registrations the registry has seen (part of the Fisher cache's key)."""
+    return _VERSION[0]
 
 
 def register_kernel(*layer_classes: type, methods: tuple = ()):
@@ -104,6 +110,7 @@ def register_kernel(*layer_classes: type, methods: tuple = ()):
             )
         for cls in layer_classes:
             _REGISTRY[cls] = (instance, ("call",) + tuple(methods))
+        _VERSION[0] += 1
         return kernel
 
     return decorator
