@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_ewc import distribute
-from keras_ewc.fisher import engine, kernels
+from keras_ewc.fisher import checks, engine, kernels
 from keras_ewc.fisher import fast as fast_module
 from keras_ewc.fisher import likelihoods as lik_module
 
@@ -34,6 +34,7 @@ def fisher_diagonal(
     verbose="auto",
     variables: Sequence[tf.Variable] | None = None,
     strategy: tf.distribute.Strategy | None = None,
+    steps: int | None = None,
     fallback: str = "allow",
     return_paths: bool = False,
 ):
@@ -54,12 +55,30 @@ def fisher_diagonal(
     normalisation uses its moving statistics, so the examples of a batch do not interact.
     Memory is bounded by `batch_size`, not by the number of examples.
 
+    With sample weights, the Fisher is a weighted mean: example n counts `w_n` times
+    (its terms are scaled by `√w_n`) and the sum is divided by `Σ w_n`; a zero weight
+    removes the example. `"batched"` then uses each batch's weighted mean loss.
+
+    Before any computation, the data, the model's weights and the first batch's outputs
+    are checked (`keras_ewc.fisher.checks`): outputs that contradict the likelihood
+    (probabilities read as logits, or logits read as probabilities), an infinite dataset
+    without `steps`, an un-batched dataset, labels that do not fit the outputs and
+    non-finite weights are refused with an error that says what to do. Checks of values
+    in every batch (NaN or Inf inputs and labels, label range, sample weights) run inside
+    the traced loop and are reported when it ends, before anything is returned.
+
+    The per-batch step is traced once per model, variables, estimator, likelihood,
+    batch size and input signature, and reused by later calls (a continual run
+    consolidates after every task); a ragged last batch is padded with weight-0 rows and
+    does not retrace.
+
     Args:
         model: a built Keras model (or any callable with `trainable_variables`)
             returning one output tensor: logits or probabilities for `categorical` and
             `bernoulli`, predictions for `gaussian`.
         data: a `tf.data.Dataset` of batches (`x`, `(x,)`, `(x, y)` or
-            `(x, y, sample_weight)`), an array of inputs, or a tuple `(x, y)` of arrays.
+            `(x, y, sample_weight)`), an array of inputs, or a tuple `(x, y)` or
+            `(x, y, sample_weight)` of arrays.
         estimator: one of `"exact"`, `"sampled"`, `"empirical"`, `"batched"`.
         likelihood: `"categorical"`, `"bernoulli"`, `"gaussian"`, a
             `keras_ewc.fisher.Likelihood`, or None to infer it from the compiled loss.
@@ -74,6 +93,8 @@ def fisher_diagonal(
             each replica sums squared per-example gradients over its shard of every
             batch, and the sums are all-reduced (see `keras_ewc.distribute`). The
             result equals the one-device Fisher. Default: one device.
+        steps: the number of batches to use (as in Keras' `evaluate`); needed for an
+            infinite dataset. Default: all of them.
         fallback: what to do when variables take the slow per-example reference path
             (no kernel covers their layer; see `kernel_paths`): `"allow"` (default),
             `"warn"`, or `"error"` (a ValueError naming them, before the second batch).
@@ -125,8 +146,13 @@ def fisher_diagonal(
         raise ValueError("The model has no trainable variables to compute a Fisher for.")
     samples = int(samples or 1)
     seed = random.randrange(2**31) if seed is None else int(seed)
+    # Checks of the data's type and spec, the model and its weights, before the loop.
+    checks.check_steps(steps)
+    checks.check_single_output_model(model)
+    checks.check_finite_weights(list(getattr(model, "weights", [])) + variables)
+    checks.check_inputs(model, _x_spec(data))
 
-    dataset = as_dataset(data, batch_size)
+    dataset = checks.bound_steps(as_dataset(data, batch_size), steps)
     progress = _Progress(dataset, verbose)
     loop = _Loop(model, variables, lik, estimator, samples, seed, strategy)
     for index, batch in enumerate(dataset):
@@ -233,6 +259,7 @@ class _Loop:
         self.examples = 0
         self.paths = {}
         self.num_outputs = None
+        self.probe = None
 
     def add(self, batch, index) -> int:
         x, y, w = keras.utils.unpack_x_y_sample_weight(batch)
@@ -249,6 +276,14 @@ class _Loop:
                 f"Expected sample weights of shape ({size},) or ({size}, 1): one weight for "
                 f"each example. Received sample weights of shape {tuple(w.shape)}."
             )
+        if self.probe is None:
+            # The first batch through the model: its outputs are checked against the
+            # likelihood before anything is traced.
+            self.probe = self.model(x, training=False)
+            checks.check_single_output(self.probe)
+            checks.check_outputs(self.lik, self.probe, self.model)
+        if y is not None and self.estimator in _NEEDS_LABELS:
+            checks.check_label_shape(self.lik, [size] + list(self.probe.shape[1:]), y.shape)
         if self.step is None or size > self.step.batch_size:
             self._build(x, y, w, size)
         if self.distributed:
@@ -263,9 +298,7 @@ class _Loop:
         return size
 
     def _build(self, x, y, w, size):
-        # One example through the model, to learn its output shape for the checks.
-        probe = self.model(tf.nest.map_structure(lambda t: t[:1], x), training=False)
-        _check_single_output(probe)
+        probe = self.probe
         self.num_outputs = self.lik.num_outputs(probe)
         noise = None
         if self.estimator == "sampled":
@@ -538,10 +571,7 @@ def as_dataset(data, batch_size=None) -> tf.data.Dataset:
         if batch_size is not None:
             return data.unbatch().batch(int(batch_size))
         return data
-    if data is None:
-        raise ValueError("Expected data: a tf.data.Dataset, an array, or (x, y). Received None.")
-    if isinstance(data, list):
-        data = tuple(data)
+    checks.check_data_type(data)
     try:
         structure = tf.nest.map_structure(
             lambda a: a if tf.is_tensor(a) else np.asarray(a), data
@@ -562,12 +592,15 @@ def as_dataset(data, batch_size=None) -> tf.data.Dataset:
     )
 
 
-def _check_single_output(outputs):
-    if len(tf.nest.flatten(outputs)) != 1:
-        raise ValueError(
-            "Expected a model with a single output tensor for the Fisher. Received "
-            f"{len(tf.nest.flatten(outputs))} outputs."
-        )
+def _x_spec(data):
+    """The inputs of one batch of `data`, as specs or arrays, for `checks.check_inputs`."""
+    if isinstance(data, tf.data.Dataset):
+        spec = data.element_spec
+    else:
+        checks.check_data_type(data)
+        spec = data
+    x, _, _ = keras.utils.unpack_x_y_sample_weight(spec)
+    return x
 
 
 class _Progress:

@@ -44,6 +44,10 @@ class Likelihood:
     """
 
     name = "base"
+    # Where the likelihood came from (e.g. the compiled loss), and that loss's Keras
+    # class: the checks name them in their errors. None for an explicit instance.
+    origin: str | None = None
+    loss_class: str | None = None
 
     def __init__(self, from_logits: bool = True):
         self.from_logits = bool(from_logits)
@@ -212,22 +216,6 @@ class Categorical(Likelihood):
                 f"outputs. Received labels in [{-low:g}, {high:g}]."
             )
 
-    def check_labels(self, outputs, y):
-        y = np.asarray(y)
-        classes = int(outputs.shape[-1])
-        if y.ndim == len(outputs.shape) and y.shape[-1] == classes and y.ndim > 1:
-            return
-        if y.size and (not np.all(np.isfinite(y)) or np.any(y != np.round(y))):
-            raise ValueError(
-                "Expected integer class labels for a categorical likelihood. Received "
-                f"labels of dtype {y.dtype} with non-integer values."
-            )
-        if y.size and (y.min() < 0 or y.max() >= classes):
-            raise ValueError(
-                f"Expected labels in [0, {classes}) for a model with {classes} outputs. "
-                f"Received labels in [{y.min()}, {y.max()}]."
-            )
-
 
 class Bernoulli(Likelihood):
     """K independent binary labels; outputs are logits or probabilities, `[B, K]`."""
@@ -277,14 +265,6 @@ class Bernoulli(Likelihood):
                 f"labels in [{-low:g}, {high:g}]" + (" and non-finite ones." if infinite else ".")
             )
 
-    def check_labels(self, outputs, y):
-        y = np.asarray(y, dtype=np.float64)
-        if y.size and (y.min() < 0 or y.max() > 1):
-            raise ValueError(
-                "Expected binary labels in [0, 1] for a bernoulli likelihood. Received "
-                f"labels in [{y.min()}, {y.max()}]."
-            )
-
 
 class Gaussian(Likelihood):
     """Regression targets with unit variance around the outputs: −log p = ½‖y − f‖²."""
@@ -316,9 +296,6 @@ class Gaussian(Likelihood):
         f = _flat(outputs)[:, None, :]
         return 0.5 * tf.reduce_sum(tf.square(labels - f), axis=-1)
 
-    def check_labels(self, outputs, y):
-        return
-
 
 def _is_one_hot(y, log_p) -> bool:
     return y.shape.rank == log_p.shape.rank and y.shape.rank > 1 and (
@@ -340,6 +317,12 @@ _LOSS_NAMES = {
     "mse": "gaussian",
 }
 
+_LOSS_CLASSES = {
+    "sparsecategoricalcrossentropy": "SparseCategoricalCrossentropy",
+    "categoricalcrossentropy": "CategoricalCrossentropy",
+    "binarycrossentropy": "BinaryCrossentropy",
+}
+
 
 def get(likelihood, model=None) -> Likelihood:
     """Resolves `likelihood` (an instance, a name, or None: from the compiled loss)."""
@@ -359,7 +342,9 @@ def get(likelihood, model=None) -> Likelihood:
         compiled = _from_compiled_loss(model)
         if compiled is not None and compiled.name == name:
             return compiled
-        return _CLASSES[name](from_logits=_guess_from_logits(getattr(model, "network", model)))
+        found = _CLASSES[name](from_logits=_guess_from_logits(getattr(model, "network", model)))
+        found.origin = f"likelihood={likelihood!r} (from_logits={found.from_logits}, guessed)"
+        return found
     raise ValueError(
         f"Unknown likelihood. Expected one of {list(LIKELIHOODS)} or a Likelihood "
         f"instance. Received: likelihood={likelihood!r}"
@@ -374,7 +359,10 @@ def _from_compiled_loss(model):
         return None
     if isinstance(loss, str):
         name = _LOSS_NAMES.get(loss.lower())
-        return None if name is None else _CLASSES[name](from_logits=False)
+        if name is None:
+            return None
+        return _with_origin(_CLASSES[name](from_logits=False), loss.lower(),
+                            f"the compiled loss {loss!r} (which means from_logits=False)")
     key = type(loss).__name__.lower()
     if key == "lossfunctionwrapper" and getattr(loss, "fn", None) is not None:
         key = loss.fn.__name__.lower()
@@ -384,7 +372,16 @@ def _from_compiled_loss(model):
     if name is None:
         return None
     config = loss.get_config() if hasattr(loss, "get_config") else {}
-    return _CLASSES[name](from_logits=bool(config.get("from_logits", False)))
+    from_logits = bool(config.get("from_logits", False))
+    shown = type(loss).__name__ if key == type(loss).__name__.lower() else key
+    return _with_origin(_CLASSES[name](from_logits=from_logits), key,
+                        f"the compiled loss {shown}(from_logits={from_logits})")
+
+
+def _with_origin(likelihood, key, origin):
+    likelihood.origin = origin
+    likelihood.loss_class = _LOSS_CLASSES.get(key.replace("_", ""))
+    return likelihood
 
 
 def _guess_from_logits(model) -> bool:
