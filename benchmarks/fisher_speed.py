@@ -8,7 +8,9 @@ ratio within a round; times are the best round):
 - `exact`, `sampled`, `empirical`: the engine's sums of squared per-example gradients
   (`keras_ewc.fisher.engine.build_sum_squared_grads`), fast path, on prepared batches
   (the raw kernel);
-- the same estimators through `keras_ewc.fisher_diagonal` as a user calls it: defaults,
+- the same estimators through `keras_ewc.fisher_diagonal` as a user calls it (wall-clock
+  ratio, and in parentheses the ratio of the process's CPU time, which the load of other
+  processes disturbs less): defaults,
   a `tf.data.Dataset` of (x, y) with its own batches, a fresh call after a first one
   (so the cached trace is reused), against one batched gradient pass over the same
   dataset; once with batches of `--batch-size` and once with `--ragged-batch-size`,
@@ -194,16 +196,20 @@ def user_call_ratios(model, lik, x, y, batch_size, repeats):
     for fn in fns.values():  # a first call: traces (and is not timed)
         fn()
     ratios = {e: [] for e in ESTIMATORS}
+    cpu_ratios = {e: [] for e in ESTIMATORS}
     for _ in range(repeats):
-        times = {}
+        times, cpu = {}, {}
         for key, fn in fns.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             for t in tf.nest.flatten(fn()):
                 t.numpy()
             times[key] = time.perf_counter() - start
+            cpu[key] = time.process_time() - start_cpu
         for e in ESTIMATORS:
             ratios[e].append(times[e] / times["unit"])
-    return {e: float(np.median(r)) for e, r in ratios.items()}
+            cpu_ratios[e].append(cpu[e] / cpu["unit"])
+    return {e: (float(np.median(ratios[e])), float(np.median(cpu_ratios[e])))
+            for e in ESTIMATORS}
 
 
 def _loop_fn(model, variables, terms_fn):
@@ -249,7 +255,8 @@ def main():
                          args.loop_examples, args.eager_examples, args.ragged_batch_size)
         print(f"| {name} | batched gradient | {unit:.3f} | 1.00 | 1.00 | 1.00 | | |")
         for model_name, e, t, ratio, user, ragged, compiled, eager in rows:
-            print(f"| {model_name} | {e} | {t:.3f} | {ratio:.2f} | {user:.2f} | {ragged:.2f} "
+            print(f"| {model_name} | {e} | {t:.3f} | {ratio:.2f} "
+                  f"| {user[0]:.2f} ({user[1]:.2f}) | {ragged[0]:.2f} ({ragged[1]:.2f}) "
                   f"| {compiled:.0f}× | {eager:.0f}× |", flush=True)
 
 
