@@ -398,8 +398,11 @@ class _Step:
             sums = [a + tf.cast(b, tf.float32) for a, b in zip(totals, sums)]
             return sums, _combine(misc, flags)
 
+        # No autograph, as Keras' own train step: nothing here branches on a tensor, and
+        # converting the model's call tree costs seconds on the first call.
         self.function = tf.function(
-            step, input_signature=[state_spec, spec, tf.TensorSpec([2], tf.int64)])
+            step, input_signature=[state_spec, spec, tf.TensorSpec([2], tf.int64)],
+            autograph=False)
 
 
 class _Cached:

@@ -84,7 +84,7 @@ def build_sum_squared_grads(
     layers = fast_module.plan(model, variables) if fast else []
     paths = {}
 
-    @tf.function(reduce_retracing=not layers)
+    @tf.function(reduce_retracing=not layers, autograph=False)
     def fn(inputs, extra):
         return sum_squared_grads(model, layers, variables, terms_fn, inputs, extra, paths)
 
