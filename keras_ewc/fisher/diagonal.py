@@ -203,7 +203,7 @@ def kernel_paths(model, variables: Sequence[tf.Variable] | None = None) -> dict:
 
     >>> import keras
     >>> from keras_ewc.fisher import kernel_paths
-    >>> net = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3),
+    >>> net = keras.Sequential([keras.Input((5, 4)), keras.layers.Dense(3),
     ...                         keras.layers.SimpleRNN(2)])
     >>> sorted(set(kernel_paths(net).values()))
     ['fast', 'reference']
