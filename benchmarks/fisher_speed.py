@@ -6,7 +6,15 @@ ratio within a round; times are the best round):
 
 - `grad`: one batched gradient of the mean loss, the unit;
 - `exact`, `sampled`, `empirical`: the engine's sums of squared per-example gradients
-  (`keras_ewc.fisher.engine.build_sum_squared_grads`), fast path;
+  (`keras_ewc.fisher.engine.build_sum_squared_grads`), fast path, on prepared batches
+  (the raw kernel);
+- the same estimators through `keras_ewc.fisher_diagonal` as a user calls it (wall-clock
+  ratio, and in parentheses the ratio of the process's CPU time, which the load of other
+  processes disturbs less): defaults,
+  a `tf.data.Dataset` of (x, y) with its own batches, a fresh call after a first one
+  (so the cached trace is reused), against one batched gradient pass over the same
+  dataset; once with batches of `--batch-size` and once with `--ragged-batch-size`,
+  whose last batch is ragged;
 - per-example loops for the same estimator, timed on a few examples and scaled to N:
   `compiled` (a `tf.function` of one example, called N times: the strongest loop) and
   `eager` (one `GradientTape` an example and a term, as most EWC code does).
@@ -23,8 +31,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_ewc import fisher_diagonal
 from keras_ewc.fisher import engine, likelihoods
-from keras_ewc.fisher.diagonal import _terms_fn
 
 ESTIMATORS = ("exact", "sampled", "empirical")
 
@@ -91,7 +99,12 @@ def best_time(fn, batches, repeats):
     return min(times)
 
 
-def run(name, build, n, batch_size, repeats, loop_examples, eager_examples):
+def _terms_fn(lik, estimator):
+    return lambda outputs, extra: lik.terms(estimator, outputs, extra)
+
+
+def run(name, build, n, batch_size, repeats, loop_examples, eager_examples,
+        ragged_batch_size):
     keras.utils.set_random_seed(0)
     model, make_x, classes = build()
     rng = np.random.default_rng(0)
@@ -115,9 +128,9 @@ def run(name, build, n, batch_size, repeats, loop_examples, eager_examples):
         return out
 
     extras = {"exact": None, "sampled": noise, "empirical": y}
-    fns = {e: engine.build_sum_squared_grads(model, variables, _terms_fn(lik, e, 1))
+    fns = {e: engine.build_sum_squared_grads(model, variables, _terms_fn(lik, e))
            for e in ESTIMATORS}
-    loops = {e: _loop_fn(model, variables, _terms_fn(lik, e, 1)) for e in ESTIMATORS}
+    loops = {e: _loop_fn(model, variables, _terms_fn(lik, e)) for e in ESTIMATORS}
     grad_batches = batches(y)
     times = {e: [] for e in ESTIMATORS}
     for _ in range(2):  # warm-up: traces
@@ -136,6 +149,9 @@ def run(name, build, n, batch_size, repeats, loop_examples, eager_examples):
             times[e].append(t)
             ratios[e].append(t / unit)
     unit = min(units)
+    user = {}
+    for size in (batch_size, ragged_batch_size):
+        user[size] = user_call_ratios(model, lik, x, y, size, repeats)
     rows = []
     for e in ESTIMATORS:
         extra = extras[e]
@@ -148,8 +164,52 @@ def run(name, build, n, batch_size, repeats, loop_examples, eager_examples):
         eager = best_time(loops[e].python_function, singles[:eager_examples], 1)
         eager *= n / eager_examples
         fast = min(times[e])
-        rows.append((name, e, fast, float(np.median(ratios[e])), loop / fast, eager / fast))
+        rows.append((name, e, fast, float(np.median(ratios[e])),
+                     user[batch_size][e], user[ragged_batch_size][e],
+                     loop / fast, eager / fast))
     return unit, rows
+
+
+def user_call_ratios(model, lik, x, y, batch_size, repeats):
+    """`fisher_diagonal` as a user calls it, as a multiple of one batched gradient pass
+    over the same `tf.data.Dataset` (median over rounds of the ratio within a round)."""
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size)
+    variables = model.trainable_variables
+
+    @tf.function(reduce_retracing=True)
+    def grad(xb, yb):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(lik.nll(model(xb, training=False), yb))
+        return tape.gradient(loss, variables)
+
+    def unit():
+        out = None
+        for xb, yb in dataset:
+            out = grad(xb, yb)
+        return out
+
+    def call(estimator):
+        return lambda: fisher_diagonal(model, dataset, estimator=estimator,
+                                       likelihood="categorical", verbose=0)
+
+    fns = {"unit": unit, **{e: call(e) for e in ESTIMATORS}}
+    for fn in fns.values():  # a first call: traces (and is not timed)
+        fn()
+    ratios = {e: [] for e in ESTIMATORS}
+    cpu_ratios = {e: [] for e in ESTIMATORS}
+    for _ in range(repeats):
+        times, cpu = {}, {}
+        for key, fn in fns.items():
+            start, start_cpu = time.perf_counter(), time.process_time()
+            for t in tf.nest.flatten(fn()):
+                t.numpy()
+            times[key] = time.perf_counter() - start
+            cpu[key] = time.process_time() - start_cpu
+        for e in ESTIMATORS:
+            ratios[e].append(times[e] / times["unit"])
+            cpu_ratios[e].append(cpu[e] / cpu["unit"])
+    return {e: (float(np.median(ratios[e])), float(np.median(cpu_ratios[e])))
+            for e in ESTIMATORS}
 
 
 def _loop_fn(model, variables, terms_fn):
@@ -171,6 +231,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--ragged-batch-size", type=int, default=96,
+                        help="batch size of the second user-call dataset (ragged last batch)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--loop-examples", type=int, default=128)
     parser.add_argument("--eager-examples", type=int, default=16)
@@ -183,16 +245,19 @@ def main():
     chosen = [list(MODELS.items())[int(i)] for i in args.models.split(",")]
     print(f"N={args.examples} examples, batch size {args.batch_size}, "
           f"tensorflow {tf.__version__}, keras {keras.__version__}")
-    print("| model | estimator | time (s) | × batched gradient "
-          "| speed-up vs compiled loop | vs eager loop |")
-    print("|---|---|---|---|---|---|")
+    print(f"| model | estimator | kernel time (s) | kernel × batched gradient "
+          f"| fisher_diagonal × batched gradient, batches of {args.batch_size} "
+          f"| same, batches of {args.ragged_batch_size} (ragged last) "
+          "| kernel speed-up vs compiled loop | vs eager loop |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, build in chosen:
         unit, rows = run(name, build, args.examples, args.batch_size, args.repeats,
-                         args.loop_examples, args.eager_examples)
-        print(f"| {name} | batched gradient | {unit:.3f} | 1.00 | | |")
-        for model_name, e, t, ratio, compiled, eager in rows:
-            print(f"| {model_name} | {e} | {t:.3f} | {ratio:.2f} | {compiled:.0f}× "
-                  f"| {eager:.0f}× |", flush=True)
+                         args.loop_examples, args.eager_examples, args.ragged_batch_size)
+        print(f"| {name} | batched gradient | {unit:.3f} | 1.00 | 1.00 | 1.00 | | |")
+        for model_name, e, t, ratio, user, ragged, compiled, eager in rows:
+            print(f"| {model_name} | {e} | {t:.3f} | {ratio:.2f} "
+                  f"| {user[0]:.2f} ({user[1]:.2f}) | {ragged[0]:.2f} ({ragged[1]:.2f}) "
+                  f"| {compiled:.0f}× | {eager:.0f}× |", flush=True)
 
 
 if __name__ == "__main__":

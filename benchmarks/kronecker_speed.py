@@ -28,7 +28,6 @@ import tensorflow as tf
 import keras_ewc
 from keras_ewc.fisher import engine, likelihoods
 from keras_ewc.fisher import kronecker as kfac
-from keras_ewc.fisher.diagonal import _terms_fn
 
 
 def _mlp(widths, seed=0):
@@ -72,8 +71,11 @@ def factors(n, batch_size, repeats, estimators):
 
     rows = []
     for e in estimators:
-        diag_fn = engine.build_sum_squared_grads(model, variables, _terms_fn(lik, e, 1))
-        kron_fn = kfac.build_factor_sums(model, layers, _terms_fn(lik, e, 1))
+        def terms(outputs, extra, e=e):
+            return lik.terms(e, outputs, extra)
+
+        diag_fn = engine.build_sum_squared_grads(model, variables, terms)
+        kron_fn = kfac.build_factor_sums(model, layers, terms)
         data = batches(extras[e])
         kron_data = batches(extras[e], weighted=True)
         labelled = (x, y)

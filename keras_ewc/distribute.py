@@ -125,10 +125,9 @@ def logs_for_reduction(strategy, logs):
     dimension 0"). Giving each scalar the shape `[1]` makes that reduction the plain
     mean over replicas, a scalar again. Other strategies get the logs unchanged.
     """
-    # private: the test Keras itself uses to choose the reduction.
-    from keras.src.backend.tensorflow import trainer
+    from keras_ewc import _private  # Keras' own test for this strategy
 
-    if not trainer._collective_all_reduce_multi_worker(strategy):
+    if not _private.is_multi_worker(strategy):
         return logs
     return tf.nest.map_structure(
         lambda v: tf.reshape(v, [1]) if tf.is_tensor(v) and v.shape.rank == 0 else v, logs

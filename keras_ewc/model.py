@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_ewc import saving
+from keras_ewc import _private, saving
 from keras_ewc.fisher import diagonal, likelihoods
 from keras_ewc.fisher import kronecker as kronecker_fisher
 from keras_ewc.kronecker import KroneckerRegularizer
@@ -309,7 +309,8 @@ class EWCModel(keras.Model):
         return distribute.logs_for_reduction(self.distribute_strategy,
                                              super().test_step(data))
 
-    # private: Keras 3.15 `Trainer._maybe_symbolic_build`, overridden (see below).
+    # Overrides Keras 3.15's private `Trainer._maybe_symbolic_build` (pinned in
+    # tests/test_private.py through `_private.symbolic_build`).
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         # Keras (3.15) reduces the first distributed batch with `strategy.reduce`, which
         # MultiWorkerMirroredStrategy cannot do for a nest of tensors; the build needs
@@ -320,7 +321,7 @@ class EWCModel(keras.Model):
             data_batch = distribute.first_local_batch(self.distribute_strategy, iterator)
             if data_batch is not None:
                 iterator = None
-        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+        return _private.symbolic_build(self, iterator=iterator, data_batch=data_batch)
 
     # --- consolidation -------------------------------------------------------------
 
@@ -614,9 +615,8 @@ def _check_selector(selector, what):
 
 def _layer_names_by_variable(network) -> dict:
     owners: dict = {}
-    # private: `_flatten_layers` is the only walk over every nested layer (public
-    # `layers` stops at the first level of a plain Layer).
-    for layer in network._flatten_layers(include_self=True, recursive=True):
+    # Every nested layer: `layers` stops at the first level (see keras_ewc._private).
+    for layer in _private.flatten_layers(network):
         for v in layer.trainable_variables:
             owners.setdefault(id(v), set()).add(layer.name)
     return owners

@@ -8,6 +8,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_ewc import _private
+
 MODES = ("separate", "online")
 
 
@@ -233,9 +235,8 @@ class EWCRegularizer(keras.layers.Layer):
         dropped = [(k, a, p) for t, k, a, p in zip(self.targets, self.keys, self.anchors,
                                                    self.precision) if id(t) not in kept]
         for _, a, p in dropped:
-            # private: Keras has no public way for a layer to forget a weight it created.
-            self._untrack_variable(a)
-            self._untrack_variable(p)
+            _private.untrack_variable(self, a)
+            _private.untrack_variable(self, p)
         self._state = _State(variables, keys, anchors, precision)
         return [k for k, _, _ in dropped]
 
@@ -483,12 +484,13 @@ class EWCRegularizer(keras.layers.Layer):
         return (values[1:2 * count:2], values[0:2 * count:2], values[2 * count],
                 int(np.asarray(values[2 * count + 1])))
 
-    # private: TensorFlow's `Trackable._trackable_children`, the hook checkpoints use.
+    # Overrides TensorFlow's private `Trackable._trackable_children`, the hook checkpoints
+    # use (pinned in tests/test_private.py through `_private.trackable_children`).
     def _trackable_children(self, save_type="checkpoint", **kwargs):
         # `tf.train.Checkpoint` does not look inside Keras' tracked lists; name the
         # anchors and precisions by key so checkpoints (and SavedModels) carry them and
         # a checkpoint restores them only into the variables they belong to.
-        children = dict(super()._trackable_children(save_type, **kwargs))
+        children = dict(_private.trackable_children(self, save_type, **kwargs))
         children["strength"] = self._strength_variable
         children["gamma"] = self._gamma_variable
         for key, anchor, precision in zip(self.keys, self.anchors, self.precision):

@@ -27,6 +27,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_ewc import _private
+
 FORMAT_VERSION = 2
 """Version of the EWC state layout written into configs and SavedModels."""
 
@@ -187,11 +189,9 @@ def all_or_nothing(model, load, filepath):
 
 def serving_signature(model) -> list:
     """The input signature of the wrapped network, for the serving endpoint."""
-    # private: Keras has no public way to read a model's input signature.
-    from keras.src.export.export_utils import get_input_signature
 
     try:
-        return get_input_signature(model.network)
+        return _private.input_signature(model.network)
     except ValueError as error:
         raise ValueError(
             "Cannot tell the input signature of the wrapped model (a subclassed model "

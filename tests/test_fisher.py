@@ -232,3 +232,188 @@ def test_unbuilt_model_is_rejected():
     with pytest.raises(ValueError, match="not built"):
         fisher_diagonal(model, np.zeros((2, 4), "float32"), likelihood="categorical",
                         verbose=0)
+
+
+# --- the cached loop -------------------------------------------------------------------
+
+
+def test_consolidating_twice_traces_once():
+    """A second call, on other data with the same signature and a ragged last batch,
+    reuses the traced step; so does a model wrapped by EWCModel."""
+    from keras_ewc import EWCModel
+    from keras_ewc.fisher import diagonal
+
+    model = dense_model()
+    x, y = _data(model, n=16)
+    for estimator in ("exact", "empirical"):
+        fisher_diagonal(model, (x, y), estimator=estimator, likelihood="categorical",
+                        batch_size=8, verbose=0)
+        fisher_diagonal(model, (x[:13] * 2, y[:13]), estimator=estimator,
+                        likelihood="categorical", batch_size=8, verbose=0)
+    assert diagonal.trace_count(model) == 2  # one a estimator
+
+    ewc = EWCModel(dense_model(), strength=1.0)
+    ewc.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    ewc(x[:1])
+    ewc.consolidate(tf.data.Dataset.from_tensor_slices((x, y)).batch(5), verbose=0)
+    ewc.consolidate(tf.data.Dataset.from_tensor_slices((x[:7], y[:7])).batch(5), verbose=0)
+    assert diagonal.trace_count(ewc.network) == 1
+
+
+def test_ragged_last_batch_is_padded_exactly_without_retracing():
+    model = conv_model()
+    x, y = _data(model, n=11, classes=3)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)  # 4, 4, 3
+    for estimator, expected in (
+        ("exact", oracle.categorical_exact(model, model.trainable_variables, x)),
+        ("empirical", oracle.categorical_labels(model, model.trainable_variables, x, y)),
+    ):
+        fisher = fisher_diagonal(model, ds, estimator=estimator, likelihood="categorical",
+                                 verbose=0)
+        oracle.assert_close(fisher, expected)
+    from keras_ewc.fisher import diagonal
+
+    assert diagonal.trace_count(model) == 2
+
+
+def test_sample_weights_give_a_weighted_mean():
+    model = dense_model()
+    x, y = _data(model, n=9)
+    w = np.array([0.0, 1.0, 2.0, 0.5, 1.0, 3.0, 0.0, 1.0, 1.5], "float32")
+    fisher = fisher_diagonal(model, (x, y, w), estimator="empirical",
+                             likelihood="categorical", batch_size=4, verbose=0)
+    per_example = [oracle.categorical_labels(model, model.trainable_variables, x[i:i + 1],
+                                             y[i:i + 1]) for i in range(len(x))]
+    expected = [sum(w[i] * p[k] for i, p in enumerate(per_example)) / w.sum()
+                for k in range(len(fisher))]
+    oracle.assert_close(fisher, expected)
+
+
+def test_the_cache_does_not_keep_the_model_alive():
+    import gc
+    import weakref
+
+    model = dense_model()
+    x, _ = _data(model)
+    fisher_diagonal(model, x, likelihood="categorical", verbose=0)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
+
+
+def test_progress_shows_integer_counts_and_no_control_codes_in_a_file(capsys):
+    model = dense_model()
+    x, _ = _data(model, n=10)
+    fisher_diagonal(model, x, likelihood="categorical", batch_size=4, verbose=1)
+    out = capsys.readouterr().out
+    assert "3/3 batches - examples: 10 " in out
+    assert "\r" not in out and "\b" not in out and "\x1b" not in out
+    assert out.count("\n") == 1
+
+
+def test_paths_and_fallback_modes():
+    from keras_ewc.fisher import kernel_paths
+
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([
+        keras.Input((3, 2)), keras.layers.SimpleRNN(4, name="rnn"),
+        keras.layers.Dense(3, name="head")])
+    x, _ = _data(model, n=6, classes=3)
+    static = kernel_paths(model)
+    assert static[model.layers[1].kernel.path] == "fast"
+    assert {static[v.path] for v in model.layers[0].trainable_variables} == {"reference"}
+    fisher, paths = fisher_diagonal(model, x, likelihood="categorical", verbose=0,
+                                    return_paths=True)
+    assert paths == static
+    oracle.assert_close(fisher, oracle.categorical_exact(model, model.trainable_variables, x))
+    with pytest.warns(UserWarning, match=r"3 variable\(s\) take the slow .*rnn"):
+        fisher_diagonal(model, x, likelihood="categorical", verbose=0, fallback="warn")
+    with pytest.raises(ValueError, match=r"slow per-example reference path.*register_kernel"):
+        fisher_diagonal(model, x, likelihood="categorical", verbose=0, fallback="error")
+    with pytest.raises(ValueError, match=r"fallback in \('allow', 'warn', 'error'\)"):
+        fisher_diagonal(model, x, likelihood="categorical", verbose=0, fallback="never")
+    head_only = fisher_diagonal(model, x, likelihood="categorical", verbose=0,
+                                fallback="error", variables=model.layers[1].trainable_variables)
+    oracle.assert_close(head_only, fisher[-2:])
+
+
+class Scale(keras.layers.Layer):
+    """y = x * w, elementwise: a user's layer with no built-in kernel."""
+
+    def build(self, input_shape):
+        self.w = self.add_weight(shape=input_shape[-1:], initializer="ones")
+
+    def call(self, x):
+        return x * self.w
+
+
+def test_register_kernel_for_a_users_layer():
+    from keras_ewc.fisher import Kernel, register_kernel
+
+    keras.utils.set_random_seed(4)
+    model = keras.Sequential([keras.Input((5,)), Scale(), keras.layers.Dense(4)])
+    model.layers[0].w.assign(np.linspace(0.5, 1.5, 5))
+    x, _ = _data(model, n=7)
+    _, before = fisher_diagonal(model, x, likelihood="categorical", verbose=0,
+                                return_paths=True)
+    assert before[model.layers[0].w.path] == "reference"
+
+    calls = []
+
+    @register_kernel(Scale)
+    class ScaleKernel(Kernel):
+        def params(self, layer):
+            return {"w": layer.w}
+
+        def forward(self, layer, args, kwargs):
+            calls.append(layer.name)
+            x = args[0]
+            return x, x * tf.stop_gradient(layer.w), lambda z: z
+
+        def sum_squared(self, layer, records, grads):
+            per_example = sum(x[None] * g for x, g in zip(records, grads))
+            return {"w": tf.reduce_sum(tf.square(per_example), axis=[0, 1])}
+
+    model2 = keras.Sequential([keras.Input((5,)), Scale(), keras.layers.Dense(4)])
+    model2.set_weights(model.get_weights())
+    fisher, paths = fisher_diagonal(model2, x, likelihood="categorical", verbose=0,
+                                    return_paths=True)
+    assert set(paths.values()) == {"fast"} and calls
+    oracle.assert_close(fisher, oracle.categorical_exact(model2, model2.trainable_variables, x))
+
+
+@pytest.mark.parametrize("args, message", [
+    ((int,), "Expected Keras layer classes"),
+    ((), "at least one Keras layer class"),
+])
+def test_register_kernel_rejects_what_is_not_a_layer_class(args, message):
+    from keras_ewc.fisher import register_kernel
+
+    with pytest.raises(ValueError, match=message):
+        register_kernel(*args)
+
+
+def test_register_kernel_rejects_an_incomplete_kernel():
+    from keras_ewc.fisher import register_kernel
+
+    class Incomplete:
+        def params(self, layer):
+            return {}
+
+    with pytest.raises(ValueError, match=r"lacks \['forward', 'sum_squared'\]"):
+        register_kernel(Scale)(Incomplete)
+
+
+@pytest.mark.parametrize("weights, message", [
+    ([1, -1, 1, 1, 1], r"weights >= 0 and finite. Received weights in \[-1, 1\]"),
+    ([1, np.nan, 1, 1, 1], r"in \[1, 1\] with NaN"),
+    ([1, np.inf, 1, 1, 1], r"\[1, inf\]"),
+    ([0, 0, 0, 0, 0], "only examples of sample weight 0"),
+])
+def test_bad_sample_weights_are_reported_after_the_traced_loop(weights, message):
+    model = dense_model()
+    x, y = _data(model, n=5)
+    with pytest.raises(ValueError, match=message):
+        fisher_diagonal(model, (x, y, np.array(weights, "float32")),
+                        likelihood="categorical", batch_size=2, verbose=0)

@@ -14,7 +14,7 @@ import tensorflow as tf
 
 import keras_ewc
 from keras_ewc import fisher_diagonal
-from keras_ewc.fisher import checks, engine, likelihoods
+from keras_ewc.fisher import checks, diagonal, engine, likelihoods
 
 CLASSES = 4
 
@@ -46,6 +46,8 @@ def no_tracing(monkeypatch):
         raise AssertionError("the engine was built before the error")
 
     monkeypatch.setattr(engine, "build_sum_squared_grads", refuse)
+    monkeypatch.setattr(diagonal, "_Step", refuse)
+    monkeypatch.setattr(diagonal, "_DistributedStep", refuse)
 
 
 # --- §4: the likelihood against the outputs ------------------------------------------
@@ -184,14 +186,21 @@ def test_weighted_batched_uses_the_weighted_mean_loss():
     oracle.assert_close(fisher, expected)
 
 
+def test_badly_shaped_sample_weights_are_refused_before_tracing(no_tracing):
+    x, y = data()
+    with pytest.raises(ValueError, match=r"shape \(4,\) or \(4, 1\).*Received .*\(4, 2\)"):
+        fisher_diagonal(net(), (x, y, np.ones((9, 2), "float32")), likelihood="categorical",
+                        batch_size=4, verbose=0)
+
+
 @pytest.mark.parametrize("weights, message", [
     (np.array([1, -1, 1, 1, 1, 1, 1, 1, 1], "float32"), r"weights >= 0 .*\[-1, 1\]"),
     (np.array([1, np.nan, 1, 1, 1, 1, 1, 1, 1], "float32"), "with NaN"),
     (np.array([1, np.inf, 1, 1, 1, 1, 1, 1, 1], "float32"), r"\[1, inf\]"),
-    (np.ones((9, 2), "float32"), r"shape \(4,\) or \(4, 1\).*Received .*\(4, 2\)"),
     (np.zeros(9, "float32"), "no examples .*sample weight 0"),
-], ids=["negative", "nan", "inf", "shape-B-by-2", "all-zero"])
-def test_bad_sample_weights_are_refused(weights, message, no_tracing):
+], ids=["negative", "nan", "inf", "all-zero"])
+def test_bad_sample_weights_are_refused(weights, message):
+    """Weight values are checked in the traced loop, every batch, and reported at its end."""
     x, y = data()
     with pytest.raises(ValueError, match=message):
         fisher_diagonal(net(), (x, y, weights), likelihood="categorical", batch_size=4,
@@ -333,6 +342,10 @@ BAD_DATA = {
         lambda: (_functional_two_heads(), x0, {}), "single output tensor.*with 2 outputs"),
     "multi-output-subclassed": (
         lambda: (_built(ListOutputs()), x0, {}), "with 2 outputs.*net.outputs"),
+}
+
+# Values in every batch are checked inside the traced loop and reported at its end.
+BAD_VALUES = {
     "nan-labels": (
         lambda: (net(), (x0, np.where(np.arange(9) == 2, np.nan, y0)),
                  {"estimator": "empirical"}),
@@ -350,6 +363,15 @@ def test_bad_data_is_refused_before_tracing(case, no_tracing):
     kwargs.setdefault("likelihood", "categorical")
     with pytest.raises(ValueError, match=message):
         fisher_diagonal(model, bad, verbose=0, **kwargs)
+
+
+@pytest.mark.parametrize("case", list(BAD_VALUES))
+def test_bad_values_are_refused_after_the_traced_loop(case):
+    build, message = BAD_VALUES[case]
+    model, bad, kwargs = build()
+    with pytest.raises(ValueError, match=message):
+        fisher_diagonal(model, bad, verbose=0, likelihood="categorical", batch_size=4,
+                        **kwargs)
 
 
 def test_dict_keyed_by_the_input_name_is_accepted():

@@ -178,11 +178,13 @@ def test_bad_input_errors_and_unchanged_state():
     bad = xa.copy()
     bad[5, 0] = np.inf
     attempts = [
-        dict(data=bad), dict(data=xa[:0]), dict(data=xa, estimator="bogus"),
-        dict(data=(xa, ya + 3), estimator="empirical"), dict(data=xa, likelihood="poisson"),
+        (dict(data=bad), "NaN or Inf"), (dict(data=xa[:0]), "no examples"),
+        (dict(data=xa, estimator="bogus"), "Unknown estimator"),
+        (dict(data=(xa, ya + 3), estimator="empirical"), r"labels in \[0, 3\)"),
+        (dict(data=xa, likelihood="poisson"), "Unknown likelihood"),
     ]
-    for kwargs in attempts:
-        with pytest.raises(ValueError):
+    for kwargs, message in attempts:
+        with pytest.raises(ValueError, match=message):
             model.consolidate(verbose=0, **kwargs)
     for w, b in zip(model.regularizer.weights, before):
         np.testing.assert_array_equal(w.numpy(), b)

@@ -125,10 +125,10 @@ def test_bad_fisher_leaves_the_state_unchanged():
     reg.build_for([var])
     reg.consolidate([np.ones(3, "float32")])
     before = [w.numpy().copy() for w in reg.weights]
-    for bad in ([np.array([1.0, np.nan, 1.0], "float32")],
-                [np.array([1.0, -1.0, 1.0], "float32")],
-                [np.ones(4, "float32")]):
-        with pytest.raises(ValueError):
+    for bad, message in (([np.array([1.0, np.nan, 1.0], "float32")], "finite, non-negative"),
+                         ([np.array([1.0, -1.0, 1.0], "float32")], "finite, non-negative"),
+                         ([np.ones(4, "float32")], r"shape \(3,\)")):
+        with pytest.raises(ValueError, match=message):
             reg.consolidate(bad)
     for w, b in zip(reg.weights, before):
         np.testing.assert_array_equal(w.numpy(), b)

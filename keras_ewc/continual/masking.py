@@ -7,6 +7,8 @@ from collections.abc import Iterable
 import keras
 import numpy as np
 
+from keras_ewc import _private
+
 
 @keras.saving.register_keras_serializable(package="keras_ewc")
 class ActiveClassMask(keras.layers.Layer):
@@ -82,10 +84,7 @@ def find_mask_layers(model) -> list[ActiveClassMask]:
         seen.add(id(layer))
         if isinstance(layer, ActiveClassMask):
             found.append(layer)
-        children = []
-        if hasattr(layer, "_flatten_layers"):
-            children = list(layer._flatten_layers(include_self=False, recursive=False))
-        for child in children:
+        for child in _private.child_layers(layer):
             visit(child)
 
     visit(model)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import random
+import sys
+import time
+import warnings
+import weakref
 from typing import Sequence
 
 import keras
@@ -10,7 +14,8 @@ import numpy as np
 import tensorflow as tf
 
 from keras_ewc import distribute
-from keras_ewc.fisher import checks, engine
+from keras_ewc.fisher import checks, engine, kernels
+from keras_ewc.fisher import fast as fast_module
 from keras_ewc.fisher import likelihoods as lik_module
 
 ESTIMATORS = ("exact", "sampled", "empirical", "batched")
@@ -30,7 +35,9 @@ def fisher_diagonal(
     variables: Sequence[tf.Variable] | None = None,
     strategy: tf.distribute.Strategy | None = None,
     steps: int | None = None,
-) -> list[tf.Tensor]:
+    fallback: str = "allow",
+    return_paths: bool = False,
+):
     """Computes the diagonal of the Fisher information of `model` on `data`.
 
     `F = (1/N) Σ_n E_{y∼q_n} (∇_θ log p(y | x_n, θ))²`, where the estimator chooses q_n:
@@ -56,7 +63,14 @@ def fisher_diagonal(
     are checked (`keras_ewc.fisher.checks`): outputs that contradict the likelihood
     (probabilities read as logits, or logits read as probabilities), an infinite dataset
     without `steps`, an un-batched dataset, labels that do not fit the outputs and
-    non-finite weights are refused with an error that says what to do.
+    non-finite weights are refused with an error that says what to do. Checks of values
+    in every batch (NaN or Inf inputs and labels, label range, sample weights) run inside
+    the traced loop and are reported when it ends, before anything is returned.
+
+    The per-batch step is traced once per model, variables, estimator, likelihood,
+    batch size and input signature, and reused by later calls (a continual run
+    consolidates after every task); a ragged last batch is padded with weight-0 rows and
+    does not retrace.
 
     Args:
         model: a built Keras model (or any callable with `trainable_variables`)
@@ -81,9 +95,15 @@ def fisher_diagonal(
             result equals the one-device Fisher. Default: one device.
         steps: the number of batches to use (as in Keras' `evaluate`); needed for an
             infinite dataset. Default: all of them.
+        fallback: what to do when variables take the slow per-example reference path
+            (no kernel covers their layer; see `kernel_paths`): `"allow"` (default),
+            `"warn"`, or `"error"` (a ValueError naming them, before the second batch).
+        return_paths: also return a dict from each variable's path to the path its
+            Fisher took (`"fast"`, `"reference"`, or `"batched"`).
 
     Returns:
-        A list of float32 tensors, aligned with `variables`.
+        A list of float32 tensors, aligned with `variables` (and the paths, when
+        `return_paths`).
 
     Example:
 
@@ -98,6 +118,10 @@ def fisher_diagonal(
         raise ValueError(
             f"Unknown estimator. Expected one of {list(ESTIMATORS)}. "
             f"Received: estimator={estimator!r}"
+        )
+    if fallback not in FALLBACKS:
+        raise ValueError(
+            f"Expected fallback in {FALLBACKS}. Received: fallback={fallback!r}"
         )
     if samples is not None:
         if estimator != "sampled":
@@ -122,115 +146,426 @@ def fisher_diagonal(
         raise ValueError("The model has no trainable variables to compute a Fisher for.")
     samples = int(samples or 1)
     seed = random.randrange(2**31) if seed is None else int(seed)
-    # --- checks before the loop (keras_ewc.fisher.checks) ---
+    # Checks of the data's type and spec, the model and its weights, before the loop.
     checks.check_steps(steps)
     checks.check_single_output_model(model)
     checks.check_finite_weights(list(getattr(model, "weights", [])) + variables)
     checks.check_inputs(model, _x_spec(data))
-    # --- end of checks ---
 
     dataset = checks.bound_steps(as_dataset(data, batch_size), steps)
-    progbar = _progbar(dataset, verbose)
-    totals = [tf.zeros(v.shape, tf.float32) for v in variables]
-    num_examples = 0
-    num_batches = 0
-    total_weight = 0.0
-    sum_fn = None
-    probe = None
+    progress = _Progress(dataset, verbose)
+    loop = _Loop(model, variables, lik, estimator, samples, seed, strategy)
     for index, batch in enumerate(dataset):
-        x, y, weight = keras.utils.unpack_x_y_sample_weight(batch)
-        _check_finite(x, "inputs")
-        if estimator in _NEEDS_LABELS:
-            if y is None:
-                raise ValueError(
-                    f"estimator={estimator!r} needs the true labels, but the data holds "
-                    "inputs only. Pass (x, y) or use estimator='exact' or 'sampled'."
-                )
-            _check_finite(y, "labels")
-        size = int(tf.shape(tf.nest.flatten(x)[0])[0])
-        if size == 0:
-            continue
-        if weight is not None:
-            weight = checks.check_sample_weight(weight, size)
-            batch_weight = float(tf.reduce_sum(weight))
-            if batch_weight == 0.0:
-                continue
-        if probe is None:
-            # The first batch through the model: its outputs are checked against the
-            # likelihood before anything is traced.
-            probe = model(x, training=False)
-            checks.check_single_output(probe)
-            checks.check_outputs(lik, probe, model)
-        if y is not None and estimator in _NEEDS_LABELS:
-            checks.check_label_shape(lik, [size] + list(probe.shape[1:]), y.shape)
-            lik.check_labels(probe, y)
-        if estimator == "batched":
-            sums = _batched_squared_mean_grad(model, variables, lik, x, y, weight)
-        else:
-            if sum_fn is None:
-                terms_fn = _terms_fn(lik, estimator, samples)
-                if weight is not None:
-                    terms_fn = checks.weighted_terms(terms_fn)
-                sum_fn = engine.build_sum_squared_grads(model, variables, terms_fn)
-                if distribute.is_distributed(strategy):
-                    sum_fn = distribute.distribute_sum_fn(strategy, sum_fn, variables)
-            extra = None
-            if estimator == "empirical":
-                extra = tf.convert_to_tensor(y)
-            elif estimator == "sampled":
-                shape = lik.noise_shape(probe, samples)
-                shape[0] = size
-                extra = tf.random.stateless_uniform(shape, seed=[seed, index])
-            if weight is not None:
-                extra = checks.weighted_extra(extra, weight)
-            sums = sum_fn(x, extra)
-        totals = [a + b for a, b in zip(totals, sums)]
-        num_examples += size
-        num_batches += 1
-        total_weight += size if weight is None else batch_weight
-        if progbar is not None:
-            progbar.update(num_batches, values=[("examples", num_examples)], finalize=False)
-    if num_examples == 0:
-        raise ValueError(
-            "The data holds no examples (or only examples of sample weight 0): cannot "
-            "compute a Fisher from nothing."
-        )
-    if progbar is not None:
-        progbar.update(num_batches, finalize=True)
-    denominator = num_batches if estimator == "batched" else total_weight
-    fisher = [t / float(denominator) for t in totals]
-    for v, f in zip(variables, fisher):
-        if not bool(tf.reduce_all(tf.math.is_finite(f))):
-            raise ValueError(
-                f"The Fisher of variable {v.path if hasattr(v, 'path') else v.name} is not "
-                "finite (NaN or Inf): the model's outputs or gradients overflow on this data."
-            )
+        size = loop.add(batch, index)
+        if size and loop.batches == 1:
+            _check_paths(loop.paths, fallback)
+        progress.update(loop.batches, loop.examples)
+    fisher = loop.result()
+    progress.finish(loop.batches, loop.examples)
+    if return_paths:
+        return fisher, dict(loop.paths)
     return fisher
 
 
-def _terms_fn(lik, estimator, samples):
-    if estimator == "exact":
-        return lambda outputs, _extra: lik.exact_terms(outputs)
-    if estimator == "empirical":
-        return lambda outputs, y: lik.nll(outputs, y)[:, None]
-    scale = 1.0 / np.sqrt(samples)
-
-    def sampled(outputs, noise):
-        labels = lik.sample(outputs, noise)
-        return lik.nll_of_samples(outputs, labels) * scale
-
-    return sampled
+FALLBACKS = ("allow", "warn", "error")
 
 
-def _batched_squared_mean_grad(model, variables, lik, x, y, weight=None):
+def _check_paths(paths, fallback):
+    slow = sorted(k for k, p in paths.items() if p == "reference")
+    if not slow or fallback == "allow":
+        return
+    message = (
+        f"{len(slow)} variable(s) take the slow per-example reference path, as no "
+        f"kernel covers their use: {slow}. Register a kernel for their layer with "
+        "`keras_ewc.fisher.register_kernel`, or pass fallback='allow'."
+    )
+    if fallback == "error":
+        raise ValueError(message)
+    warnings.warn(message, stacklevel=3)
+
+
+def kernel_paths(model, variables: Sequence[tf.Variable] | None = None) -> dict:
+    """Which path each variable's Fisher takes: `"fast"` (a kernel) or `"reference"`.
+
+    The answer is read from the layers before any data flows: a weight that a kernel
+    covers but that the model also reads outside its layer (a tied weight) is found only
+    when the Fisher is traced, and then takes the reference path; `fisher_diagonal(...,
+    return_paths=True)` reports the paths as computed.
+
+    Args:
+        model: a built Keras model.
+        variables: the variables to ask about (default: `model.trainable_variables`).
+
+    Returns:
+        A dict from each variable's path to `"fast"` or `"reference"`.
+
+    Example:
+
+    >>> import keras
+    >>> from keras_ewc.fisher import kernel_paths
+    >>> net = keras.Sequential([keras.Input((5, 4)), keras.layers.Dense(3),
+    ...                         keras.layers.SimpleRNN(2)])
+    >>> sorted(set(kernel_paths(net).values()))
+    ['fast', 'reference']
+    """
+    variables = list(model.trainable_variables if variables is None else variables)
+    fast_ids = {id(v) for _, _, params in fast_module.plan(model, variables)
+                for v in params.values()}
+    return {engine.variable_key(v): "fast" if id(v) in fast_ids else "reference"
+            for v in variables}
+
+
+# --- the loop --------------------------------------------------------------------------
+#
+# One traced step a batch: pads the batch to a static size with zero-weight rows (the
+# kernels need a static batch size, and padding keeps one trace for a ragged last
+# batch), draws the sampled estimator's noise, computes the per-variable sums and adds
+# them, the weight total and the checks' flags to the running state. Nothing is read
+# back to the host until the end. Steps are cached per model (weakly) and per variables,
+# estimator, likelihood, batch size and input signature, so a second call, on the same
+# or other data of the same kind, traces nothing.
+
+_NO_EXAMPLES = (
+    "The data holds no examples (or only examples of sample weight 0): cannot compute a "
+    "Fisher from nothing."
+)
+
+_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+# The misc state, a float64 vector: the weight total (or, for `batched`, the count of
+# batches with weight), then values combined by maximum: whether inputs or labels are not
+# finite, the likelihood's label summary (4), and the weights' summary (−min, max, NaN).
+_MISC = 10
+_EMPTY_MISC = [0.0, 0.0, 0.0, -np.inf, -np.inf, 0.0, 0.0, -np.inf, -np.inf, 0.0]
+
+
+def trace_count(model) -> int:
+    """How many times the cached Fisher steps of `model` have been traced (for tests)."""
+    return sum(step.function.experimental_get_tracing_count()
+               for step in _STEPS.get(model, {}).values())
+
+
+class _Loop:
+    """Runs the Fisher estimator batch by batch and accumulates the sums."""
+
+    def __init__(self, model, variables, lik, estimator, samples, seed, strategy):
+        self.model, self.variables, self.lik = model, variables, lik
+        self.estimator, self.samples, self.seed = estimator, samples, seed
+        self.distributed = distribute.is_distributed(strategy)
+        self.strategy = strategy
+        self.step = None
+        self.state = None
+        self.batches = 0
+        self.examples = 0
+        self.paths = {}
+        self.num_outputs = None
+        self.probe = None
+
+    def add(self, batch, index) -> int:
+        x, y, w = keras.utils.unpack_x_y_sample_weight(batch)
+        size = int(tf.nest.flatten(x)[0].shape[0])
+        if size == 0:
+            return 0
+        if self.estimator in _NEEDS_LABELS and y is None:
+            raise ValueError(
+                f"estimator={self.estimator!r} needs the true labels, but the data holds "
+                "inputs only. Pass (x, y) or use estimator='exact' or 'sampled'."
+            )
+        if w is not None and tuple(w.shape) not in ((size,), (size, 1)):
+            raise ValueError(
+                f"Expected sample weights of shape ({size},) or ({size}, 1): one weight for "
+                f"each example. Received sample weights of shape {tuple(w.shape)}."
+            )
+        if self.probe is None:
+            # The first batch through the model: its outputs are checked against the
+            # likelihood before anything is traced.
+            self.probe = self.model(x, training=False)
+            checks.check_single_output(self.probe)
+            checks.check_outputs(self.lik, self.probe, self.model)
+        if y is not None and self.estimator in _NEEDS_LABELS:
+            checks.check_label_shape(self.lik, [size] + list(self.probe.shape[1:]), y.shape)
+        if self.step is None or size > self.step.batch_size:
+            self._build(x, y, w, size)
+        if self.distributed:
+            self._add_distributed(x, y, w, index)
+        else:
+            self.state = self.step.function(
+                self.state, (x, y, w) if w is not None else (x, y) if y is not None else (x,),
+                tf.constant([self.seed, index], tf.int64),
+            )
+        self.batches += 1
+        self.examples += size
+        return size
+
+    def _build(self, x, y, w, size):
+        probe = self.probe
+        self.num_outputs = self.lik.num_outputs(probe)
+        noise = None
+        if self.estimator == "sampled":
+            noise = tuple(self.lik.noise_shape(probe, self.samples)[1:])
+        spec = _relaxed_spec((x, y, w) if w is not None else (x, y) if y is not None else (x,))
+        if self.state is None:
+            self.state = (
+                [tf.zeros(v.shape, tf.float32) for v in self.variables],
+                tf.constant(_EMPTY_MISC, tf.float64),
+            )
+        if self.distributed:
+            self.step = _DistributedStep(self, noise)
+            return
+        key = (tuple(id(v) for v in self.variables), self.estimator, _lik_key(self.lik),
+               noise, int(size), _spec_key(spec), kernels.version())
+        steps = _STEPS.setdefault(self.model, {})
+        step = steps.get(key)
+        if step is None or step.batch_size < size:
+            step = _Step(self.model, self.variables, self.lik, self.estimator, noise,
+                         int(size), spec, self.num_outputs)
+            steps[key] = step
+        self.step = step
+        self.paths = step.paths
+
+    def _add_distributed(self, x, y, w, index):
+        totals, misc = self.state
+        sums, flags = self.step(x, y, w, index)
+        self.state = ([a + b for a, b in zip(totals, sums)], _combine(misc, flags))
+
+    def result(self) -> list:
+        if self.state is None or self.batches == 0:
+            raise ValueError(_NO_EXAMPLES)
+        totals, misc = self.state
+        finite = tf.stack([tf.reduce_all(tf.math.is_finite(t)) for t in totals])
+        misc, finite = misc.numpy(), finite.numpy()  # the one read-back of the loop
+        low, high, nan = misc[7:]
+        if nan or -low < 0 or high == np.inf:
+            raise ValueError(
+                f"Expected sample weights >= 0 and finite. Received weights in "
+                f"[{-low:g}, {high:g}]{' with NaN' if nan else ''}. A zero weight removes "
+                "an example; negative or non-finite weights have no meaning for a Fisher."
+            )
+        if misc[1]:
+            raise ValueError(
+                "The data's inputs contain NaN or Inf values; the Fisher would be "
+                "meaningless. Clean the data first."
+            )
+        if misc[2]:
+            raise ValueError(
+                "The data's labels contain NaN or Inf values; the Fisher would be "
+                "meaningless. Clean the data first."
+            )
+        if self.estimator in _NEEDS_LABELS:
+            self.lik.check_label_summary(misc[3:7], self.num_outputs)
+        denominator = float(misc[0])
+        if denominator <= 0:
+            raise ValueError(_NO_EXAMPLES)
+        for v, ok in zip(self.variables, finite):
+            if not ok:
+                raise ValueError(
+                    f"The Fisher of variable {engine.variable_key(v)} is not finite (NaN "
+                    "or Inf): the model's outputs or gradients overflow on this data."
+                )
+        return [t / denominator for t in totals]
+
+
+class _Step:
+    """The traced step for one (model, variables, estimator, likelihood, batch size)."""
+
+    def __init__(self, model, variables, lik, estimator, noise, batch_size, spec,
+                 num_outputs):
+        self.batch_size = batch_size
+        self.paths = {}
+        model_ref = weakref.ref(model)  # the cache must not keep the model alive
+        variables = list(variables)
+        terms = _weighted_terms(lik, estimator)
+        batch_fn = _batch_fn(lik, estimator, noise, batch_size, num_outputs)
+        state_spec = (
+            [tf.TensorSpec(v.shape, tf.float32) for v in variables],
+            tf.TensorSpec([_MISC], tf.float64),
+        )
+        paths = self.paths
+
+        def step(state, batch, seed):
+            model = model_ref()
+            totals, misc = state
+            inputs, extra, flags = batch_fn(batch, seed)
+            if estimator == "batched":
+                sums = _batched_sums(model, variables, lik, inputs, extra)
+                paths.update({engine.variable_key(v): "batched" for v in variables})
+            else:
+                layers = fast_module.plan(model, variables)
+                sums = engine.sum_squared_grads(
+                    model, layers, variables, terms, inputs, extra, paths)
+            if estimator == "batched":
+                flags = tf.concat([tf.cast(flags[:1] > 0, tf.float64), flags[1:]], 0)
+            sums = [a + tf.cast(b, tf.float32) for a, b in zip(totals, sums)]
+            return sums, _combine(misc, flags)
+
+        # No autograph, as Keras' own train step: nothing here branches on a tensor, and
+        # converting the model's call tree costs seconds on the first call.
+        self.function = tf.function(
+            step, input_signature=[state_spec, spec, tf.TensorSpec([2], tf.int64)],
+            autograph=False)
+
+
+class _Cached:
+    def __init__(self, function):
+        self.function = function
+
+
+class _DistributedStep:
+    """Eager steps under a strategy with several replicas (see keras_ewc.distribute)."""
+
+    def __init__(self, loop, noise):
+        self.batch_size = float("inf")
+        lik, estimator = loop.lik, loop.estimator
+        self.batch_fn = _batch_fn(lik, estimator, noise, None, loop.num_outputs)
+        if estimator == "batched":
+            def sums(inputs, extra):
+                return _batched_sums(loop.model, loop.variables, lik, inputs, extra)
+            self.sum_fn = sums
+        else:
+            # Cached like the one-device step: each shard size traces once per model.
+            steps = _STEPS.setdefault(loop.model, {})
+            key = ("distributed", tuple(id(v) for v in loop.variables), estimator,
+                   _lik_key(lik), kernels.version())
+            if key not in steps:
+                # A proxy: the cache, held by the model, must not keep it alive.
+                steps[key] = _Cached(engine.build_sum_squared_grads(
+                    weakref.proxy(loop.model), loop.variables, _weighted_terms(lik, estimator)))
+            sum_fn = steps[key].function
+            loop.paths = sum_fn.paths
+            self.sum_fn = distribute.distribute_sum_fn(loop.strategy, sum_fn, loop.variables)
+        self.estimator = estimator
+        self.seed = loop.seed
+
+    def __call__(self, x, y, w, index):
+        batch = (x, y, w) if w is not None else (x, y) if y is not None else (x,)
+        inputs, extra, flags = self.batch_fn(batch, tf.constant([self.seed, index], tf.int64))
+        sums = self.sum_fn(inputs, extra)
+        if self.estimator == "batched":
+            flags = tf.concat([tf.cast(flags[:1] > 0, tf.float64), flags[1:]], 0)
+        return [tf.cast(s, tf.float32) for s in sums], tf.cast(flags, tf.float64)
+
+
+def _batch_fn(lik, estimator, noise, batch_size, num_outputs):
+    """`fn(batch, seed) -> (inputs, extra, flags)`: a batch made ready for the sums.
+
+    `extra` is `(weights,)` or `(weights, target)`, target being the labels or the
+    sampled estimator's noise; rows are padded to `batch_size` (when given) with copies
+    of the first row at weight 0. `flags` is the misc state of this batch.
+    """
+
+    def fn(batch, seed):
+        x, y, w = keras.utils.unpack_x_y_sample_weight(batch)
+        size = tf.shape(tf.nest.flatten(x)[0])[0]
+        weights = tf.constant([-np.inf, -np.inf, 0.0], tf.float64)
+        if w is None:
+            w = tf.ones([size], tf.float32)
+        else:
+            w = tf.reshape(tf.cast(w, tf.float32), [size])
+            weights = _weight_summary(w)
+            # Bad weights are reported at the end; meanwhile they must not poison the sums.
+            w = tf.where(tf.math.is_finite(w) & (w >= 0), w, 0.0)
+        bad_inputs = _any_not_finite(x)
+        bad_labels = tf.constant(False)
+        summary = tf.constant([-np.inf, -np.inf, 0.0, 0.0], tf.float64)
+        target = None
+        if estimator in _NEEDS_LABELS:
+            target = y
+            bad_labels = _any_not_finite(y)
+            found = lik.label_summary(y, num_outputs)
+            if found is not None:
+                summary = found
+        elif estimator == "sampled":
+            target = tf.random.stateless_uniform(
+                tf.concat([[size], tf.constant(noise, tf.int32)], 0), seed=seed)
+        extra = (w,) if target is None else (w, target)
+        if batch_size is not None:
+            x = tf.nest.map_structure(lambda t: _pad(t, size, batch_size), x)
+            extra = tf.nest.map_structure(lambda t: _pad(t, size, batch_size), extra)
+            extra = (tf.where(tf.range(batch_size) < size, extra[0], 0.0),) + extra[1:]
+        flags = tf.concat([
+            tf.stack([tf.reduce_sum(tf.cast(w, tf.float64)),
+                      tf.cast(bad_inputs, tf.float64), tf.cast(bad_labels, tf.float64)]),
+            summary,
+            weights,
+        ], 0)
+        return x, extra, flags
+
+    return fn
+
+
+def _weight_summary(w):
+    w = tf.cast(w, tf.float64)
+    nan = tf.math.is_nan(w)
+    inf = tf.constant(np.inf, tf.float64)
+    return tf.stack([-tf.reduce_min(tf.where(nan, inf, w)),
+                     tf.reduce_max(tf.where(nan, -inf, w)),
+                     tf.cast(tf.reduce_any(nan), tf.float64)])
+
+
+def _combine(misc, flags):
+    """Adds a batch's weight total (or batch count) and takes the maximum of the rest."""
+    return tf.concat([misc[:1] + flags[:1], tf.maximum(misc[1:], flags[1:])], 0)
+
+
+def _pad(t, size, batch_size):
+    """`t` with rows `size..batch_size` filled with copies of its first row, static size."""
+    t = tf.convert_to_tensor(t)
+    filler = tf.repeat(t[:1], batch_size - size, axis=0)
+    return tf.ensure_shape(tf.concat([t, filler], 0), [batch_size] + t.shape[1:])
+
+
+def _weighted_terms(lik, estimator):
+    """The engine's `terms_fn`: the likelihood's terms, each row scaled by √weight."""
+
+    def terms(outputs, extra):
+        target = extra[1] if len(extra) > 1 else None
+        values = tf.cast(lik.terms(estimator, outputs, target), tf.float32)
+        return values * tf.sqrt(tf.cast(extra[0], tf.float32))[:, None]
+
+    return terms
+
+
+def _batched_sums(model, variables, lik, inputs, extra):
+    weights, y = extra
     with tf.GradientTape() as tape:
-        outputs = model(x, training=False)
-        if weight is None:
-            loss = tf.reduce_mean(lik.nll(outputs, y))
-        else:  # the weighted mean loss of the batch
-            loss = tf.reduce_sum(lik.nll(outputs, y) * weight) / tf.reduce_sum(weight)
+        outputs = model(inputs, training=False)
+        loss = tf.math.divide_no_nan(
+            tf.reduce_sum(weights * lik.nll(outputs, y)), tf.reduce_sum(weights))
     grads = tape.gradient(loss, variables, unconnected_gradients="zero")
     return [tf.square(tf.cast(g, tf.float32)) for g in grads]
+
+
+def _any_not_finite(tensors):
+    flags = [tf.reduce_any(tf.logical_not(tf.math.is_finite(t)))
+             for t in tf.nest.flatten(tensors) if t is not None and t.dtype.is_floating]
+    return tf.reduce_any(tf.stack(flags)) if flags else tf.constant(False)
+
+
+def _relaxed_spec(batch):
+    """The batch's `TensorSpec`s with the batch dimension left free."""
+
+    def spec(t):
+        t = tf.convert_to_tensor(t)
+        shape = t.shape
+        if shape.rank:
+            shape = tf.TensorShape([None]).concatenate(shape[1:])
+        return tf.TensorSpec(shape, t.dtype)
+
+    return tf.nest.map_structure(spec, batch)
+
+
+def _lik_key(lik):
+    """The likelihood itself when hashable (equal likelihoods share a trace), else its id."""
+    try:
+        hash(lik)
+        return lik
+    except TypeError:
+        return ("id", id(lik))
+
+
+def _spec_key(spec):
+    return tuple((tuple(s.shape.as_list()), s.dtype.name) for s in tf.nest.flatten(spec)) + (
+        str(tf.nest.map_structure(lambda _: 0, spec)),)
 
 
 def as_dataset(data, batch_size=None) -> tf.data.Dataset:
@@ -260,16 +595,6 @@ def as_dataset(data, batch_size=None) -> tf.data.Dataset:
     )
 
 
-def _check_finite(tensors, what):
-    for t in tf.nest.flatten(tensors):
-        t = tf.convert_to_tensor(t)
-        if t.dtype.is_floating and not bool(tf.reduce_all(tf.math.is_finite(t))):
-            raise ValueError(
-                f"The data's {what} contain NaN or Inf values; the Fisher would be "
-                "meaningless. Clean the data first."
-            )
-
-
 def _x_spec(data):
     """The inputs of one batch of `data`, as specs or arrays, for `checks.check_inputs`."""
     if isinstance(data, tf.data.Dataset):
@@ -281,14 +606,37 @@ def _x_spec(data):
     return x
 
 
-def _progbar(dataset, verbose):
-    if verbose in (0, False):
-        return None
-    cardinality = int(dataset.cardinality())
-    target = cardinality if cardinality > 0 else None
-    return keras.utils.Progbar(
-        target,
-        verbose=1 if verbose == "auto" else int(verbose),
-        stateful_metrics=["examples"],
-        unit_name="batch",
-    )
+class _Progress:
+    """Counts batches and examples for the user: integers, no control codes in files.
+
+    On a terminal the line is redrawn in place (at most ten times a second); elsewhere
+    (a log file, a pipe, a notebook's captured output) one line is printed at the end.
+    """
+
+    def __init__(self, dataset, verbose):
+        self.enabled = verbose not in (0, False)
+        cardinality = int(dataset.cardinality())
+        self.target = cardinality if cardinality > 0 else None
+        self.terminal = bool(getattr(sys.stdout, "isatty", lambda: False)())
+        self.start = self.shown = time.monotonic()
+
+    def _line(self, batches, examples):
+        done = f"{batches}/{self.target}" if self.target else f"{batches}"
+        return f"Fisher: {done} batches - examples: {examples}"
+
+    def update(self, batches, examples):
+        if not (self.enabled and self.terminal):
+            return
+        now = time.monotonic()
+        if now - self.shown >= 0.1:
+            self.shown = now
+            sys.stdout.write("\r" + self._line(batches, examples))
+            sys.stdout.flush()
+
+    def finish(self, batches, examples):
+        if not self.enabled:
+            return
+        elapsed = time.monotonic() - self.start
+        prefix = "\r" if self.terminal else ""
+        sys.stdout.write(f"{prefix}{self._line(batches, examples)} - {elapsed:.1f}s\n")
+        sys.stdout.flush()

@@ -1,25 +1,23 @@
 """Sums of squared per-example gradients: the one primitive every estimator needs.
 
 Every per-example Fisher estimator reduces to the same computation. A likelihood turns
-the model's outputs on a batch into a `[batch, T]` tensor of pseudo-losses ("terms")
-whose per-example gradients, squared and summed over examples and terms, give the Fisher
-diagonal times the number of examples:
+the model's outputs on a batch into a `[batch, T]` tensor of pseudo-losses ("terms",
+`Likelihood.terms`) whose per-example gradients, squared and summed over examples and
+terms, give the Fisher diagonal times the number of examples:
 
     S_v = sum_n sum_t (d terms[n, t] / d v) ** 2        for every variable v.
 
-`build_sum_squared_grads(model, variables, terms_fn)` returns a function
-`fn(inputs, extra) -> [S_v for v in variables]` for one batch. Two paths compute it:
+Data flows one way, batch → recorded layers → kernels → sums:
 
-- the fast path (`keras_ewc.fisher.fast`): one batched forward pass records the inputs
-  and pre-activation outputs of the layers that have a kernel
-  (`keras_ewc.fisher.kernels`: Dense, EinsumDense, Conv1D/2D/3D, Embedding,
-  LayerNormalization, BatchNormalization), one batched backward pass a term column
-  (vectorised over the columns) gives the gradients there, and each kernel forms the
-  sums from them without materialising per-example gradients where it can;
-- the reference path, used for every other variable (layers without a kernel, subclasses
-  that override `call`, weights read outside their layer's call): `tf.vectorized_map`
-  over the examples of the batch, one tape per example, exact for every layer kind
-  (`tf.map_fn` where pfor cannot vectorise the model, as for recurrent layers).
+- `fast.plan` picks the layers whose registered kernel (`keras_ewc.fisher.kernels`:
+  Dense, EinsumDense, Conv1D/2D/3D, Embedding, LayerNormalization, BatchNormalization,
+  and any registered with `register_kernel`) covers requested variables;
+- `fast.kernel_sums` runs one batched forward pass that records those layers, one
+  batched backward pass a term column (vectorised over the columns), and lets each
+  kernel form the sums, without materialising per-example gradients where it can;
+- `reference.reference_sums` covers every other variable (layers without a kernel,
+  subclasses that override `call`, weights read outside their layer's call) with one
+  tape an example (`tf.vectorized_map`), exact for every layer kind.
 
 Both follow the same contract:
 
@@ -40,9 +38,32 @@ from collections.abc import Callable, Sequence
 import tensorflow as tf
 
 from keras_ewc.fisher import fast as fast_module
+from keras_ewc.fisher import reference
 
 TermsFn = Callable[[tf.Tensor, object], tf.Tensor]
 SumFn = Callable[[object, object], list]
+
+
+def variable_key(v) -> str:
+    """How paths and errors name a variable: its Keras path, else its name."""
+    return getattr(v, "path", None) or v.name
+
+
+def sum_squared_grads(model, layers, variables, terms_fn, inputs, extra, paths=None):
+    """Per-variable Σ_n Σ_t (∂ terms[n, t] / ∂ v)² for one batch (call while tracing).
+
+    `layers` is `fast.plan(model, variables)` (empty: reference path only). `paths`, a
+    dict, if given, receives each variable's path ("fast" or "reference") by its key.
+    """
+    loops = reference.has_loops(model)
+    sums = fast_module.kernel_sums(model, layers, terms_fn, inputs, extra, loops) if layers else {}
+    rest = [v for v in variables if id(v) not in sums]
+    if paths is not None:
+        for v in variables:
+            paths[variable_key(v)] = "reference" if id(v) not in sums else "fast"
+    if rest:
+        sums.update(reference.reference_sums(model, rest, terms_fn, inputs, extra))
+    return [sums[id(v)] for v in variables]
 
 
 def build_sum_squared_grads(
@@ -61,76 +82,11 @@ def build_sum_squared_grads(
     """
     variables = list(variables)
     layers = fast_module.plan(model, variables) if fast else []
-    if not layers:
-        return build_reference(model, variables, terms_fn)
-
-    def reference(rest, inputs, extra):
-        return reference_sums(model, rest, terms_fn, inputs, extra)
-
     paths = {}
 
-    @tf.function
+    @tf.function(reduce_retracing=not layers, autograph=False)
     def fn(inputs, extra):
-        return fast_module.sum_squared_grads(
-            model, layers, variables, terms_fn, reference, inputs, extra, paths
-        )
+        return sum_squared_grads(model, layers, variables, terms_fn, inputs, extra, paths)
 
     fn.paths = paths
     return fn
-
-
-def build_reference(
-    model: Callable, variables: Sequence[tf.Variable], terms_fn: TermsFn
-) -> SumFn:
-    """The reference path alone, as a traced function of `(inputs, extra)`."""
-    variables = list(variables)
-
-    @tf.function(reduce_retracing=True)
-    def fn(inputs, extra):
-        return reference_sums(model, variables, terms_fn, inputs, extra)
-
-    fn.paths = {getattr(v, "path", v.name): "reference" for v in variables}
-    return fn
-
-
-def reference_sums(model, variables, terms_fn, inputs, extra) -> list:
-    """Per-example gradients from `tf.vectorized_map`, squared and summed.
-
-    Exact for any layer; squares are summed inside the map so that only one batch of
-    gradients is alive at a time.
-    """
-    variables = list(variables)
-
-    def one(args):
-        xi, ei = args
-        xi = tf.nest.map_structure(lambda t: tf.expand_dims(t, 0), xi)
-        if ei is not None:
-            ei = tf.nest.map_structure(lambda t: tf.expand_dims(t, 0), ei)
-        with tf.GradientTape(persistent=True) as tape:
-            outputs = model(xi, training=False)
-            terms = tf.reshape(tf.cast(terms_fn(outputs, ei), tf.float32), [-1])
-            parts = [terms[t] for t in range(int(terms.shape[0]))]
-        acc = [tf.zeros(v.shape, tf.float32) for v in variables]
-        for part in parts:
-            grads = tape.gradient(part, variables, unconnected_gradients="zero")
-            acc = [a + tf.square(tf.cast(g, tf.float32)) for a, g in zip(acc, grads)]
-        del tape
-        return acc
-
-    def each(x, e):
-        return one((x, e))
-
-    elems = (inputs, extra) if extra is not None else inputs
-    fn = (lambda args: each(*args)) if extra is not None else (lambda x: each(x, None))
-    signature = [tf.TensorSpec(v.shape, tf.float32) for v in variables]
-    if fast_module.has_loops(model):
-        # pfor cannot vectorise a recurrent layer's backward loop; failing to try is slow.
-        per_example = tf.map_fn(fn, elems, fn_output_signature=signature)
-    else:
-        try:
-            per_example = tf.vectorized_map(fn, elems)
-        except (TypeError, ValueError, NotImplementedError):
-            # Other graphs pfor cannot vectorise: one example after another instead.
-            per_example = tf.map_fn(fn, elems, fn_output_signature=signature)
-    return [tf.reduce_sum(p, axis=0) for p in per_example]
-

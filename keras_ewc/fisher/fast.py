@@ -1,44 +1,42 @@
 """The fast path: sums of squared per-example gradients from one batched pass.
 
-One forward pass runs with the supported layers' `call` temporarily replaced by their
-kernel's `forward`, which returns the same outputs and records each call's inputs and
-pre-activation output z. The T term columns are then back-propagated to every recorded
-z at once (a batched gradient for T = 1, a vectorised jacobian over T otherwise), and
-each layer's kernel turns inputs and gradients into Σ_n Σ_t (∂ terms[n, t] / ∂ v)².
+Data flows one way: `plan` picks the layers whose kernel covers requested variables;
+`kernel_sums` runs one forward pass with those layers recorded (each call's inputs and
+pre-activation output z, through the kernel's `forward`), back-propagates the T term
+columns to every recorded z at once (a batched gradient for T = 1, a vectorised jacobian
+over T otherwise), and hands inputs and gradients to each layer's kernel, which returns
+Σ_n Σ_t (∂ terms[n, t] / ∂ v)².
 
-A variable takes the reference path (per-example gradients, exact for any layer) when
-its layer has no kernel, when its layer was called where it could not be recorded (inside
-a loop body, a nested function, on a tensor whose leading axis is not the batch), or when
-the variable is read anywhere outside its layer's recorded calls (shared or tied
-weights): the kernels read variables through `stop_gradient`, so any gradient the tape
-still finds for them reveals such a use.
+A planned variable is left out of the result (for the reference path) when its layer
+was called where it could not be recorded (inside a loop body, a nested function, on a
+tensor whose leading axis is not the batch), or when the variable is read anywhere
+outside its layer's recorded calls (shared or tied weights): the kernels read variables
+through `stop_gradient`, so any gradient the tape still finds for them reveals such a
+use.
 """
 
 from __future__ import annotations
 
-import keras
 import tensorflow as tf
 
+from keras_ewc import _private
 from keras_ewc.fisher import kernels
 
 
 def plan(model, variables) -> list:
-    """`[(layer, module, {name: variable})]` for the layers whose variables go fast."""
+    """`[(layer, kernel, {name: variable})]` for the layers whose variables go fast."""
     wanted = {id(v) for v in variables}
     claimed = set()
     found = []
-    flatten = getattr(model, "_flatten_layers", None)
-    if flatten is None:
-        return found
-    for layer in flatten(include_self=True, recursive=True):
-        module = kernels.lookup(layer) if getattr(layer, "built", False) else None
-        if module is None:
+    for layer in _private.flatten_layers(model):
+        kernel = kernels.lookup(layer) if getattr(layer, "built", False) else None
+        if kernel is None:
             continue
-        params = {k: v for k, v in module.params(layer).items() if id(v) in wanted}
+        params = {k: v for k, v in kernel.params(layer).items() if id(v) in wanted}
         if not params or any(id(v) in claimed for v in params.values()):
             continue
         claimed.update(id(v) for v in params.values())
-        found.append((layer, module, params))
+        found.append((layer, kernel, params))
     return found
 
 
@@ -53,13 +51,13 @@ class Recorder:
 
     def __enter__(self):
         self.graph = tf.compat.v1.get_default_graph()
-        for layer, module, _ in self.layers:
-            object.__setattr__(layer, "call", self._wrap(layer, module, layer.call))
+        for layer, kernel, _ in self.layers:
+            _private.set_instance_call(layer, self._wrap(layer, kernel, layer.call))
         return self
 
     def __exit__(self, *exc):
         for layer, _, _ in self.layers:
-            layer.__dict__.pop("call", None)
+            _private.restore_instance_call(layer)
         return False
 
     def _recordable(self, args) -> bool:
@@ -73,9 +71,9 @@ class Recorder:
             and x.shape[0] == self.batch_size
         )
 
-    def _wrap(self, layer, module, original):
+    def _wrap(self, layer, kernel, original):
         def call(*args, **kwargs):
-            result = module.forward(layer, args, kwargs) if self._recordable(args) else None
+            result = kernel.forward(layer, args, kwargs) if self._recordable(args) else None
             if result is None:
                 return original(*args, **kwargs)
             record, z, finish = result
@@ -88,16 +86,15 @@ class Recorder:
         return call
 
 
-def sum_squared_grads(
-    model, layers, variables, terms_fn, reference, inputs, extra, paths=None
-):
-    """Per-variable Σ_n Σ_t (∂ terms[n, t] / ∂ v)² for one batch (call while tracing).
+def kernel_sums(model, layers, terms_fn, inputs, extra, loops=False) -> dict:
+    """`{id(v): Σ_n Σ_t (∂ terms[n, t] / ∂ v)²}` for the planned variables that stay fast.
 
-    `reference(variables, inputs, extra)` computes the same for the variables no kernel
-    covers. `paths`, a dict, if given, is filled with each variable's path ("fast" or
-    "reference") under its `path` (or name), for tests and diagnostics.
+    Call while tracing; the batch size of `inputs` must be static. Variables missing
+    from the result need the reference path.
     """
     batch_size = tf.nest.flatten(inputs)[0].shape[0]
+    if batch_size is None:
+        return {}
     with tf.GradientTape(persistent=True) as tape:
         recorder = Recorder(layers, batch_size, tape)
         with recorder:
@@ -108,34 +105,26 @@ def sum_squared_grads(
         total = tf.reduce_sum(columns)
 
     fast = []
-    for layer, module, params in layers:
+    for layer, kernel, params in layers:
         names = list(params)
         leaks = tape.gradient(total, [params[k] for k in names])
         # A leaked variable is read outside the recorded calls; the others stay exact,
         # as the gradients at z cover every use of z.
         kept = {k: params[k] for k, g in zip(names, leaks) if g is None}
-        if batch_size is not None and kept:
-            fast.append((layer, module, kept, recorder.calls[id(layer)]))
+        if kept:
+            fast.append((layer, kernel, kept, recorder.calls[id(layer)]))
     zs = [z for _, _, _, calls in fast for _, z in calls]
-    grads = _column_grads(tape, terms, columns, total, zs, has_loops(model)) if zs else []
+    grads = _column_grads(tape, terms, columns, total, zs, loops) if zs else []
     del tape
 
     sums = {}
-    for layer, module, params, calls in fast:
+    for layer, kernel, params, calls in fast:
         part, grads = grads[: len(calls)], grads[len(calls):]
-        if calls:
-            values = module.sum_squared(layer, [r for r, _ in calls], part)
-        else:
-            values = {}
+        values = kernel.sum_squared(layer, [r for r, _ in calls], part) if calls else {}
         for name, v in params.items():
-            sums[id(v)] = values[name] if name in values else tf.zeros(v.shape, tf.float32)
-    rest = [v for v in variables if id(v) not in sums]
-    if paths is not None:
-        for v in variables:
-            paths[getattr(v, "path", v.name)] = "reference" if id(v) not in sums else "fast"
-    if rest:
-        sums.update(zip((id(v) for v in rest), reference(rest, inputs, extra)))
-    return [tf.convert_to_tensor(sums[id(v)]) for v in variables]
+            value = values[name] if name in values else tf.zeros(v.shape, tf.float32)
+            sums[id(v)] = tf.cast(value, tf.float32)
+    return sums
 
 
 def _column_grads(tape, terms, columns, total, zs, loops=False):
@@ -159,11 +148,3 @@ def _column_grads(tape, terms, columns, total, zs, loops=False):
         for t in range(count)
     ]
     return [tf.stack(list(g)) for g in zip(*per_column)]
-
-
-def has_loops(model) -> bool:
-    """Whether the model holds a Keras recurrent layer (a `while` loop in its graph),
-    which pfor cannot vectorise: trying and failing is slow, so callers loop instead."""
-    flatten = getattr(model, "_flatten_layers", None)
-    layers = flatten(include_self=True, recursive=True) if flatten else []
-    return any(isinstance(layer, keras.layers.RNN) for layer in layers)

@@ -45,10 +45,12 @@ import numpy as np
 import tensorflow as tf
 
 from keras_ewc import distribute
-from keras_ewc.fisher import checks, diagonal, fast
+from keras_ewc.fisher import checks, diagonal, fast, reference
 from keras_ewc.fisher import likelihoods as lik_module
-from keras_ewc.fisher.kernels import conv, dense
+from keras_ewc.fisher.kernels import conv
 from keras_ewc.fisher.kernels._common import f32
+from keras_ewc.fisher.kernels.conv import ConvKernel
+from keras_ewc.fisher.kernels.dense import DenseKernel
 
 ESTIMATORS = ("exact", "sampled", "empirical")
 
@@ -61,18 +63,21 @@ def factored_layers(model, variables: Sequence | None = None) -> list:
     bias if it has one) are among `variables` (default: the trainable variables).
 
     Returns:
-        A list of `(layer, module, params)`, `params` the `{"kernel", "bias"}` variables.
+        A list of `(layer, kernel, params)`, `kernel` the layer's Fisher kernel
+        (`keras_ewc.fisher.kernels`), `params` the `{"kernel", "bias"}` variables.
     """
     variables = list(model.trainable_variables if variables is None else variables)
     found = []
-    for layer, module, params in fast.plan(model, variables):
-        if module not in (dense, conv):
+    for layer, kernel, params in fast.plan(model, variables):
+        # Exactly the built-in kernels: a user's kernel registered for a subclass
+        # computes something else.
+        if type(kernel) not in (DenseKernel, ConvKernel):
             continue
-        if module is conv and layer.groups != 1:
+        if isinstance(kernel, ConvKernel) and layer.groups != 1:
             continue
-        if len(params) != len(module.params(layer)):
+        if len(params) != len(kernel.params(layer)):
             continue  # the bias (or kernel) is not regularised: keep the diagonal
-        found.append((layer, module, params))
+        found.append((layer, kernel, params))
     return found
 
 
@@ -193,21 +198,21 @@ def compute_factors(model, layers, data, estimator="exact", likelihood=None, sam
         sum_fn = distribute.distribute_sum_fn(strategy, sum_fn, shapes)
 
     dataset = checks.bound_steps(diagonal.as_dataset(data, batch_size), steps)
-    progbar = diagonal._progbar(dataset, verbose)
+    progress = diagonal._Progress(dataset, verbose)
     totals = None
     num_examples = 0
     num_batches = 0
     probe = None
     for index, batch in enumerate(dataset):
         x, y, w = keras.utils.unpack_x_y_sample_weight(batch)
-        diagonal._check_finite(x, "inputs")
+        _check_finite(x, "inputs")
         if estimator == "empirical":
             if y is None:
                 raise ValueError(
                     "estimator='empirical' needs the true labels, but the data holds "
                     "inputs only. Pass (x, y) or use estimator='exact' or 'sampled'."
                 )
-            diagonal._check_finite(y, "labels")
+            _check_finite(y, "labels")
         size = int(tf.shape(tf.nest.flatten(x)[0])[0])
         if size == 0:
             continue
@@ -220,7 +225,9 @@ def compute_factors(model, layers, data, estimator="exact", likelihood=None, sam
         extra = (w,)
         if estimator == "empirical":
             checks.check_label_shape(lik, [size] + list(probe.shape[1:]), y.shape)
-            lik.check_labels(probe, y)
+            summary = lik.label_summary(y, lik.num_outputs(probe))
+            if summary is not None:
+                lik.check_label_summary(summary, lik.num_outputs(probe))
             extra = (w, tf.convert_to_tensor(y))
         elif estimator == "sampled":
             shape = lik.noise_shape(probe, samples)
@@ -230,15 +237,13 @@ def compute_factors(model, layers, data, estimator="exact", likelihood=None, sam
         totals = sums if totals is None else [a + b for a, b in zip(totals, sums)]
         num_examples += float(tf.reduce_sum(w))
         num_batches += 1
-        if progbar is not None:
-            progbar.update(num_batches, values=[("examples", num_examples)], finalize=False)
+        progress.update(num_batches, num_examples)
     if num_batches == 0:
         raise ValueError("The data holds no examples: cannot compute factors from nothing.")
     if num_examples <= 0:
         raise ValueError("The sample weights of the data sum to zero: every example is "
                          "weighted out, so there are no factors to compute.")
-    if progbar is not None:
-        progbar.update(num_batches, finalize=True)
+    progress.finish(num_batches, num_examples)
     factors = []
     for i, (layer, _, _) in enumerate(layers):
         a_sum, g_sum, rows = totals[3 * i: 3 * i + 3]
@@ -284,8 +289,10 @@ def cached_factor_sums(model, layers, lik, estimator, samples):
            int(samples))
     table = _CACHE.setdefault(model, {})
     if key not in table:
-        table[key] = build_factor_sums(model, layers,
-                                       diagonal._terms_fn(lik, estimator, samples))
+        def terms_fn(outputs, target):
+            return lik.terms(estimator, outputs, target)
+
+        table[key] = build_factor_sums(model, layers, terms_fn)
     return table[key]
 
 
@@ -333,12 +340,12 @@ def factor_sums(model, layers, terms_fn, inputs, extra) -> list:
             )
     calls = [recorder.calls[id(layer)] for layer, _, _ in layers]
     zs = [z for c in calls for _, z in c]
-    grads = fast._column_grads(tape, terms, columns, total, zs, fast.has_loops(model))
+    grads = fast._column_grads(tape, terms, columns, total, zs, reference.has_loops(model))
     del tape
     out = []
-    for (layer, module, params), c in zip(layers, calls):
+    for (layer, kernel, params), c in zip(layers, calls):
         part, grads = grads[: len(c)], grads[len(c):]
-        rows = _input_rows(layer, module, [r for r, _ in c], "bias" in params, batch_size)
+        rows = _input_rows(layer, kernel, params, [r for r, _ in c], batch_size)
         per_example = tf.cast(tf.shape(rows)[1], tf.float32)
         rows = tf.reshape(rows * root[:, None, None], [-1, rows.shape[-1]])
         g_rows = [tf.reshape(f32(g), [-1, g.shape[-1]]) for g in part]
@@ -356,13 +363,13 @@ def factor_sums(model, layers, terms_fn, inputs, extra) -> list:
     return out
 
 
-def _input_rows(layer, module, records, bias, batch_size) -> tf.Tensor:
+def _input_rows(layer, kernel, params, records, batch_size) -> tf.Tensor:
     """`[B, positions, in (+1)]`: every recorded input position of every call, example
     by example, with a column of ones for a bias."""
-    kernel_in = int(np.prod(layer.kernel.shape[:-1]))
+    kernel_in = int(np.prod(params["kernel"].shape[:-1]))
     parts = []
     for record in records:
-        if module is conv:
+        if isinstance(kernel, ConvKernel):
             x, padding = record
             x = conv.patches(f32(x), layer.kernel_size, layer.strides, layer.dilation_rate,
                              padding)
@@ -370,6 +377,16 @@ def _input_rows(layer, module, records, bias, batch_size) -> tf.Tensor:
             x = f32(record)
         parts.append(tf.reshape(x, [batch_size, -1, kernel_in]))
     x = tf.concat(parts, 1) if parts else tf.zeros([batch_size, 0, kernel_in])
-    if bias:
+    if "bias" in params:
         x = tf.concat([x, tf.ones(x.shape[:-1] + [1])], axis=-1)
     return x
+
+
+def _check_finite(tensors, what):
+    for t in tf.nest.flatten(tensors):
+        t = tf.convert_to_tensor(t)
+        if t.dtype.is_floating and not bool(tf.reduce_all(tf.math.is_finite(t))):
+            raise ValueError(
+                f"The data's {what} contain NaN or Inf values; the factors would be "
+                "meaningless. Clean the data first."
+            )

@@ -4,7 +4,8 @@ Each likelihood gives, for a batch of outputs, the pseudo-losses ("terms", `[B, 
 whose squared per-example gradients sum to the Fisher of one estimator:
 
 - `exact_terms(outputs)`: Σ_t (∇ term_t)² = E_{y∼p(y|x)} (∇ log p(y|x))², in closed form
-  over the model's predictive distribution (C terms for C classes).
+  over the model's predictive distribution (C − 1 terms for C classes, K for K
+  Bernoulli or Gaussian outputs).
 - `nll(outputs, y)`: −log p(y|x) per example, for the `empirical` (true labels) and
   `sampled` (labels drawn from the model) estimators.
 - `sample(outputs, noise)`: labels drawn from the model, deterministic given `noise`,
@@ -32,7 +33,15 @@ def _flat(outputs):
 
 
 class Likelihood:
-    """Base class. `from_logits` says whether outputs are logits or probabilities."""
+    """How a model's outputs define p(y | x, θ), and the Fisher estimators' terms.
+
+    Subclasses implement `exact_terms`, `nll`, `noise_shape`, `sample` and
+    `nll_of_samples`; `terms` combines them for each estimator, and
+    `label_summary`/`check_label_summary` validate labels inside a traced loop.
+
+    Args:
+        from_logits: whether the model outputs logits (True) or probabilities.
+    """
 
     name = "base"
     # Where the likelihood came from (e.g. the compiled loss), and that loss's Keras
@@ -46,11 +55,89 @@ class Likelihood:
     def __repr__(self):
         return f"{type(self).__name__}(from_logits={self.from_logits})"
 
+    def __eq__(self, other):
+        return type(self) is type(other) and vars(self) == vars(other)
+
+    def __hash__(self):
+        return hash((type(self), tuple(sorted(vars(self).items()))))
+
     def num_outputs(self, outputs) -> int:
         return int(_flat(outputs).shape[-1])
 
-    def num_exact_terms(self, outputs) -> int:
-        return self.num_outputs(outputs)
+    def terms(self, estimator: str, outputs, extra=None):
+        """The `[B, T]` pseudo-losses of `estimator` for a batch of outputs.
+
+        Their per-example gradients, squared and summed over the T columns, are one
+        example's contribution to the Fisher diagonal; row n depends on example n alone.
+
+        Args:
+            estimator: `"exact"` (closed form over the predictive distribution; `extra`
+                unused), `"empirical"` (`extra`: the true labels) or `"sampled"`
+                (`extra`: uniform noise of shape `noise_shape(outputs, k)`; k labels
+                are drawn an example and each counts 1/k).
+            outputs: the model's outputs, `[B, ...]`.
+            extra: as the estimator needs.
+
+        Example:
+
+        >>> import numpy as np
+        >>> lik = Categorical(from_logits=True)
+        >>> lik.terms("empirical", np.zeros((2, 3), "float32"), np.array([0, 2])).shape
+        TensorShape([2, 1])
+        """
+        if estimator == "exact":
+            return self.exact_terms(outputs)
+        if estimator == "empirical":
+            return self.nll(outputs, extra)[:, None]
+        if estimator == "sampled":
+            labels = self.sample(outputs, extra)
+            samples = int(extra.shape[1])
+            return self.nll_of_samples(outputs, labels) * (1.0 / np.sqrt(samples))
+        raise ValueError(
+            "Expected estimator in ('exact', 'empirical', 'sampled'). Received: "
+            f"estimator={estimator!r}"
+        )
+
+    def exact_terms(self, outputs):
+        raise NotImplementedError(f"{type(self).__name__} must implement `exact_terms`.")
+
+    def nll(self, outputs, y):
+        raise NotImplementedError(f"{type(self).__name__} must implement `nll`.")
+
+    def noise_shape(self, outputs, k):
+        return [int(outputs.shape[0]), k, self.num_outputs(outputs)]
+
+    def sample(self, outputs, noise):
+        raise NotImplementedError(f"{type(self).__name__} must implement `sample`.")
+
+    def nll_of_samples(self, outputs, labels):
+        raise NotImplementedError(f"{type(self).__name__} must implement `nll_of_samples`.")
+
+    def label_summary(self, y, num_outputs: int):
+        """Traceable summary of a batch of labels, or None when labels need no check.
+
+        A float64 `[4]` tensor: (−min, max, whether any is not an integer, whether any
+        is not finite); summaries of several batches combine by elementwise maximum.
+        """
+        return None
+
+    def check_label_summary(self, summary, num_outputs: int) -> None:
+        """Raises a ValueError when the combined `label_summary` shows bad labels."""
+        return
+
+
+def _summary(y):
+    y = tf.cast(tf.reshape(y, [-1]), tf.float64)
+    finite = tf.math.is_finite(y)
+    clean = tf.where(finite, y, tf.zeros_like(y))
+    empty = tf.equal(tf.size(y), 0)
+    low = tf.where(empty, tf.constant(-np.inf, tf.float64), -tf.reduce_min(clean))
+    high = tf.where(empty, tf.constant(-np.inf, tf.float64), tf.reduce_max(clean))
+    return tf.stack([
+        low, high,
+        tf.cast(tf.reduce_any(tf.not_equal(clean, tf.round(clean))), tf.float64),
+        tf.cast(tf.reduce_any(tf.logical_not(finite)), tf.float64),
+    ])
 
 
 class Categorical(Likelihood):
@@ -66,17 +153,32 @@ class Categorical(Likelihood):
         return tf.math.log(tf.clip_by_value(probs, _EPS, 1.0))
 
     def exact_terms(self, outputs):
-        # Σ_c p_c (∇ log p_c)² = Σ_c (∇ [sg(√p_c) log p_c])²: one term a class.
+        # Σ_c p_c (∇ log p_c)² = Σ_c (∇ [sg(√p_c) log p_c])²: one term a class, u_c.
         log_p = self.log_probs(outputs)
-        return tf.stop_gradient(tf.sqrt(tf.exp(log_p))) * log_p
+        root = tf.stop_gradient(tf.sqrt(tf.exp(log_p)))
+        terms = root * log_p
+        classes = terms.shape[-1]
+        if classes is None or classes < 2:
+            return terms
+        # The columns' gradients U = [∇u_c] satisfy U √p = Σ_c p_c ∇log p_c = ∇ Σ_c p_c
+        # = 0, so U Uᵀ = U Q Qᵀ Uᵀ for any Q whose C − 1 orthonormal columns span the
+        # complement of √p: C − 1 terms, one backward pass fewer. Q is the Householder
+        # reflection H = I − 2 v vᵀ / vᵀv, v = √p + e_C (H √p = −e_C), less its last
+        # column; |v| ≥ 1, so it is well conditioned.
+        v = root + tf.one_hot(classes - 1, classes)
+        scale = 2.0 * tf.reduce_sum(terms * v, -1, keepdims=True) / tf.reduce_sum(
+            v * v, -1, keepdims=True)
+        return terms[:, :-1] - v[:, :-1] * scale
 
     def nll(self, outputs, y):
         log_p = self.log_probs(outputs)
         y = tf.convert_to_tensor(y)
         if _is_one_hot(y, log_p):
             return -tf.reduce_sum(tf.cast(y, tf.float32) * log_p, axis=-1)
-        y = tf.reshape(tf.cast(y, tf.int32), [-1])
-        return -tf.gather(log_p, y, axis=-1, batch_dims=1)
+        # A one-hot product, not a gather: a label out of range gives 0 instead of
+        # failing inside a traced loop, which reports bad labels once, at its end.
+        y = tf.one_hot(tf.reshape(tf.cast(y, tf.int32), [-1]), tf.shape(log_p)[-1])
+        return -tf.reduce_sum(y * log_p, axis=-1)
 
     def noise_shape(self, outputs, k):
         return [int(outputs.shape[0]), k, int(outputs.shape[-1])]
@@ -93,20 +195,25 @@ class Categorical(Likelihood):
         log_p = self.log_probs(outputs)
         return -tf.gather(log_p, labels, axis=-1, batch_dims=1)
 
-    def check_labels(self, outputs, y):
-        y = np.asarray(y)
-        classes = int(outputs.shape[-1])
-        if y.ndim == len(outputs.shape) and y.shape[-1] == classes and y.ndim > 1:
+    def label_summary(self, y, num_outputs):
+        y = tf.convert_to_tensor(y)
+        if y.shape.rank is not None and y.shape.rank > 1 and y.shape[-1] == num_outputs:
+            return None  # one-hot (or soft) labels
+        return _summary(y)
+
+    def check_label_summary(self, summary, num_outputs):
+        low, high, fractional, infinite = (float(v) for v in np.asarray(summary))
+        if low == -np.inf:
             return
-        if y.size and (not np.all(np.isfinite(y)) or np.any(y != np.round(y))):
+        if infinite or fractional:
             raise ValueError(
                 "Expected integer class labels for a categorical likelihood. Received "
-                f"labels of dtype {y.dtype} with non-integer values."
+                "labels with non-integer values."
             )
-        if y.size and (y.min() < 0 or y.max() >= classes):
+        if -low < 0 or high >= num_outputs:
             raise ValueError(
-                f"Expected labels in [0, {classes}) for a model with {classes} outputs. "
-                f"Received labels in [{y.min()}, {y.max()}]."
+                f"Expected labels in [0, {num_outputs}) for a model with {num_outputs} "
+                f"outputs. Received labels in [{-low:g}, {high:g}]."
             )
 
 
@@ -147,12 +254,15 @@ class Bernoulli(Likelihood):
             tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=z + 0 * labels), -1
         )
 
-    def check_labels(self, outputs, y):
-        y = np.asarray(y, dtype=np.float64)
-        if y.size and (y.min() < 0 or y.max() > 1):
+    def label_summary(self, y, num_outputs):
+        return _summary(y)
+
+    def check_label_summary(self, summary, num_outputs):
+        low, high, _, infinite = (float(v) for v in np.asarray(summary))
+        if low != -np.inf and (infinite or -low < 0 or high > 1):
             raise ValueError(
                 "Expected binary labels in [0, 1] for a bernoulli likelihood. Received "
-                f"labels in [{y.min()}, {y.max()}]."
+                f"labels in [{-low:g}, {high:g}]" + (" and non-finite ones." if infinite else ".")
             )
 
 
@@ -185,9 +295,6 @@ class Gaussian(Likelihood):
     def nll_of_samples(self, outputs, labels):
         f = _flat(outputs)[:, None, :]
         return 0.5 * tf.reduce_sum(tf.square(labels - f), axis=-1)
-
-    def check_labels(self, outputs, y):
-        return
 
 
 def _is_one_hot(y, log_p) -> bool:

@@ -20,44 +20,48 @@ from keras_ewc.fisher.kernels._common import (
     over_examples,
     stop,
 )
-
-LAYERS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
-METHODS = ("convolution_op", "kernel")
+from keras_ewc.fisher.kernels._registry import Kernel, register_kernel
 
 
-def supports(layer) -> bool:
-    if getattr(layer, "lora_enabled", False) or layer.quantization_mode is not None:
-        return False
-    # channels_first cannot run on CPU in TensorFlow, so it is left to the reference.
-    return layer.data_format == "channels_last" and layer.padding in (
-        "valid", "same", "causal"
-    )
+@register_kernel(keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
+                 methods=("convolution_op", "kernel"))
+class ConvKernel(Kernel):
+    def supports(self, layer) -> bool:
+        if getattr(layer, "lora_enabled", False) or layer.quantization_mode is not None:
+            return False
+        # channels_first cannot run on CPU in TensorFlow, so it is left to the reference.
+        return layer.data_format == "channels_last" and layer.padding in (
+            "valid", "same", "causal"
+        )
 
+    def params(self, layer) -> dict:
+        out = {"kernel": layer.kernel}
+        if layer.use_bias:
+            out["bias"] = layer.bias
+        return out
 
-def params(layer) -> dict:
-    out = {"kernel": layer._kernel}
-    if layer.use_bias:
-        out["bias"] = layer.bias
-    return out
+    def forward(self, layer, args, kwargs):
+        x = args[0]
+        padding = layer.padding
+        if padding == "causal":
+            # As Conv1D pads: (kernel_size - 1) * dilation steps on the left of time.
+            left = layer.dilation_rate[0] * (layer.kernel_size[0] - 1)
+            x = keras.ops.pad(x, [[0, 0], [left, 0], [0, 0]])
+            padding = "valid"
+        z = keras.ops.conv(
+            x,
+            stop(layer.kernel),
+            strides=list(layer.strides),
+            padding=padding,
+            dilation_rate=layer.dilation_rate,
+            data_format=layer.data_format,
+        )
+        if layer.use_bias:
+            z = z + stop(layer.bias)
+        return (x, padding), z, activation(layer)
 
-
-def forward(layer, args, kwargs):
-    x = args[0]
-    padding = layer.padding
-    if padding == "causal":
-        x = keras.ops.pad(x, layer._compute_causal_padding())
-        padding = "valid"
-    z = keras.ops.conv(
-        x,
-        stop(layer.kernel),
-        strides=list(layer.strides),
-        padding=padding,
-        dilation_rate=layer.dilation_rate,
-        data_format=layer.data_format,
-    )
-    if layer.use_bias:
-        z = z + stop(layer.bias)
-    return (x, padding), z, activation(layer)
+    def sum_squared(self, layer, records, grads) -> dict:
+        return sum_squared(layer, records, grads)
 
 
 def patches(x, kernel_size, strides, dilation, padding):
@@ -98,7 +102,7 @@ def patches(x, kernel_size, strides, dilation, padding):
 
 
 def sum_squared(layer, records, grads) -> dict:
-    groups, channels = layer.groups, int(layer._kernel.shape[-2])
+    groups, channels = layer.groups, int(layer.kernel.shape[-2])
     batch = int(grads[0].shape[1])
     xs, gs = [], []
     for (x, padding), g in zip(records, grads):
@@ -122,9 +126,9 @@ def sum_squared(layer, records, grads) -> dict:
             total += tf.reduce_sum(tf.square(per_example), axis=0)
         return total
 
-    size = _size(layer._kernel.shape)
+    size = _size(layer.kernel.shape)
     kernel = over_examples(chunk, size, (0, 1), x, g)
-    out = {"kernel": tf.reshape(kernel, layer._kernel.shape)}
+    out = {"kernel": tf.reshape(kernel, layer.kernel.shape)}
     if layer.use_bias:
         out["bias"] = broadcast_sum_squared(grads, layer.bias.shape)
     return out

@@ -17,35 +17,33 @@ from keras_ewc.fisher.kernels._common import (
     over_examples,
     stop,
 )
-
-LAYERS = (keras.layers.Dense,)
-METHODS = ("kernel",)
+from keras_ewc.fisher.kernels._registry import Kernel, register_kernel
 
 
-def supports(layer) -> bool:
-    return not layer.lora_enabled and layer.quantization_mode is None
+@register_kernel(keras.layers.Dense, methods=("kernel",))
+class DenseKernel(Kernel):
+    def supports(self, layer) -> bool:
+        # LoRA and quantised layers compute their kernel: `layer.kernel` is no variable.
+        return not layer.lora_enabled and layer.quantization_mode is None
 
+    def params(self, layer) -> dict:
+        out = {"kernel": layer.kernel}
+        if layer.bias is not None:
+            out["bias"] = layer.bias
+        return out
 
-def params(layer) -> dict:
-    out = {"kernel": layer._kernel}
-    if layer.bias is not None:
-        out["bias"] = layer.bias
-    return out
+    def forward(self, layer, args, kwargs):
+        x = args[0]
+        z = keras.ops.matmul(x, stop(layer.kernel))
+        if layer.bias is not None:
+            z = z + stop(layer.bias)
+        return x, z, activation(layer)
 
-
-def forward(layer, args, kwargs):
-    x = args[0]
-    z = keras.ops.matmul(x, stop(layer.kernel))
-    if layer.bias is not None:
-        z = z + stop(layer.bias)
-    return x, z, activation(layer)
-
-
-def sum_squared(layer, records, grads) -> dict:
-    out = {"kernel": kernel_sum_squared(records, grads)}
-    if layer.bias is not None:
-        out["bias"] = broadcast_sum_squared(grads, layer.bias.shape)
-    return out
+    def sum_squared(self, layer, records, grads) -> dict:
+        out = {"kernel": kernel_sum_squared(records, grads)}
+        if layer.bias is not None:
+            out["bias"] = broadcast_sum_squared(grads, layer.bias.shape)
+        return out
 
 
 def kernel_sum_squared(records, grads):

@@ -20,35 +20,39 @@ from keras_ewc.fisher.kernels._common import (
     over_examples,
     stop,
 )
-
-LAYERS = (keras.layers.EinsumDense,)
-METHODS = ("kernel",)
+from keras_ewc.fisher.kernels._registry import Kernel, register_kernel
 
 
-def supports(layer) -> bool:
-    if layer.lora_enabled or layer.quantization_mode is not None:
-        return False
-    # The batch axis must lead both x and z and not be an axis of W.
-    lhs, z_spec = layer.equation.replace(" ", "").split("->")
-    x_spec, w_spec = lhs.split(",")
-    if x_spec.startswith("..."):
-        return z_spec.startswith("...")
-    return x_spec[:1] == z_spec[:1] and x_spec[:1] not in w_spec
+@register_kernel(keras.layers.EinsumDense, methods=("kernel",))
+class EinsumDenseKernel(Kernel):
+    def supports(self, layer) -> bool:
+        if layer.lora_enabled or layer.quantization_mode is not None:
+            return False
+        # The batch axis must lead both x and z and not be an axis of W.
+        lhs, z_spec = layer.equation.replace(" ", "").split("->")
+        x_spec, w_spec = lhs.split(",")
+        if x_spec.startswith("..."):
+            return z_spec.startswith("...")
+        return x_spec[:1] == z_spec[:1] and x_spec[:1] not in w_spec
 
+    def params(self, layer) -> dict:
+        out = {"kernel": layer.kernel}
+        if layer.bias is not None:
+            out["bias"] = layer.bias
+        return out
 
-def params(layer) -> dict:
-    out = {"kernel": layer._kernel}
-    if layer.bias is not None:
-        out["bias"] = layer.bias
-    return out
+    def forward(self, layer, args, kwargs):
+        x = args[0]
+        z = keras.ops.einsum(layer.equation, x, stop(layer.kernel))
+        if layer.bias is not None:
+            z = z + stop(layer.bias)
+        return x, z, activation(layer)
 
-
-def forward(layer, args, kwargs):
-    x = args[0]
-    z = keras.ops.einsum(layer.equation, x, stop(layer.kernel))
-    if layer.bias is not None:
-        z = z + stop(layer.bias)
-    return x, z, activation(layer)
+    def sum_squared(self, layer, records, grads) -> dict:
+        out = {"kernel": kernel_sum_squared(layer.equation, records, grads)}
+        if layer.bias is not None:
+            out["bias"] = broadcast_sum_squared(grads, layer.bias.shape)
+        return out
 
 
 def _explicit(equation, x_rank):
@@ -61,13 +65,6 @@ def _explicit(equation, x_rank):
         dots = "".join(free[: x_rank - (len(x_spec) - 3)])
         x_spec, z_spec = x_spec.replace("...", dots), z_spec.replace("...", dots)
     return x_spec, w_spec, z_spec
-
-
-def sum_squared(layer, records, grads) -> dict:
-    out = {"kernel": kernel_sum_squared(layer.equation, records, grads)}
-    if layer.bias is not None:
-        out["bias"] = broadcast_sum_squared(grads, layer.bias.shape)
-    return out
 
 
 def kernel_sum_squared(equation, records, grads):

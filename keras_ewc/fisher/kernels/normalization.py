@@ -12,24 +12,29 @@ import keras
 import tensorflow as tf
 
 from keras_ewc.fisher.kernels._common import f32, stop
-
-LAYERS = (keras.layers.LayerNormalization, keras.layers.BatchNormalization)
-METHODS = ()
+from keras_ewc.fisher.kernels._registry import Kernel, register_kernel
 
 
-def supports(layer) -> bool:
-    if isinstance(layer, keras.layers.LayerNormalization):
-        return not layer.rms_scaling
-    return not getattr(layer, "renorm", False)
+@register_kernel(keras.layers.LayerNormalization, keras.layers.BatchNormalization)
+class NormalizationKernel(Kernel):
+    def supports(self, layer) -> bool:
+        if isinstance(layer, keras.layers.LayerNormalization):
+            return not layer.rms_scaling
+        return not getattr(layer, "renorm", False)
 
+    def params(self, layer) -> dict:
+        out = {}
+        if layer.gamma is not None:
+            out["gamma"] = layer.gamma
+        if layer.beta is not None:
+            out["beta"] = layer.beta
+        return out
 
-def params(layer) -> dict:
-    out = {}
-    if layer.gamma is not None:
-        out["gamma"] = layer.gamma
-    if layer.beta is not None:
-        out["beta"] = layer.beta
-    return out
+    def forward(self, layer, args, kwargs):
+        return forward(layer, args, kwargs)
+
+    def sum_squared(self, layer, records, grads) -> dict:
+        return sum_squared(layer, records, grads)
 
 
 def _axes(layer, rank):
