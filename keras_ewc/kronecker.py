@@ -33,6 +33,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_ewc import _private
 from keras_ewc import penalty as diag
 from keras_ewc.fisher import kronecker as factors_module
 
@@ -526,10 +527,11 @@ class KroneckerRegularizer(keras.layers.Layer):
                        "max_tasks": self.max_tasks})
         return config
 
-    # private: TensorFlow's `Trackable._trackable_children`, the hook checkpoints use.
+    # Overrides TensorFlow's private `Trackable._trackable_children`, the hook checkpoints
+    # use (pinned in tests/test_private.py through `_private.trackable_children`).
     def _trackable_children(self, save_type="checkpoint", **kwargs):
         # `tf.train.Checkpoint` does not look inside Keras' tracked lists: name the state.
-        children = dict(super()._trackable_children(save_type, **kwargs))
+        children = dict(_private.trackable_children(self, save_type, **kwargs))
         for i, var in enumerate(self.non_trainable_variables):
             children[f"state_{i}"] = var
         return children
