@@ -44,7 +44,7 @@ def test_wheel_carries_code_data_licence_and_command(tmp_path):
     requires = [line.split(": ", 1)[1] for line in metadata.splitlines()
                 if line.startswith("Requires-Dist: ") and "extra ==" not in line]
     assert sorted(requires) == ["keras<3.16,>=3.15", "numpy>=2.4", "tensorflow<2.22,>=2.21"]
-    assert "Requires-Python: >=3.10" in metadata and "License: Apache-2.0" in metadata
+    assert "Requires-Python: >=3.11" in metadata and "License: Apache-2.0" in metadata
 
 
 def test_declared_floors_are_the_versions_installed_here():
