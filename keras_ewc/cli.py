@@ -43,7 +43,7 @@ def _positive(value: int | None, name: str) -> None:
         raise ValueError(f"Expected --{name} >= 1. Received: {value}")
 
 
-# Measured with `time keras-ewc demo` on a 2-core CPU: 59 s idle, 141 s shared (README).
+# Measured with `time keras-ewc demo` on a 2-core CPU: 49 s lightly loaded, 141 s shared (README).
 DEMO_DURATION = "1 to 2½ minutes"
 LITTLE_GAIN = 0.03  # below this gain in average accuracy, say why EWC barely helps
 
