@@ -281,7 +281,7 @@ class KroneckerRegularizer(keras.layers.Layer):
         self._keys = [by_id[id(v)] for v in self.targets]
         slots = self.num_slots
         for (_, _, params), key in zip(plan, self.layer_keys):
-            rows, out = _wbar_shape(params)
+            rows, out = factors_module.wbar_shape(params)
             self.kronecker_state.append(tuple(
                 self.add_weight(shape=(slots,) + shape, initializer="zeros",
                                 dtype="float32", trainable=False,
@@ -458,7 +458,7 @@ class KroneckerRegularizer(keras.layers.Layer):
                              f"`targets`). Received {len(theta)}.")
         wbars, theta_rest = self._layer_weights(theta)
         for (_, params), (a, g), key in zip(self.factored, factors, self.layer_keys):
-            rows, out = _wbar_shape(params)
+            rows, out = factors_module.wbar_shape(params)
             if tuple(a.shape) != (rows, rows) or tuple(g.shape) != (out, out):
                 raise ValueError(
                     f"Expected factors of shapes {(rows, rows)} and {(out, out)} for layer "
@@ -535,12 +535,6 @@ class KroneckerRegularizer(keras.layers.Layer):
         for i, var in enumerate(self.non_trainable_variables):
             children[f"state_{i}"] = var
         return children
-
-
-def _wbar_shape(params) -> tuple:
-    kernel = params["kernel"]
-    rows = int(np.prod(kernel.shape[:-1])) + (1 if "bias" in params else 0)
-    return rows, int(kernel.shape[-1])
 
 
 class _Refs:

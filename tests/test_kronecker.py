@@ -7,6 +7,7 @@ import tensorflow as tf
 
 import keras_ewc
 from keras_ewc import kronecker as kron
+from keras_ewc.fisher.kronecker import wbar_shape
 
 
 def _psd(n, seed, rank=None):
@@ -94,8 +95,8 @@ def _random_state_tasks(reg, count, seed=0):
     rng = np.random.default_rng(seed)
     tasks = []
     for t in range(count):
-        factors = [(_psd(int(kron._wbar_shape(p)[0]), 10 * t + i),
-                    _psd(int(kron._wbar_shape(p)[1]), 10 * t + i + 5))
+        factors = [(_psd(int(wbar_shape(p)[0]), 10 * t + i),
+                    _psd(int(wbar_shape(p)[1]), 10 * t + i + 5))
                    for i, (_, p) in enumerate(reg.factored)]
         rest = [np.abs(rng.normal(size=v.shape)).astype("float32") for v in reg.rest]
         theta = [rng.normal(size=v.shape).astype("float32") for v in reg.targets]

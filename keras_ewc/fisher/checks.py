@@ -76,6 +76,27 @@ def check_data_type(data) -> None:
         )
 
 
+def check_sampling_arguments(estimator: str, samples, batch_size) -> None:
+    """Checks `samples` (only with `estimator="sampled"`, an int >= 1) and `batch_size`.
+
+    >>> check_sampling_arguments("sampled", 2, 32)
+    >>> check_sampling_arguments("exact", 2, None)
+    Traceback (most recent call last):
+    ...
+    ValueError: `samples` applies only to estimator='sampled'. Received: samples=2 ...
+    """
+    if samples is not None:
+        if estimator != "sampled":
+            raise ValueError(
+                "`samples` applies only to estimator='sampled'. "
+                f"Received: samples={samples!r} with estimator={estimator!r}"
+            )
+        if int(samples) != samples or samples < 1:
+            raise ValueError(f"Expected samples >= 1. Received: samples={samples!r}")
+    if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
+        raise ValueError(f"Expected batch_size >= 1. Received: batch_size={batch_size!r}")
+
+
 def check_steps(steps) -> int | None:
     """Validates `steps` (batches to draw, as in Keras' `evaluate`); returns it as int.
 

@@ -123,16 +123,7 @@ def fisher_diagonal(
         raise ValueError(
             f"Expected fallback in {FALLBACKS}. Received: fallback={fallback!r}"
         )
-    if samples is not None:
-        if estimator != "sampled":
-            raise ValueError(
-                "`samples` applies only to estimator='sampled'. "
-                f"Received: samples={samples!r} with estimator={estimator!r}"
-            )
-        if int(samples) != samples or samples < 1:
-            raise ValueError(f"Expected samples >= 1. Received: samples={samples!r}")
-    if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
-        raise ValueError(f"Expected batch_size >= 1. Received: batch_size={batch_size!r}")
+    checks.check_sampling_arguments(estimator, samples, batch_size)
     if verbose not in ("auto", 0, 1, 2, True, False):
         raise ValueError(f"Expected verbose in ('auto', 0, 1, 2). Received: verbose={verbose!r}")
     if not getattr(model, "built", True):

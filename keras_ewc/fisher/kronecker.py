@@ -168,16 +168,7 @@ def compute_factors(model, layers, data, estimator="exact", likelihood=None, sam
             f"('batched' has no per-example terms to factor). Received: "
             f"estimator={estimator!r}"
         )
-    if samples is not None:
-        if estimator != "sampled":
-            raise ValueError(
-                "`samples` applies only to estimator='sampled'. "
-                f"Received: samples={samples!r} with estimator={estimator!r}"
-            )
-        if int(samples) != samples or samples < 1:
-            raise ValueError(f"Expected samples >= 1. Received: samples={samples!r}")
-    if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
-        raise ValueError(f"Expected batch_size >= 1. Received: batch_size={batch_size!r}")
+    checks.check_sampling_arguments(estimator, samples, batch_size)
     if not getattr(model, "built", True):
         raise ValueError(
             "The model is not built yet, so it has no weights to compute factors for. "
@@ -271,11 +262,16 @@ def factor_shapes(layers) -> list:
     """Shapes of the per-batch sums: `A_sum`, `G_sum` and the row count, per layer."""
     shapes = []
     for _, _, params in layers:
-        kernel = params["kernel"]
-        rows = int(np.prod(kernel.shape[:-1])) + (1 if "bias" in params else 0)
-        out = int(kernel.shape[-1])
+        rows, out = wbar_shape(params)
         shapes += [(rows, rows), (out, out), ()]
     return shapes
+
+
+def wbar_shape(params) -> tuple:
+    """`(rows, out)` of W̄ = [W; bᵀ]: the kernel's input size (+1 with a bias) and width."""
+    kernel = params["kernel"]
+    rows = int(np.prod(kernel.shape[:-1])) + (1 if "bias" in params else 0)
+    return rows, int(kernel.shape[-1])
 
 
 # Traced per-batch functions, per model (weakly) and per layers, likelihood, estimator and
