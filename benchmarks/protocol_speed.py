@@ -39,7 +39,7 @@ def run_once(sequence, estimator, batch_size, seed):
     for task in sequence:
         data = task.dataset("train", batch_size, seed=seed + task.index)
         start = time.perf_counter()
-        model.fit(data, epochs=1, verbose=0)
+        model.fit(data, epochs=1, verbose=0, shuffle=False)  # the dataset shuffles
         fit_time += time.perf_counter() - start
         if estimator is not None:
             start = time.perf_counter()
