@@ -37,14 +37,11 @@ Kronecker block: it is refused with an error that names it.
 from __future__ import annotations
 
 import random
-import weakref
 from typing import Sequence
 
-import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_ewc import distribute
 from keras_ewc.fisher import checks, diagonal, fast, reference
 from keras_ewc.fisher import likelihoods as lik_module
 from keras_ewc.fisher.kernels import conv
@@ -183,63 +180,23 @@ def compute_factors(model, layers, data, estimator="exact", likelihood=None, sam
     checks.check_inputs(model, diagonal._x_spec(data))
     samples = int(samples or 1)
     seed = random.randrange(2**31) if seed is None else int(seed)
-    sum_fn = cached_factor_sums(model, layers, lik, estimator, samples)
-    if distribute.is_distributed(strategy):
-        shapes = [_Shape(s) for s in factor_shapes(layers)]
-        sum_fn = distribute.distribute_sum_fn(strategy, sum_fn, shapes)
 
+    # The diagonal's loop, summing the factors: one traced step a batch (cached per
+    # model, ragged last batch padded), checks in the graph, one read-back at the end.
     dataset = checks.bound_steps(diagonal.as_dataset(data, batch_size), steps)
     progress = diagonal._Progress(dataset, verbose)
-    totals = None
-    num_examples = 0
-    num_batches = 0
-    probe = None
+    loop = diagonal._Loop(model, [], lik, estimator, samples, seed, strategy,
+                          sums=factor_sums_spec(layers))
     for index, batch in enumerate(dataset):
-        x, y, w = keras.utils.unpack_x_y_sample_weight(batch)
-        _check_finite(x, "inputs")
-        if estimator == "empirical":
-            if y is None:
-                raise ValueError(
-                    "estimator='empirical' needs the true labels, but the data holds "
-                    "inputs only. Pass (x, y) or use estimator='exact' or 'sampled'."
-                )
-            _check_finite(y, "labels")
-        size = int(tf.shape(tf.nest.flatten(x)[0])[0])
-        if size == 0:
-            continue
-        w = tf.ones([size]) if w is None else checks.check_sample_weight(w, size)
-        if probe is None:
-            # The first batch's outputs are checked against the likelihood first.
-            probe = model(x, training=False)
-            checks.check_single_output(probe)
-            checks.check_outputs(lik, probe, model)
-        extra = (w,)
-        if estimator == "empirical":
-            checks.check_label_shape(lik, [size] + list(probe.shape[1:]), y.shape)
-            summary = lik.label_summary(y, lik.num_outputs(probe))
-            if summary is not None:
-                lik.check_label_summary(summary, lik.num_outputs(probe))
-            extra = (w, tf.convert_to_tensor(y))
-        elif estimator == "sampled":
-            shape = lik.noise_shape(probe, samples)
-            shape[0] = size
-            extra = (w, tf.random.stateless_uniform(shape, seed=[seed, index]))
-        sums = [tf.convert_to_tensor(s) for s in sum_fn(x, extra)]
-        totals = sums if totals is None else [a + b for a, b in zip(totals, sums)]
-        num_examples += float(tf.reduce_sum(w))
-        num_batches += 1
-        progress.update(num_batches, num_examples)
-    if num_batches == 0:
-        raise ValueError("The data holds no examples: cannot compute factors from nothing.")
-    if num_examples <= 0:
-        raise ValueError("The sample weights of the data sum to zero: every example is "
-                         "weighted out, so there are no factors to compute.")
-    progress.finish(num_batches, num_examples)
+        loop.add(batch, index)
+        progress.update(loop.batches, loop.examples)
+    totals, num_examples, _ = loop.finish()
+    progress.finish(loop.batches, loop.examples)
     factors = []
     for i, (layer, _, _) in enumerate(layers):
         a_sum, g_sum, rows = totals[3 * i: 3 * i + 3]
         a = a_sum / tf.maximum(rows, 1.0)
-        g = g_sum / float(num_examples)
+        g = g_sum / num_examples
         for name, f in (("A", a), ("G", g)):
             if not bool(tf.reduce_all(tf.math.is_finite(f))):
                 raise ValueError(
@@ -251,11 +208,15 @@ def compute_factors(model, layers, data, estimator="exact", likelihood=None, sam
     return factors
 
 
-class _Shape:
-    """Something with a `.shape`, for `distribute_sum_fn`'s zeros on empty shards."""
+def factor_sums_spec(layers) -> diagonal.Sums:
+    """The factors' per-batch sums as the diagonal loop runs them (`diagonal.Sums`)."""
+    layers = list(layers)
 
-    def __init__(self, shape):
-        self.shape = tuple(shape)
+    def fn(model, terms_fn, inputs, extra):
+        return factor_sums(model, layers, terms_fn, inputs, extra)
+
+    return diagonal.Sums(("kronecker", tuple(id(layer) for layer, _, _ in layers)),
+                         factor_shapes(layers), fn)
 
 
 def factor_shapes(layers) -> list:
@@ -274,53 +235,39 @@ def wbar_shape(params) -> tuple:
     return rows, int(kernel.shape[-1])
 
 
-# Traced per-batch functions, per model (weakly) and per layers, likelihood, estimator and
-# samples: consolidating task after task traces once per batch shape, not once a call.
-_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def cached_factor_sums(model, layers, lik, estimator, samples):
-    """`build_factor_sums` for these arguments, built once and reused."""
-    key = (tuple(id(layer) for layer, _, _ in layers), type(lik), repr(lik), estimator,
-           int(samples))
-    table = _CACHE.setdefault(model, {})
-    if key not in table:
-        def terms_fn(outputs, target):
-            return lik.terms(estimator, outputs, target)
-
-        table[key] = build_factor_sums(model, layers, terms_fn)
-    return table[key]
-
-
 def build_factor_sums(model, layers, terms_fn):
     """`fn(inputs, extra) -> [A_sum, G_sum, rows] * layers` for one batch, traced.
 
     `A_sum = Σ w ā āᵀ` over the batch's rows (examples × positions × calls), `G_sum =
     Σ w g gᵀ` over the same rows and the terms, `rows` = Σ w over the rows (float32), w
-    the example's sample weight. `extra` is `(weights,)` or `(weights, target)`, target
-    the labels (`empirical`) or the noise (`sampled`).
+    the example's sample weight. `terms_fn(outputs, target)` gives the estimator's
+    unweighted `[B, T]` terms; `extra` is `(weights,)` or `(weights, target)`, target
+    the labels (`empirical`) or the noise (`sampled`). (`kronecker_factors` runs the same
+    sums in the diagonal engine's loop; this stand-alone form is for benchmarks.)
     """
     layers = list(layers)
 
-    @tf.function
+    def weighted(outputs, extra):
+        target = extra[1] if len(extra) > 1 else None
+        values = tf.cast(terms_fn(outputs, target), tf.float32)
+        return values * tf.sqrt(tf.cast(extra[0], tf.float32))[:, None]
+
+    @tf.function(autograph=False)
     def fn(inputs, extra):
-        return factor_sums(model, layers, terms_fn, inputs, extra)
+        return factor_sums(model, layers, weighted, inputs, extra)
 
     return fn
 
 
 def factor_sums(model, layers, terms_fn, inputs, extra) -> list:
-    """The per-batch sums of `build_factor_sums` (call while tracing)."""
+    """The per-batch sums of `build_factor_sums` (call while tracing); `terms_fn(outputs,
+    extra)` returns the terms already scaled by √weight (`diagonal.Sums`' contract)."""
     batch_size = tf.nest.flatten(inputs)[0].shape[0]
     with tf.GradientTape(persistent=True) as tape:
         recorder = fast.Recorder(layers, batch_size, tape)
         with recorder:
             outputs = model(inputs, training=False)
-        weights = tf.cast(extra[0], tf.float32)
-        target = extra[1] if len(extra) > 1 else None
-        # √w on each example's terms and input rows: the products weigh it by w.
-        root = tf.sqrt(weights)
-        terms = tf.cast(terms_fn(outputs, target), tf.float32) * root[:, None]
+        terms = tf.cast(terms_fn(outputs, extra), tf.float32)
         terms = tf.reshape(terms, [tf.shape(terms)[0], -1])
         columns = tf.reduce_sum(terms, axis=0)
         total = tf.reduce_sum(columns)
@@ -338,18 +285,22 @@ def factor_sums(model, layers, terms_fn, inputs, extra) -> list:
     zs = [z for c in calls for _, z in c]
     grads = fast._column_grads(tape, terms, columns, total, zs, reference.has_loops(model))
     del tape
+    weights = tf.cast(extra[0], tf.float32)
+    # √w on each example's input rows (the terms carry it already): A weighs it by w.
+    root = tf.sqrt(weights)
     out = []
     for (layer, kernel, params), c in zip(layers, calls):
         part, grads = grads[: len(c)], grads[len(c):]
         rows = _input_rows(layer, kernel, params, [r for r, _ in c], batch_size)
         per_example = tf.cast(tf.shape(rows)[1], tf.float32)
         rows = tf.reshape(rows * root[:, None, None], [-1, rows.shape[-1]])
-        g_rows = [tf.reshape(f32(g), [-1, g.shape[-1]]) for g in part]
         size = rows.shape[-1]
         if c:
-            a_sum = tf.matmul(rows, rows, transpose_a=True)
-            g_cat = tf.concat(g_rows, 0)
-            g_sum = tf.matmul(g_cat, g_cat, transpose_a=True)
+            a_sum = gram(rows)
+            # Every term of every example (and position, and call) is one row of G's
+            # product: one [rows, out] matrix, one product.
+            g_rows = [tf.reshape(f32(g), [-1, g.shape[-1]]) for g in part]
+            g_sum = gram(g_rows[0] if len(g_rows) == 1 else tf.concat(g_rows, 0))
             count = tf.reduce_sum(weights) * per_example
         else:
             out_dim = int(params["kernel"].shape[-1])
@@ -357,6 +308,28 @@ def factor_sums(model, layers, terms_fn, inputs, extra) -> list:
             count = tf.constant(0.0)
         out += [a_sum, g_sum, count]
     return out
+
+
+# Below this width a Gram matrix is one product; above, blocks of about this width.
+_GRAM_BLOCK = 256
+
+
+def gram(m) -> tf.Tensor:
+    """`mᵀ m` for `m` `[rows, d]`, symmetric: only the blocks on and above the diagonal
+    are multiplied (≈ (k + 1) / 2k of the work for k column blocks), the others are
+    their transposes."""
+    d = int(m.shape[-1])
+    k = d // _GRAM_BLOCK
+    if k < 2:
+        return tf.matmul(m, m, transpose_a=True)
+    edges = [d * i // k for i in range(k + 1)]
+    parts = [m[:, edges[i]:edges[i + 1]] for i in range(k)]
+    blocks = {(i, j): tf.matmul(parts[i], parts[j], transpose_a=True)
+              for i in range(k) for j in range(i, k)}
+    return tf.concat([
+        tf.concat([tf.transpose(blocks[j, i]) for j in range(i)]
+                  + [blocks[i, j] for j in range(i, k)], 1)
+        for i in range(k)], 0)
 
 
 def _input_rows(layer, kernel, params, records, batch_size) -> tf.Tensor:
@@ -376,13 +349,3 @@ def _input_rows(layer, kernel, params, records, batch_size) -> tf.Tensor:
     if "bias" in params:
         x = tf.concat([x, tf.ones(x.shape[:-1] + [1])], axis=-1)
     return x
-
-
-def _check_finite(tensors, what):
-    for t in tf.nest.flatten(tensors):
-        t = tf.convert_to_tensor(t)
-        if t.dtype.is_floating and not bool(tf.reduce_all(tf.math.is_finite(t))):
-            raise ValueError(
-                f"The data's {what} contain NaN or Inf values; the factors would be "
-                "meaningless. Clean the data first."
-            )
