@@ -533,8 +533,10 @@ class EWCModel(keras.Model):
         `serving_default`) and the consolidated state as variable collections
         `ewc_anchors`, `ewc_precision`, `ewc_offset`, `ewc_tasks`, with the network's
         weights (`ewc_network_weights`) and the EWC configuration (`ewc_config`, JSON),
-        so `EWCModel.from_saved_model` can go back to training. Other formats are
-        Keras' own, exported from the wrapped model's input signature.
+        so `EWCModel.from_saved_model` can go back to training. With
+        `structure="kronecker"` the factored layers' slots follow as `ewc_kronecker`
+        (see `keras_ewc.saving.export_saved_model`). Other formats are Keras' own,
+        exported from the wrapped model's input signature.
 
         Example:
 
@@ -552,13 +554,6 @@ class EWCModel(keras.Model):
         """
         self._sync_state()
         if format in ("tf_saved_model", "saved_model"):
-            if self.structure == "kronecker":
-                raise NotImplementedError(
-                    "Exporting a SavedModel with Kronecker EWC state is not supported yet. "
-                    "Received: structure='kronecker'. Save with `model.save('x.keras')` "
-                    "or `save_weights`, or export the wrapped model for serving: "
-                    "`model.network.export(path)`."
-                )
             return saving.export_saved_model(self, filepath, input_signature, verbose)
         if input_signature is None:
             input_signature = saving.serving_signature(self)
