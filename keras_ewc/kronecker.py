@@ -173,8 +173,13 @@ class KroneckerRegularizer(keras.layers.Layer):
     created by `build_for`, so it is saved, checkpointed and distributed with the model.
 
     Memory a factored layer with `in` inputs (+1 with a bias) and `out` outputs:
-    `in² + out² + in·out` floats for each of `max_tasks` slots (`separate`), or once
-    (`online`). `state_size()` counts them.
+    `in² + out² + in·out` float32 (`4 · (in² + out² + in·out)` bytes) for each of
+    `max_tasks` slots (`separate`), or once (`online`). Separate mode allocates all
+    `max_tasks` slots when the state is built, used or not, so that every file format
+    and `tf.distribute` see a fixed set of variables (empty slots cost memory, not
+    time). On MLP 784-400-400-10 a slot is 1,736,337 floats (6.6 MiB): 66 MiB for
+    `max_tasks=10`, against 3.7 MiB for the whole diagonal state. `state_size()` counts
+    them.
 
     Args:
         strength: λ ≥ 0, the weight of the penalty.

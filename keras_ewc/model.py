@@ -61,8 +61,12 @@ class EWCModel(keras.Model):
             diagonal for every other variable; see `keras_ewc.kronecker`). With
             `"kronecker"`, `regularizer` is a `KroneckerRegularizer`.
         max_tasks: with `structure="kronecker"` and `mode="separate"`, the number of
-            tasks whose factors are kept (the state is allocated up front: `in² + out²
-            + in·out` floats a layer a task). Ignored otherwise.
+            tasks whose factors are kept. All `max_tasks` slots are allocated when the
+            model is built: `4 · (in² + out² + in·out)` bytes a factored layer a slot
+            (`in` counting the bias row), e.g. 6.6 MiB a slot, 66 MiB for the default
+            10, on MLP 784-400-400-10, whose diagonal state is 3.7 MiB in all;
+            `regularizer.state_size()` counts them. Ignored otherwise (online keeps
+            one slot).
 
     Example:
 
