@@ -297,10 +297,13 @@ def test_factors_are_traced_once_across_calls():
     first = keras_ewc.kronecker_factors(net, x, likelihood="categorical", verbose=0,
                                         batch_size=4)
     assert diagonal.trace_count(net) == 1
+    steps = {key: step.function for key, step in diagonal._STEPS[net].items()}
     net.layers[0].kernel.assign(net.layers[0].kernel * 2.0)  # new weights, same trace
     again = keras_ewc.kronecker_factors(net, x[:7] + 1.0, likelihood="categorical",
                                         verbose=0, batch_size=4)  # 4, 3: padded
     assert diagonal.trace_count(net) == 1
+    # The very same traced functions, not new ones traced once each.
+    assert {key: step.function for key, step in diagonal._STEPS[net].items()} == steps
     assert not np.allclose(list(first.values())[0][1], list(again.values())[0][1])
     # The ragged, padded call is still exact: the same factors as one batch of 7.
     whole = keras_ewc.kronecker_factors(net, x[:7] + 1.0, likelihood="categorical",
