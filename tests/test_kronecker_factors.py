@@ -100,6 +100,35 @@ def test_dense_with_and_without_bias(estimator):
     assert got["h"][0].shape == (7, 7) and got["out"][0].shape == (5, 5)
 
 
+def test_wide_layers_summed_in_blocks_equal_brute_force():
+    """Widths of two and three Gram blocks (A 521 wide, G 530 and 770 wide): the blocked
+    per-batch sums, accumulated over batches and assembled, against the oracle."""
+    net = keras.Sequential([keras.Input((520,)), keras.layers.Dense(530, "tanh", name="h"),
+                            keras.layers.Dense(770, name="out")])
+    h, out = net.layers
+    x = _x((6, 520), seed=9) * 0.1
+
+    def forward(xn, tape):
+        z1 = _watched(tape, xn @ h.kernel + h.bias)
+        a2 = tf.tanh(z1)
+        z2 = _watched(tape, a2 @ out.kernel + out.bias)
+        return [_rows(xn.numpy(), True), _rows(a2.numpy(), True)], [z1, z2], z2
+
+    y = np.arange(6) * 101 % 770
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)  # 4, 2: two batches summed
+    # The empirical estimator: one term an example keeps the oracle's 6 backward passes
+    # (exact would take 770 an example); the stacked terms of exact take the same path.
+    got = keras_ewc.kronecker_factors(net, data, estimator="empirical",
+                                      likelihood="categorical", verbose=0)
+    for (a, g), (a0, g0) in zip(got.values(), _brute(forward, x, y)):
+        for actual, expected in ((a, a0), (g, g0)):
+            # Float32 sums of hundreds of products of either sign: relative 1e-5 of the
+            # factor's largest entry (the float64 oracle has no such rounding).
+            scale = np.abs(expected).max()
+            np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=1e-5,
+                                       atol=1e-5 * scale)
+
+
 def test_dense_on_sequences_counts_positions_as_rows():
     net = keras.Sequential([keras.Input((3, 4)), keras.layers.Dense(5, "relu"),
                             keras.layers.Flatten(), keras.layers.Dense(3)])

@@ -193,8 +193,7 @@ def compute_factors(model, layers, data, estimator="exact", likelihood=None, sam
     totals, num_examples, _ = loop.finish()
     progress.finish(loop.batches, loop.examples)
     factors = []
-    for i, (layer, _, _) in enumerate(layers):
-        a_sum, g_sum, rows = totals[3 * i: 3 * i + 3]
+    for (layer, _, _), (a_sum, g_sum, rows) in zip(layers, assemble(layers, totals)):
         a = a_sum / tf.maximum(rows, 1.0)
         g = g_sum / num_examples
         for name, f in (("A", a), ("G", g)):
@@ -220,12 +219,26 @@ def factor_sums_spec(layers) -> diagonal.Sums:
 
 
 def factor_shapes(layers) -> list:
-    """Shapes of the per-batch sums: `A_sum`, `G_sum` and the row count, per layer."""
+    """Shapes of the per-batch sums: the upper blocks of `A_sum` and of `G_sum`
+    (`gram_blocks`), then the row count, per layer."""
     shapes = []
     for _, _, params in layers:
         rows, out = wbar_shape(params)
-        shapes += [(rows, rows), (out, out), ()]
+        shapes += block_shapes(rows) + block_shapes(out) + [()]
     return shapes
+
+
+def assemble(layers, sums) -> list:
+    """`[(A_sum, G_sum, rows)]` per layer from the flat per-batch sums (`factor_shapes`)."""
+    out, i = [], 0
+    for _, _, params in layers:
+        rows, width = wbar_shape(params)
+        na, ng = len(block_shapes(rows)), len(block_shapes(width))
+        a = from_blocks(sums[i:i + na], rows)
+        g = from_blocks(sums[i + na:i + na + ng], width)
+        out.append((a, g, sums[i + na + ng]))
+        i += na + ng + 1
+    return out
 
 
 def wbar_shape(params) -> tuple:
@@ -236,14 +249,16 @@ def wbar_shape(params) -> tuple:
 
 
 def build_factor_sums(model, layers, terms_fn):
-    """`fn(inputs, extra) -> [A_sum, G_sum, rows] * layers` for one batch, traced.
+    """`fn(inputs, extra) -> sums` for one batch, traced (`assemble(layers, sums)` gives
+    `[(A_sum, G_sum, rows)]` a layer).
 
     `A_sum = Σ w ā āᵀ` over the batch's rows (examples × positions × calls), `G_sum =
     Σ w g gᵀ` over the same rows and the terms, `rows` = Σ w over the rows (float32), w
-    the example's sample weight. `terms_fn(outputs, target)` gives the estimator's
-    unweighted `[B, T]` terms; `extra` is `(weights,)` or `(weights, target)`, target
-    the labels (`empirical`) or the noise (`sampled`). (`kronecker_factors` runs the same
-    sums in the diagonal engine's loop; this stand-alone form is for benchmarks.)
+    the example's sample weight; the symmetric sums come as their upper blocks.
+    `terms_fn(outputs, target)` gives the estimator's unweighted `[B, T]` terms; `extra`
+    is `(weights,)` or `(weights, target)`, target the labels (`empirical`) or the noise
+    (`sampled`). (`kronecker_factors` runs the same sums in the diagonal engine's loop;
+    this stand-alone form is for benchmarks.)
     """
     layers = list(layers)
 
@@ -294,42 +309,68 @@ def factor_sums(model, layers, terms_fn, inputs, extra) -> list:
         rows = _input_rows(layer, kernel, params, [r for r, _ in c], batch_size)
         per_example = tf.cast(tf.shape(rows)[1], tf.float32)
         rows = tf.reshape(rows * root[:, None, None], [-1, rows.shape[-1]])
-        size = rows.shape[-1]
+        size, out_dim = wbar_shape(params)
         if c:
-            a_sum = gram(rows)
+            a_sum = gram_blocks(rows)
             # Every term of every example (and position, and call) is one row of G's
-            # product: one [rows, out] matrix, one product.
+            # product: one [rows, out] matrix, one product a block.
             g_rows = [tf.reshape(f32(g), [-1, g.shape[-1]]) for g in part]
-            g_sum = gram(g_rows[0] if len(g_rows) == 1 else tf.concat(g_rows, 0))
+            g_sum = gram_blocks(g_rows[0] if len(g_rows) == 1 else tf.concat(g_rows, 0))
             count = tf.reduce_sum(weights) * per_example
         else:
-            out_dim = int(params["kernel"].shape[-1])
-            a_sum, g_sum = tf.zeros([size, size]), tf.zeros([out_dim, out_dim])
+            a_sum = [tf.zeros(s) for s in block_shapes(size)]
+            g_sum = [tf.zeros(s) for s in block_shapes(out_dim)]
             count = tf.constant(0.0)
-        out += [a_sum, g_sum, count]
+        out += a_sum + g_sum + [count]
     return out
 
 
-# Below this width a Gram matrix is one product; above, blocks of about this width.
+# Below twice this width a Gram matrix is one product; above, blocks of about this width.
 _GRAM_BLOCK = 256
 
 
-def gram(m) -> tf.Tensor:
-    """`mᵀ m` for `m` `[rows, d]`, symmetric: only the blocks on and above the diagonal
-    are multiplied (≈ (k + 1) / 2k of the work for k column blocks), the others are
-    their transposes."""
-    d = int(m.shape[-1])
-    k = d // _GRAM_BLOCK
-    if k < 2:
-        return tf.matmul(m, m, transpose_a=True)
-    edges = [d * i // k for i in range(k + 1)]
-    parts = [m[:, edges[i]:edges[i + 1]] for i in range(k)]
-    blocks = {(i, j): tf.matmul(parts[i], parts[j], transpose_a=True)
-              for i in range(k) for j in range(i, k)}
+def _edges(d: int) -> list:
+    k = max(1, d // _GRAM_BLOCK)
+    return [d * i // k for i in range(k + 1)]
+
+
+def block_shapes(d: int) -> list:
+    """Shapes of the upper blocks `gram_blocks` returns for width `d`, row by row."""
+    e = _edges(d)
+    k = len(e) - 1
+    return [(e[i + 1] - e[i], e[j + 1] - e[j]) for i in range(k) for j in range(i, k)]
+
+
+def gram_blocks(m) -> list:
+    """The blocks on and above the diagonal of the symmetric `mᵀ m` (`m` `[rows, d]`),
+    row by row: about (k + 1) / 2k of the product's work for k column blocks. Sums
+    over batches stay in blocks; `from_blocks` assembles the matrix once."""
+    e = _edges(int(m.shape[-1]))
+    k = len(e) - 1
+    if k == 1:
+        return [tf.matmul(m, m, transpose_a=True)]
+    parts = [m[:, e[i]:e[i + 1]] for i in range(k)]
+    return [tf.matmul(parts[i], parts[j], transpose_a=True)
+            for i in range(k) for j in range(i, k)]
+
+
+def from_blocks(blocks, d: int) -> tf.Tensor:
+    """The symmetric `[d, d]` matrix whose upper blocks are `blocks` (`gram_blocks`)."""
+    k = len(_edges(d)) - 1
+    upper, index = {}, 0
+    for i in range(k):
+        for j in range(i, k):
+            upper[i, j] = blocks[index]
+            index += 1
     return tf.concat([
-        tf.concat([tf.transpose(blocks[j, i]) for j in range(i)]
-                  + [blocks[i, j] for j in range(i, k)], 1)
+        tf.concat([tf.transpose(upper[j, i]) for j in range(i)]
+                  + [upper[i, j] for j in range(i, k)], 1)
         for i in range(k)], 0)
+
+
+def gram(m) -> tf.Tensor:
+    """`mᵀ m`, from its upper blocks (`gram_blocks`)."""
+    return from_blocks(gram_blocks(m), int(m.shape[-1]))
 
 
 def _input_rows(layer, kernel, params, records, batch_size) -> tf.Tensor:
