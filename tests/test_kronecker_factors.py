@@ -100,24 +100,32 @@ def test_dense_with_and_without_bias(estimator):
     assert got["h"][0].shape == (7, 7) and got["out"][0].shape == (5, 5)
 
 
-def test_wide_layers_summed_in_blocks_equal_brute_force():
-    """Widths of two and three Gram blocks (A 521 wide, G 530 and 770 wide): the blocked
-    per-batch sums, accumulated over batches and assembled, against the oracle."""
-    net = keras.Sequential([keras.Input((520,)), keras.layers.Dense(530, "tanh", name="h"),
-                            keras.layers.Dense(770, name="out")])
-    h, out = net.layers
-    x = _x((6, 520), seed=9) * 0.1
+@pytest.mark.parametrize("positions", [None, 140], ids=["flat", "sequence"])
+def test_wide_layers_equal_brute_force(positions):
+    """Widths of two and three Gram blocks (A 521 wide, G 530 wide): fewer rows a batch
+    than columns (flat: one product) and more (140 positions an example: the upper
+    blocks), summed over a padded ragged batch and assembled, against the oracle."""
+    shape = (520,) if positions is None else (positions, 520)
+    layers = [keras.Input(shape), keras.layers.Dense(530, "tanh", name="h")]
+    if positions is not None:
+        layers.append(keras.layers.GlobalAveragePooling1D())
+    layers.append(keras.layers.Dense(770 if positions is None else 3, name="out"))
+    net = keras.Sequential(layers)
+    h, out = net.layers[0], net.layers[-1]
+    x = _x((6,) + shape, seed=9) * 0.1
+    y = np.arange(6) * 101 % out.units
 
     def forward(xn, tape):
-        z1 = _watched(tape, xn @ h.kernel + h.bias)
+        z1 = _watched(tape, tf.einsum("...i,io->...o", xn, h.kernel) + h.bias)
         a2 = tf.tanh(z1)
+        if positions is not None:
+            a2 = tf.reduce_mean(a2, axis=1)
         z2 = _watched(tape, a2 @ out.kernel + out.bias)
         return [_rows(xn.numpy(), True), _rows(a2.numpy(), True)], [z1, z2], z2
 
-    y = np.arange(6) * 101 % 770
     data = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)  # 4, 2: two batches summed
-    # The empirical estimator: one term an example keeps the oracle's 6 backward passes
-    # (exact would take 770 an example); the stacked terms of exact take the same path.
+    # The empirical estimator keeps the oracle at one backward pass an example; the
+    # stacked terms of `exact` take the same path.
     got = keras_ewc.kronecker_factors(net, data, estimator="empirical",
                                       likelihood="categorical", verbose=0)
     for (a, g), (a0, g0) in zip(got.values(), _brute(forward, x, y)):
@@ -342,12 +350,13 @@ def test_factors_are_traced_once_across_calls():
         _close(g, g0)
 
 
+@pytest.mark.parametrize("rows", [9, 1040], ids=["short", "tall"])
 @pytest.mark.parametrize("width", [5, 511, 512, 700, 1030])
-def test_gram_takes_the_symmetric_blocks_exactly(width):
-    """The blocked `mᵀ m` (widths from 2 blocks up) against NumPy in float64."""
-    m = np.random.default_rng(width).normal(size=(9, width)).astype("float32")
+def test_gram_takes_the_symmetric_blocks_exactly(width, rows):
+    """`mᵀ m` (one product, or from 2 upper blocks up) against NumPy in float64."""
+    m = np.random.default_rng(width).normal(size=(rows, width)).astype("float32")
     got = kfac.gram(tf.constant(m)).numpy()
     want = m.astype(np.float64).T @ m.astype(np.float64)
-    # Float32 rounding of 9 products: relative 1e-5 of the largest entry.
+    # Float32 rounding: relative 1e-5 of the largest entry.
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     np.testing.assert_array_equal(got, got.T)

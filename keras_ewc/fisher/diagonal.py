@@ -243,7 +243,8 @@ class Sums:
         fn: `fn(model, terms_fn, inputs, extra) -> [tensors]`, called while tracing;
             `terms_fn(outputs, extra)` gives the estimator's `[B, T]` terms already
             scaled by √weight, `extra` is `(weights,)` or `(weights, target)`, and the
-            batch size of `inputs` is static (padded rows have weight 0).
+            batch size of `inputs` is static (padded rows have weight 0). An entry may
+            be None: nothing is added to it (its running sum is passed on untouched).
     """
 
     def __init__(self, key, shapes, fn):
@@ -427,7 +428,9 @@ class _Step:
                     model, layers, variables, terms, inputs, extra, paths)
             if estimator == "batched":
                 flags = tf.concat([tf.cast(flags[:1] > 0, tf.float64), flags[1:]], 0)
-            sums = [a + tf.cast(b, tf.float32) for a, b in zip(totals, sums)]
+            # A `Sums` may leave an entry None: nothing to add this batch.
+            sums = [a if b is None else a + tf.cast(b, tf.float32)
+                    for a, b in zip(totals, sums)]
             return sums, _combine(misc, flags)
 
         # No autograph, as Keras' own train step: nothing here branches on a tensor, and
@@ -466,7 +469,9 @@ class _DistributedStep:
                 terms = _weighted_terms(lik, estimator)
 
                 def custom_fn(inputs, extra):
-                    return custom.fn(model, terms, inputs, extra)
+                    sums = custom.fn(model, terms, inputs, extra)
+                    return [tf.zeros(shape) if s is None else s
+                            for s, shape in zip(sums, custom.shapes)]
 
                 # Each shard size traces once per model, as the one-device step.
                 steps[key] = _Cached(tf.function(custom_fn, autograph=False))

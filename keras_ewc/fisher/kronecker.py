@@ -219,12 +219,12 @@ def factor_sums_spec(layers) -> diagonal.Sums:
 
 
 def factor_shapes(layers) -> list:
-    """Shapes of the per-batch sums: the upper blocks of `A_sum` and of `G_sum`
-    (`gram_blocks`), then the row count, per layer."""
+    """Shapes of the per-batch sums: `A_sum` and `G_sum` each as `gram_sums` lays them
+    out, then the row count, per layer."""
     shapes = []
     for _, _, params in layers:
         rows, out = wbar_shape(params)
-        shapes += block_shapes(rows) + block_shapes(out) + [()]
+        shapes += gram_shapes(rows) + gram_shapes(out) + [()]
     return shapes
 
 
@@ -233,9 +233,9 @@ def assemble(layers, sums) -> list:
     out, i = [], 0
     for _, _, params in layers:
         rows, width = wbar_shape(params)
-        na, ng = len(block_shapes(rows)), len(block_shapes(width))
-        a = from_blocks(sums[i:i + na], rows)
-        g = from_blocks(sums[i + na:i + na + ng], width)
+        na, ng = len(gram_shapes(rows)), len(gram_shapes(width))
+        a = from_gram_sums(sums[i:i + na], rows)
+        g = from_gram_sums(sums[i + na:i + na + ng], width)
         out.append((a, g, sums[i + na + ng]))
         i += na + ng + 1
     return out
@@ -311,16 +311,16 @@ def factor_sums(model, layers, terms_fn, inputs, extra) -> list:
         rows = tf.reshape(rows * root[:, None, None], [-1, rows.shape[-1]])
         size, out_dim = wbar_shape(params)
         if c:
-            a_sum = gram_blocks(rows)
+            a_sum = gram_sums(rows)
             # Every term of every example (and position, and call) is one row of G's
-            # product: one [rows, out] matrix, one product a block.
+            # product: one [rows, out] matrix.
             g_rows = [tf.reshape(f32(g), [-1, g.shape[-1]]) for g in part]
-            g_sum = gram_blocks(g_rows[0] if len(g_rows) == 1 else tf.concat(g_rows, 0))
+            g_sum = gram_sums(g_rows[0] if len(g_rows) == 1 else tf.concat(g_rows, 0))
             count = tf.reduce_sum(weights) * per_example
         else:
-            a_sum = [tf.zeros(s) for s in block_shapes(size)]
-            g_sum = [tf.zeros(s) for s in block_shapes(out_dim)]
-            count = tf.constant(0.0)
+            a_sum = [None] * len(gram_shapes(size))
+            g_sum = [None] * len(gram_shapes(out_dim))
+            count = None
         out += a_sum + g_sum + [count]
     return out
 
@@ -368,9 +368,38 @@ def from_blocks(blocks, d: int) -> tf.Tensor:
         for i in range(k)], 0)
 
 
+def gram_shapes(d: int) -> list:
+    """How the per-batch sums hold a `[d, d]` Gram matrix: `[(d, d)]` when it is one
+    block, else `[(d, d)]` then the upper blocks (`block_shapes`)."""
+    blocks = block_shapes(d)
+    return [(d, d)] + (blocks if len(blocks) > 1 else [])
+
+
+def gram_sums(m) -> list:
+    """`mᵀ m` as `gram_shapes` lays it out, an entry None where nothing is added.
+
+    With at least as many rows as columns (many terms, or positions), the blocks on and
+    above the diagonal (`gram_blocks`): about (k + 1) / 2k of the work. With fewer rows,
+    one product is faster (blocks of a short product cost more than they save)."""
+    d = int(m.shape[-1])
+    count = len(gram_shapes(d))
+    if count == 1 or (m.shape[0] is not None and m.shape[0] < d):
+        return [tf.matmul(m, m, transpose_a=True)] + [None] * (count - 1)
+    return [None] + gram_blocks(m)
+
+
+def from_gram_sums(sums, d: int) -> tf.Tensor:
+    """The `[d, d]` matrix from its `gram_shapes` entries (summed over batches)."""
+    if len(sums) == 1:
+        return sums[0]
+    return sums[0] + from_blocks(sums[1:], d)
+
+
 def gram(m) -> tf.Tensor:
-    """`mᵀ m`, from its upper blocks (`gram_blocks`)."""
-    return from_blocks(gram_blocks(m), int(m.shape[-1]))
+    """`mᵀ m`, through `gram_sums`."""
+    d = int(m.shape[-1])
+    return from_gram_sums([tf.zeros(shape) if s is None else s
+                           for s, shape in zip(gram_sums(m), gram_shapes(d))], d)
 
 
 def _input_rows(layer, kernel, params, records, batch_size) -> tf.Tensor:
