@@ -353,7 +353,8 @@ class EWCModel(keras.Model):
                 or `(x, y)`; the `empirical` and `batched` estimators need labels.
             estimator: `"exact"` (default), `"sampled"`, `"empirical"` or `"batched"`.
             samples: labels drawn per example by the `sampled` estimator (default 1).
-            batch_size: examples a batch (bounds the memory used).
+            batch_size: examples a batch (default: chosen for speed within a memory
+                bound; see `fisher_diagonal`).
             verbose: 0 for silence, 1 or "auto" for a progress bar.
             likelihood: as in `fisher_diagonal`; inferred from the compiled loss when
                 None.

@@ -272,11 +272,86 @@ def test_ragged_last_batch_is_padded_exactly_without_retracing():
         ("empirical", oracle.categorical_labels(model, model.trainable_variables, x, y)),
     ):
         fisher = fisher_diagonal(model, ds, estimator=estimator, likelihood="categorical",
-                                 verbose=0)
+                                 batch_size=4, verbose=0)
         oracle.assert_close(fisher, expected)
     from keras_ewc.fisher import diagonal
 
     assert diagonal.trace_count(model) == 2
+
+
+def _step_sizes(model):
+    from keras_ewc.fisher import diagonal
+
+    return sorted(key[4] for key in diagonal._STEPS[model])
+
+
+def test_automatic_batches_combine_the_datasets_batches():
+    """Without batch_size, small batches are re-cut into one traced call of up to
+    AUTO_BATCH_SIZE examples; the Fisher is the same."""
+    from keras_ewc.fisher import diagonal
+
+    model = dense_model()
+    x, y = _data(model, n=23)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(3)
+    fisher = fisher_diagonal(model, ds, estimator="empirical", likelihood="categorical",
+                             verbose=0)
+    oracle.assert_close(fisher, oracle.categorical_labels(model, model.trainable_variables,
+                                                          x, y))
+    assert _step_sizes(model) == [64]  # one call for all 23 examples (MIN_AUTO_BATCH_SIZE)
+    fisher_diagonal(model, ds.take(2), estimator="empirical", likelihood="categorical",
+                    verbose=0)  # 6 examples: padded into the same step
+    assert diagonal.trace_count(model) == 1
+
+
+def test_automatic_batches_are_cut_to_the_memory_budget(monkeypatch):
+    """A step whose batch-sized tensors pass MEMORY_BUDGET runs in chunks (never fewer
+    than MIN_AUTO_BATCH_SIZE examples), exactly, and later calls reuse both traces."""
+    from keras_ewc.fisher import diagonal
+
+    model = conv_model()
+    x, y = _data(model, n=11, classes=3)
+    monkeypatch.setattr(diagonal, "MIN_AUTO_BATCH_SIZE", 1)
+    # A budget for four examples of this step (and not five): chunks of 4, 4, 3.
+    monkeypatch.setattr(diagonal, "AUTO_BATCH_SIZE", 8)
+    fisher_diagonal(model, x[:8], likelihood="categorical", verbose=0)
+    per_example = next(iter(diagonal._STEPS[model].values())).per_example_bytes()
+    monkeypatch.setattr(diagonal, "MEMORY_BUDGET", 4 * per_example + per_example // 2)
+    diagonal._STEPS.pop(model)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(5)
+    fisher = fisher_diagonal(model, ds, likelihood="categorical", verbose=0)
+    oracle.assert_close(fisher, oracle.categorical_exact(model, model.trainable_variables, x))
+    assert _step_sizes(model) == [4, 8]  # the step sized from the data, and the chunk
+    traces = diagonal.trace_count(model)
+    fisher_diagonal(model, (x, y), estimator="exact", likelihood="categorical", verbose=0)
+    assert diagonal.trace_count(model) == traces
+
+
+def test_batches_that_cannot_be_recut_are_kept():
+    """Padded sequences of different lengths cannot be re-cut across batches: each batch
+    is used as it is (and the Fisher equals the per-example oracle)."""
+    from keras_ewc.fisher import diagonal
+
+    model = keras.Sequential([keras.Input((None,), dtype="int32"),
+                              keras.layers.Embedding(6, 3),
+                              keras.layers.GlobalAveragePooling1D(),
+                              keras.layers.Dense(2)])
+    lengths = [2, 3, 5, 1, 4]
+    sequences = [np.arange(1, n + 1, dtype="int32") % 6 for n in lengths]
+    labels = np.array([0, 1, 1, 0, 1], "int32")
+    ds = tf.data.Dataset.from_generator(
+        lambda: iter(zip(sequences, labels)),
+        output_signature=(tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.int32)),
+    ).padded_batch(2)
+    assert diagonal.rebatch(ds, 8) is ds
+    fisher = fisher_diagonal(model, ds, estimator="empirical", likelihood="categorical",
+                             verbose=0)
+    expected = [0.0 * v for v in model.trainable_variables]
+    for batch_x, batch_y in ds:
+        for i in range(len(batch_x)):
+            one = oracle.categorical_labels(model, model.trainable_variables,
+                                            batch_x[i:i + 1].numpy(), batch_y[i:i + 1].numpy())
+            expected = [e + f / len(lengths) for e, f in zip(expected, one)]
+    oracle.assert_close(fisher, expected)
 
 
 def test_sample_weights_give_a_weighted_mean():

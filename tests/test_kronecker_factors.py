@@ -123,10 +123,10 @@ def test_wide_layers_equal_brute_force(positions):
         z2 = _watched(tape, a2 @ out.kernel + out.bias)
         return [_rows(xn.numpy(), True), _rows(a2.numpy(), True)], [z1, z2], z2
 
-    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)  # 4, 2: two batches summed
-    # The empirical estimator keeps the oracle at one backward pass an example; the
-    # stacked terms of `exact` take the same path.
-    got = keras_ewc.kronecker_factors(net, data, estimator="empirical",
+    # Batches of 4 and 2 (padded to 4): two batches summed. The empirical estimator
+    # keeps the oracle at one backward pass an example; the stacked terms of `exact`
+    # take the same path.
+    got = keras_ewc.kronecker_factors(net, (x, y), estimator="empirical", batch_size=4,
                                       likelihood="categorical", verbose=0)
     for (a, g), (a0, g0) in zip(got.values(), _brute(forward, x, y)):
         for actual, expected in ((a, a0), (g, g0)):

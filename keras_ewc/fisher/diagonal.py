@@ -21,6 +21,18 @@ from keras_ewc.fisher import likelihoods as lik_module
 ESTIMATORS = ("exact", "sampled", "empirical", "batched")
 _NEEDS_LABELS = ("empirical", "batched")
 DEFAULT_BATCH_SIZE = 64
+"""Examples a batch for arrays when the batch is not chosen automatically."""
+
+AUTO_BATCH_SIZE = 2048
+"""Most examples one traced call takes when `batch_size` is None (see `fisher_diagonal`)."""
+
+MIN_AUTO_BATCH_SIZE = 64
+"""Fewest examples a call the memory bound may bring an automatic batch down to."""
+
+MEMORY_BUDGET = 2**30
+"""Bytes of batch-sized tensors one traced call may hold, as `_per_example_bytes`
+counts them (every such tensor of the step's graph, live or not: a bound that measured
+3-4 times the actual peak on the MLP and CNN of benchmarks/fisher_speed.py)."""
 
 
 def fisher_diagonal(
@@ -83,8 +95,15 @@ def fisher_diagonal(
         likelihood: `"categorical"`, `"bernoulli"`, `"gaussian"`, a
             `keras_ewc.fisher.Likelihood`, or None to infer it from the compiled loss.
         samples: labels drawn per example by the `"sampled"` estimator (default 1).
-        batch_size: examples a batch; re-batches a dataset when given (default 64 for
-            arrays, the dataset's own batches otherwise).
+        batch_size: examples a batch; re-batches a dataset when given. Default:
+            chosen for speed, since the Fisher's cost a batch is mostly fixed overhead
+            on small batches: the data is re-cut into batches of up to 2,048 examples
+            (`AUTO_BATCH_SIZE`), fewer when the step's batch-sized tensors would pass
+            `MEMORY_BUDGET` (1 GiB as counted; a large CNN's exact Fisher gets a few
+            dozen examples a call). A dataset whose elements cannot be re-cut (a free
+            non-batch dimension, ragged or sparse tensors) keeps its own batches, cut
+            further when memory needs it. `"batched"` always uses the data's batches
+            (its value depends on them).
         seed: integer seed for the `"sampled"` estimator.
         verbose: 0 for silence, 1 (or "auto") for a progress bar.
         variables: the variables to compute the Fisher for (default:
@@ -143,11 +162,17 @@ def fisher_diagonal(
     checks.check_finite_weights(list(getattr(model, "weights", [])) + variables)
     checks.check_inputs(model, _x_spec(data))
 
+    auto = batch_size is None and estimator != "batched" and not distribute.is_distributed(
+        strategy)
+    if auto and not isinstance(data, tf.data.Dataset):
+        batch_size = AUTO_BATCH_SIZE  # arrays: cut to the automatic size directly
     dataset = checks.bound_steps(as_dataset(data, batch_size), steps)
+    if auto:
+        dataset = rebatch(dataset, AUTO_BATCH_SIZE)
     progress = _Progress(dataset, verbose)
-    loop = _Loop(model, variables, lik, estimator, samples, seed, strategy)
-    for index, batch in enumerate(dataset):
-        size = loop.add(batch, index)
+    loop = _Loop(model, variables, lik, estimator, samples, seed, strategy, auto=auto)
+    for batch in dataset:
+        size = loop.add(batch)
         if size and loop.batches == 1:
             _check_paths(loop.paths, fallback)
         progress.update(loop.batches, loop.examples)
@@ -263,9 +288,13 @@ class _Loop:
     """Runs the Fisher estimator batch by batch and accumulates the sums."""
 
     def __init__(self, model, variables, lik, estimator, samples, seed, strategy,
-                 sums: Sums | None = None):
+                 auto=False, sums: Sums | None = None):
         self.model, self.variables, self.lik = model, variables, lik
         self.sums = sums
+        # auto: the step's batch size is chosen from the first batch, capped by memory;
+        # larger batches are then cut into calls of that size, never retraced.
+        self.auto = auto
+        self.calls = 0
         self.estimator, self.samples, self.seed = estimator, samples, seed
         self.distributed = distribute.is_distributed(strategy)
         self.strategy = strategy
@@ -277,7 +306,8 @@ class _Loop:
         self.num_outputs = None
         self.probe = None
 
-    def add(self, batch, index) -> int:
+    def add(self, batch) -> int:
+        """Adds one batch of the data to the sums; returns its number of examples."""
         x, y, w = keras.utils.unpack_x_y_sample_weight(batch)
         size = int(tf.nest.flatten(x)[0].shape[0])
         if size == 0:
@@ -295,20 +325,35 @@ class _Loop:
         if self.probe is None:
             # The first batch through the model: its outputs are checked against the
             # likelihood before anything is traced.
-            self.probe = self.model(x, training=False)
+            # A few rows suffice, and keep an automatic batch's eager pass small.
+            self.probe = self.model(
+                tf.nest.map_structure(lambda t: t[:MIN_AUTO_BATCH_SIZE], x), training=False)
             checks.check_single_output(self.probe)
             checks.check_outputs(self.lik, self.probe, self.model)
         if y is not None and self.estimator in _NEEDS_LABELS:
             checks.check_label_shape(self.lik, [size] + list(self.probe.shape[1:]), y.shape)
-        if self.step is None or size > self.step.batch_size:
+        batch = (x, y, w) if w is not None else (x, y) if y is not None else (x,)
+        if (self.step is None or (size > self.step.batch_size and not self.auto)
+                or not self.step.accepts(batch)):
+            # (A batch of other non-batch dimensions, e.g. padded to another length,
+            # has a step of its own.)
             self._build(x, y, w, size)
         if self.distributed:
-            self._add_distributed(x, y, w, index)
+            self._add_distributed(x, y, w, self.calls)
+            self.calls += 1
         else:
-            self.state = self.step.function(
-                self.state, (x, y, w) if w is not None else (x, y) if y is not None else (x,),
-                tf.constant([self.seed, index], tf.int64),
-            )
+            chunk = self.step.batch_size
+            for start in range(0, size, chunk):
+                part = (x, y, w) if size <= chunk else tf.nest.map_structure(
+                    lambda t, start=start: None if t is None else t[start:start + chunk],
+                    (x, y, w))
+                xs, ys, ws = part
+                self.state = self.step.function(
+                    self.state,
+                    (xs, ys, ws) if ws is not None else (xs, ys) if ys is not None else (xs,),
+                    tf.constant([self.seed, self.calls], tf.int64),
+                )
+                self.calls += 1
         self.batches += 1
         self.examples += size
         return size
@@ -328,6 +373,10 @@ class _Loop:
         if self.distributed:
             self.step = _DistributedStep(self, noise)
             return
+        if self.auto:
+            # A power of two: data of other sizes reuse the trace (padded, at most 2×).
+            size = min(AUTO_BATCH_SIZE,
+                       max(MIN_AUTO_BATCH_SIZE, 1 << (int(size) - 1).bit_length()))
         what = (tuple(id(v) for v in self.variables) if self.sums is None
                 else ("sums", self.sums.key))
         key = (what, self.estimator, _lik_key(self.lik), noise, int(size), _spec_key(spec),
@@ -338,6 +387,17 @@ class _Loop:
             step = _Step(self.model, self.variables, self.lik, self.estimator, noise,
                          int(size), spec, self.num_outputs, self.sums)
             steps[key] = step
+        if self.auto and size > MIN_AUTO_BATCH_SIZE:
+            # Traced, not run: how much memory this batch size would take.
+            affordable = MEMORY_BUDGET // max(step.per_example_bytes(), 1)
+            if affordable < size:
+                chunk = max(MIN_AUTO_BATCH_SIZE, 2 ** int(np.log2(max(affordable, 1))))
+                key = key[:4] + (chunk,) + key[5:]
+                if key not in steps:
+                    steps[key] = _Step(self.model, self.variables, self.lik,
+                                       self.estimator, noise, chunk, spec, self.num_outputs,
+                                       self.sums)
+                step = steps[key]
         self.step = step
         self.paths = step.paths
 
@@ -438,6 +498,41 @@ class _Step:
         self.function = tf.function(
             step, input_signature=[state_spec, spec, tf.TensorSpec([2], tf.int64)],
             autograph=False)
+        self._per_example_bytes = None
+        self.spec = spec
+
+    def accepts(self, batch) -> bool:
+        """Whether `batch` fits the traced signature (else it needs its own step)."""
+        try:
+            tf.nest.assert_same_structure(self.spec, batch)
+        except (TypeError, ValueError):
+            return False
+        return all(s.is_compatible_with(tf.TensorSpec(t.shape, t.dtype))
+                   for s, t in zip(tf.nest.flatten(self.spec), tf.nest.flatten(batch)))
+
+    def per_example_bytes(self) -> int:
+        """Bytes of the traced step's batch-sized tensors, per example (traces once)."""
+        if self._per_example_bytes is None:
+            graph = self.function.get_concrete_function().graph
+            self._per_example_bytes = _per_example_bytes(graph, self.batch_size)
+        return self._per_example_bytes
+
+
+def _per_example_bytes(graph, batch_size) -> int:
+    """Σ bytes of the graph's tensors with the batch as one of their first two axes, / B.
+
+    Every such tensor counts, live or not, so this bounds the peak memory from above
+    (a `[T, B, ...]` tensor is the gradient of T term columns). Nested function bodies
+    (`tf.cond` branches, loops) are not counted.
+    """
+    total = 0
+    for op in graph.get_operations():
+        for t in op.outputs:
+            shape = t.shape
+            if (shape.rank and shape.is_fully_defined() and t.dtype.size
+                    and batch_size in shape.as_list()[:2]):
+                total += shape.num_elements() * t.dtype.size
+    return total // max(batch_size, 1)
 
 
 class _Cached:
@@ -495,6 +590,9 @@ class _DistributedStep:
             self.sum_fn = distribute.distribute_sum_fn(loop.strategy, sum_fn, loop.variables)
         self.estimator = estimator
         self.seed = loop.seed
+
+    def accepts(self, batch) -> bool:
+        return True  # eager: any shape
 
     def __call__(self, x, y, w, index):
         batch = (x, y, w) if w is not None else (x, y) if y is not None else (x,)
@@ -626,6 +724,21 @@ def _lik_key(lik):
 def _spec_key(spec):
     return tuple((tuple(s.shape.as_list()), s.dtype.name) for s in tf.nest.flatten(spec)) + (
         str(tf.nest.map_structure(lambda _: 0, spec)),)
+
+
+def rebatch(dataset: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
+    """`dataset` re-cut into batches of `batch_size`, if its elements allow it.
+
+    Only dense tensors whose non-batch dimensions are all known can be re-cut (batches
+    of padded sequences may differ in length); any other dataset is returned as it is.
+    """
+    specs = tf.nest.flatten(dataset.element_spec)
+    if not specs or not all(
+        type(s) is tf.TensorSpec and s.shape.rank and s.shape[1:].is_fully_defined()
+        for s in specs
+    ):
+        return dataset
+    return dataset.rebatch(int(batch_size)).prefetch(1)
 
 
 def as_dataset(data, batch_size=None) -> tf.data.Dataset:

@@ -42,6 +42,7 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
+from keras_ewc import distribute
 from keras_ewc.fisher import checks, diagonal, fast, reference
 from keras_ewc.fisher import likelihoods as lik_module
 from keras_ewc.fisher.kernels import conv
@@ -183,12 +184,19 @@ def compute_factors(model, layers, data, estimator="exact", likelihood=None, sam
 
     # The diagonal's loop, summing the factors: one traced step a batch (cached per
     # model, ragged last batch padded), checks in the graph, one read-back at the end.
+    # Batches chosen as for the diagonal when `batch_size` is None (see
+    # `fisher_diagonal`): up to `AUTO_BATCH_SIZE` examples a call, within its memory bound.
+    auto = batch_size is None and not distribute.is_distributed(strategy)
+    if auto and not isinstance(data, tf.data.Dataset):
+        batch_size = diagonal.AUTO_BATCH_SIZE
     dataset = checks.bound_steps(diagonal.as_dataset(data, batch_size), steps)
+    if auto:
+        dataset = diagonal.rebatch(dataset, diagonal.AUTO_BATCH_SIZE)
     progress = diagonal._Progress(dataset, verbose)
-    loop = diagonal._Loop(model, [], lik, estimator, samples, seed, strategy,
+    loop = diagonal._Loop(model, [], lik, estimator, samples, seed, strategy, auto=auto,
                           sums=factor_sums_spec(layers))
-    for index, batch in enumerate(dataset):
-        loop.add(batch, index)
+    for batch in dataset:
+        loop.add(batch)
         progress.update(loop.batches, loop.examples)
     totals, num_examples, _ = loop.finish()
     progress.finish(loop.batches, loop.examples)
