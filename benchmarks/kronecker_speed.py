@@ -5,7 +5,7 @@ ratio within a round (load from other processes drifts over seconds and cancels 
 
 1. Factors against the exact diagonal Fisher, on the MLP of benchmarks/fisher_speed.py
    (784-1000-1000-10), N examples, batch 128: the per-batch traced functions
-   (`keras_ewc.fisher.kronecker.build_factor_sums` against
+   (`keras_ewc.fisher.kronecker.build_factor_sums`, the factors as summed a batch, against
    `keras_ewc.fisher.engine.build_sum_squared_grads`) and the functions users call
    (`kronecker_factors` against `fisher_diagonal`, fresh calls after a first one).
 2. The `fit` step on MLP 784-400-400-10 (batch 128, Adam) with the Kronecker penalty

@@ -61,8 +61,12 @@ class EWCModel(keras.Model):
             diagonal for every other variable; see `keras_ewc.kronecker`). With
             `"kronecker"`, `regularizer` is a `KroneckerRegularizer`.
         max_tasks: with `structure="kronecker"` and `mode="separate"`, the number of
-            tasks whose factors are kept (the state is allocated up front: `in² + out²
-            + in·out` floats a layer a task). Ignored otherwise.
+            tasks whose factors are kept. All `max_tasks` slots are allocated when the
+            model is built: `4 · (in² + out² + in·out)` bytes a factored layer a slot
+            (`in` counting the bias row), e.g. 6.6 MiB a slot, 66 MiB for the default
+            10, on MLP 784-400-400-10, whose diagonal state is 3.7 MiB in all;
+            `regularizer.state_size()` counts them. Ignored otherwise (online keeps
+            one slot).
 
     Example:
 
@@ -534,8 +538,10 @@ class EWCModel(keras.Model):
         `serving_default`) and the consolidated state as variable collections
         `ewc_anchors`, `ewc_precision`, `ewc_offset`, `ewc_tasks`, with the network's
         weights (`ewc_network_weights`) and the EWC configuration (`ewc_config`, JSON),
-        so `EWCModel.from_saved_model` can go back to training. Other formats are
-        Keras' own, exported from the wrapped model's input signature.
+        so `EWCModel.from_saved_model` can go back to training. With
+        `structure="kronecker"` the factored layers' slots follow as `ewc_kronecker`
+        (see `keras_ewc.saving.export_saved_model`). Other formats are Keras' own,
+        exported from the wrapped model's input signature.
 
         Example:
 
@@ -553,13 +559,6 @@ class EWCModel(keras.Model):
         """
         self._sync_state()
         if format in ("tf_saved_model", "saved_model"):
-            if self.structure == "kronecker":
-                raise NotImplementedError(
-                    "Exporting a SavedModel with Kronecker EWC state is not supported yet. "
-                    "Received: structure='kronecker'. Save with `model.save('x.keras')` "
-                    "or `save_weights`, or export the wrapped model for serving: "
-                    "`model.network.export(path)`."
-                )
             return saving.export_saved_model(self, filepath, input_signature, verbose)
         if input_signature is None:
             input_signature = saving.serving_signature(self)

@@ -39,6 +39,7 @@ OFFSET = "ewc_offset"
 TASKS = "ewc_tasks"
 NETWORK_WEIGHTS = "ewc_network_weights"
 CONFIG = "ewc_config"
+KRONECKER = "ewc_kronecker"  # structure="kronecker" only
 
 
 def check_format_version(config: dict) -> dict:
@@ -213,6 +214,12 @@ def export_saved_model(model, filepath, input_signature=None, verbose=None) -> N
     - `ewc_config`: one string variable, a JSON object with the format version,
       `strength`, `mode`, `gamma`, `variable_keys` (the key of each regularised
       variable, aligned with `ewc_anchors`) and the weights' paths and shapes.
+
+    With `structure="kronecker"`, `ewc_anchors` and `ewc_precision` hold the diagonal
+    part (aligned with `regularizer.rest`), `ewc_kronecker` the per-layer slots
+    `[A, G, anchor]` of every factored layer in order (`regularizer.kronecker_state`),
+    and the config adds `structure`, `max_tasks`, `layer_keys` and the paths and shapes
+    of both (`diagonal`, `kronecker`).
     """
     if not model.regularizer.built:
         raise ValueError("Cannot export an EWCModel that is not built. Call it on a batch "
@@ -238,6 +245,16 @@ def export_saved_model(model, filepath, input_signature=None, verbose=None) -> N
         "regularised": [[v.path, list(v.shape)] for v in reg.targets],
         "input_shape": _single_input_shape(signature),
     }
+    if getattr(model, "structure", "diagonal") == "kronecker":
+        kronecker = [v for trio in reg.kronecker_state for v in trio]
+        config.update({
+            "structure": "kronecker",
+            "max_tasks": reg.max_tasks,
+            "layer_keys": list(reg.layer_keys),
+            "diagonal": [[v.path, list(v.shape)] for v in reg.rest],
+            "kronecker": [[v.path, list(v.shape)] for v in kronecker],
+        })
+        archive.add_variable_collection(KRONECKER, kronecker)
     archive.add_variable_collection(ANCHORS, list(reg.anchors))
     archive.add_variable_collection(PRECISION, list(reg.precision))
     archive.add_variable_collection(OFFSET, [reg.offset])
@@ -273,7 +290,15 @@ def read_saved_state(filepath) -> tuple[dict, dict]:
             f"{missing}). Expected one written by `EWCModel.export`."
         )
     config = json.loads(getattr(loaded, CONFIG)[0].numpy().decode("utf-8"))
-    arrays = {n: [v.numpy() for v in getattr(loaded, n)] for n in names[:-1]}
+    if config.get("structure", "diagonal") == "kronecker":
+        if not hasattr(loaded, KRONECKER):
+            raise ValueError(
+                f"The SavedModel at {str(filepath)!r} says structure='kronecker' but "
+                f"carries no {KRONECKER!r} collection (truncated or edited?). Expected "
+                "one written by `EWCModel.export`."
+            )
+        names += (KRONECKER,)
+    arrays = {n: [v.numpy() for v in getattr(loaded, n)] for n in names if n != CONFIG}
     return config, arrays
 
 
@@ -283,6 +308,9 @@ def load_saved_model(cls, filepath, model, **kwargs):
     config = check_format_version(config)
     selection = ({"variable_keys": config["variable_keys"]} if "variable_keys" in config
                  else {"variable_indices": config["variable_indices"]})  # version 1
+    kronecker = config.get("structure", "diagonal") == "kronecker"
+    if kronecker:
+        selection.update(structure="kronecker", max_tasks=int(config["max_tasks"]))
     ewc = cls(
         model,
         strength=kwargs.pop("strength", config["strength"]),
@@ -303,14 +331,26 @@ def load_saved_model(cls, filepath, model, **kwargs):
                  [tuple(a.shape) for a in saved], [w.path for w in weights],
                  [p for p, _ in config["network_weights"]], filepath)
     reg = ewc.regularizer
+    diagonal_names = [p for p, _ in config["diagonal" if kronecker else "regularised"]]
     for name, variables in ((ANCHORS, reg.anchors), (PRECISION, reg.precision)):
         _check_match(name, [tuple(v.shape) for v in variables],
                      [tuple(a.shape) for a in arrays[name]], [v.path for v in variables],
-                     [p for p, _ in config["regularised"]], filepath)
+                     diagonal_names, filepath)
+    if kronecker:
+        slots = [v for trio in reg.kronecker_state for v in trio]
+        _check_match("Kronecker slots", [tuple(v.shape) for v in slots],
+                     [tuple(a.shape) for a in arrays[KRONECKER]], [v.path for v in slots],
+                     [p for p, _ in config["kronecker"]], filepath)
+        state = ([tuple(arrays[KRONECKER][i:i + 3])
+                  for i in range(0, len(arrays[KRONECKER]), 3)],)
+    else:
+        state = ()
+    # The state checks everything before it assigns anything; the weights' shapes are
+    # checked above, so once the state is in, nothing can fail half-way.
+    reg.assign_state(*state, arrays[PRECISION], arrays[ANCHORS], arrays[OFFSET][0],
+                     int(arrays[TASKS][0]))
     for w, a in zip(weights, saved):
         w.assign(a)
-    reg.assign_state(arrays[PRECISION], arrays[ANCHORS], arrays[OFFSET][0],
-                     int(arrays[TASKS][0]))
     return ewc
 
 

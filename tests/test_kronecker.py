@@ -241,15 +241,12 @@ def test_fit_adds_the_kronecker_penalty_gradient():
     assert max(np.abs(p).max() for p in penalty_grads) > 1e-4
 
 
-def test_structure_and_export_errors():
+def test_structure_errors():
     net = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     with pytest.raises(ValueError, match="Received: structure='full'"):
         keras_ewc.EWCModel(net, structure="full")
     with pytest.raises(ValueError, match="Received: max_tasks=0"):
         keras_ewc.EWCModel(net, structure="kronecker", max_tasks=0)
-    model = keras_ewc.EWCModel(net, structure="kronecker")
-    with pytest.raises(NotImplementedError, match="structure='kronecker'"):
-        model.export("unused_path")
 
 
 def test_results_protocol_runs_the_kronecker_rows(tmp_path):
@@ -322,3 +319,102 @@ def test_freezing_changes_nothing_and_a_replaced_head_is_refused():
     network.add(keras.layers.Dense(3, name="new_head"))  # the state cannot follow it
     with pytest.raises(ValueError, match=r"Removed: \['4:kernel', '5:bias'\]"):
         model.fit(xb, yb, epochs=1, verbose=0)
+
+
+@pytest.mark.parametrize("mode", ["separate", "online"])
+def test_saved_model_carries_the_kronecker_state_back_to_learning(tmp_path, mode):
+    model = _kron_model(mode)
+    (xa, ya), (xb, yb) = _task(0), _task(1)
+    for x, y in ((xa, ya), (xb, yb)):
+        model.fit(x, y, epochs=1, verbose=0)
+        model.consolidate((x, y), verbose=0)
+    model.fit(xa, ya, epochs=1, verbose=0)
+    penalty = float(model.penalty())
+    assert penalty > 1e-4
+    model.export(tmp_path / "served")
+    served = tf.saved_model.load(str(tmp_path / "served"))
+    np.testing.assert_allclose(served.serve(xa).numpy(), model(xa).numpy(), rtol=1e-6,
+                               atol=1e-6)
+    reg = model.regularizer
+    slots = [v.numpy() for trio in reg.kronecker_state for v in trio]
+    np.testing.assert_array_equal(
+        np.concatenate([v.numpy().ravel() for v in served.ewc_kronecker]),
+        np.concatenate([s.ravel() for s in slots]))
+    again = keras_ewc.EWCModel.from_saved_model(tmp_path / "served", _kron_model(mode).network)
+    assert (again.structure, again.mode, again.strength) == ("kronecker", mode, 5.0)
+    assert again.regularizer.max_tasks == 3 and int(again.regularizer.tasks.numpy()) == 2
+    _close(again.penalty(), penalty)
+    for got, want in zip(again.regularizer.weights, reg.weights):
+        np.testing.assert_array_equal(got.numpy(), want.numpy())
+    # Both go on learning alike from a fresh optimizer.
+    for m in (model, again):
+        m.compile(keras.optimizers.SGD(0.05),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        m.fit(xb, yb, epochs=1, verbose=0, shuffle=False)
+    for got, want in zip(again.network.weights, model.network.weights):
+        _close(got.numpy(), want.numpy(), rtol=1e-4)
+
+
+def test_a_kronecker_saved_model_for_another_architecture_is_refused_unchanged(tmp_path):
+    model = _kron_model()
+    model.consolidate(_task(0), verbose=0)
+    model.export(tmp_path / "served")
+    net = keras.Sequential([keras.Input((6,)), keras.layers.Dense(5, "relu", name="h"),
+                            keras.layers.LayerNormalization(name="norm"),
+                            keras.layers.Dense(3, name="out")])
+    before = [v.numpy() for v in net.weights]
+    with pytest.raises(ValueError, match=r"saved shape \(6, 8\), expected \(6, 5\)"):
+        keras_ewc.EWCModel.from_saved_model(tmp_path / "served", net)
+    for v, b in zip(net.weights, before):
+        np.testing.assert_array_equal(v.numpy(), b)
+
+
+def test_assign_state_checks_everything_before_assigning():
+    model = _kron_model()
+    model.consolidate(_task(0), verbose=0)
+    reg = model.regularizer
+    good = [tuple(v.numpy() for v in trio) for trio in reg.kronecker_state]
+    rest = ([p.numpy() for p in reg.precision], [m.numpy() for m in reg.anchors])
+    before = [v.numpy() for v in reg.weights]
+    bad_shape = [good[0], (good[1][0][:, :-1], good[1][1], good[1][2])]
+    with pytest.raises(ValueError, match=r"does not fit.*expected \(3, 9, 9\)"):
+        reg.assign_state(bad_shape, *rest, 0.0, 1)
+    not_finite = [good[0], (np.full_like(good[1][0], np.inf), good[1][1], good[1][2])]
+    with pytest.raises(ValueError, match="not finite"):
+        reg.assign_state(not_finite, *rest, 0.0, 1)
+    with pytest.raises(ValueError, match=r"<= max_tasks=3. Received: tasks=4"):
+        reg.assign_state(good, *rest, 0.0, 4)
+    with pytest.raises(ValueError, match="Received: tasks=0 with a non-zero precision"):
+        reg.assign_state(good, *rest, 0.0, 0)
+    for v, b in zip(reg.weights, before):
+        np.testing.assert_array_equal(v.numpy(), b)
+
+
+def test_a_strength_that_overflows_float32_is_refused_and_the_state_kept():
+    model = _kron_model()
+    x, y = _task(0)
+    model.fit(x, y, epochs=1, verbose=0)
+    model.consolidate((x, y), verbose=0)
+    model.fit(*_task(1), epochs=1, verbose=0)  # off the anchor
+    before = [v.numpy() for v in model.regularizer.weights + model.network.weights]
+    with pytest.raises(ValueError, match=r"strength=1e\+25 is too large.*Received: "
+                                         r"strength=1e\+25"):
+        model.strength = 1e25
+    assert model.strength == 5.0
+    # Set before any task (nothing to overflow yet), then refused at consolidation.
+    fresh = _kron_model()
+    fresh.strength = 1e25
+    start = [v.numpy() for v in fresh.regularizer.weights + fresh.network.weights]
+    with pytest.raises(ValueError, match=r"strength=1e\+25 is too large"):
+        fresh.consolidate((x, y), verbose=0)
+    for v, b in zip(fresh.regularizer.weights + fresh.network.weights, start):
+        np.testing.assert_array_equal(v.numpy(), b)
+    for v, b in zip(model.regularizer.weights + model.network.weights, before):
+        np.testing.assert_array_equal(v.numpy(), b)
+    # A strength within the bound trains to finite weights with Adam.
+    model.strength = 1e12
+    model.compile(keras.optimizers.Adam(0.01),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, epochs=1, verbose=0)
+    assert np.isfinite(float(model.penalty()))
+    assert all(np.isfinite(w.numpy()).all() for w in model.network.weights)

@@ -100,6 +100,43 @@ def test_dense_with_and_without_bias(estimator):
     assert got["h"][0].shape == (7, 7) and got["out"][0].shape == (5, 5)
 
 
+@pytest.mark.parametrize("positions", [None, 140], ids=["flat", "sequence"])
+def test_wide_layers_equal_brute_force(positions):
+    """Widths of two and three Gram blocks (A 521 wide, G 530 wide): fewer rows a batch
+    than columns (flat: one product) and more (140 positions an example: the upper
+    blocks), summed over a padded ragged batch and assembled, against the oracle."""
+    shape = (520,) if positions is None else (positions, 520)
+    layers = [keras.Input(shape), keras.layers.Dense(530, "tanh", name="h")]
+    if positions is not None:
+        layers.append(keras.layers.GlobalAveragePooling1D())
+    layers.append(keras.layers.Dense(770 if positions is None else 3, name="out"))
+    net = keras.Sequential(layers)
+    h, out = net.layers[0], net.layers[-1]
+    x = _x((6,) + shape, seed=9) * 0.1
+    y = np.arange(6) * 101 % out.units
+
+    def forward(xn, tape):
+        z1 = _watched(tape, tf.einsum("...i,io->...o", xn, h.kernel) + h.bias)
+        a2 = tf.tanh(z1)
+        if positions is not None:
+            a2 = tf.reduce_mean(a2, axis=1)
+        z2 = _watched(tape, a2 @ out.kernel + out.bias)
+        return [_rows(xn.numpy(), True), _rows(a2.numpy(), True)], [z1, z2], z2
+
+    # Batches of 4 and 2 (padded to 4): two batches summed. The empirical estimator
+    # keeps the oracle at one backward pass an example; the stacked terms of `exact`
+    # take the same path.
+    got = keras_ewc.kronecker_factors(net, (x, y), estimator="empirical", batch_size=4,
+                                      likelihood="categorical", verbose=0)
+    for (a, g), (a0, g0) in zip(got.values(), _brute(forward, x, y)):
+        for actual, expected in ((a, a0), (g, g0)):
+            # Float32 sums of hundreds of products of either sign: relative 1e-5 of the
+            # factor's largest entry (the float64 oracle has no such rounding).
+            scale = np.abs(expected).max()
+            np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=1e-5,
+                                       atol=1e-5 * scale)
+
+
 def test_dense_on_sequences_counts_positions_as_rows():
     net = keras.Sequential([keras.Input((3, 4)), keras.layers.Dense(5, "relu"),
                             keras.layers.Flatten(), keras.layers.Dense(3)])
@@ -283,21 +320,43 @@ def test_sample_weights_count_examples_that_many_times():
         for (a, g), (a0, g0) in zip(got.values(), want.values()):
             _close(a, a0)
             _close(g, g0)
-    with pytest.raises(ValueError, match="weights of the data sum to zero"):
+    with pytest.raises(ValueError, match="only examples of sample weight 0"):
         keras_ewc.kronecker_factors(net, (x, y, 0 * w), likelihood="categorical", verbose=0)
 
 
 def test_factors_are_traced_once_across_calls():
+    """A second call, with new weights, other data and a ragged last batch, reuses the
+    traced step of the diagonal engine's loop (cached per model)."""
+    from keras_ewc.fisher import diagonal
+
     net = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.Dense(2)])
     x = _x((10, 3), seed=6)
     first = keras_ewc.kronecker_factors(net, x, likelihood="categorical", verbose=0,
-                                        batch_size=10)
-    layers = kfac.factored_layers(net)
-    fn = kfac.cached_factor_sums(net, layers, keras_ewc.fisher.likelihoods.get(
-        "categorical"), "exact", 1)
-    traces = fn.experimental_get_tracing_count()
+                                        batch_size=4)
+    assert diagonal.trace_count(net) == 1
+    steps = {key: step.function for key, step in diagonal._STEPS[net].items()}
     net.layers[0].kernel.assign(net.layers[0].kernel * 2.0)  # new weights, same trace
-    again = keras_ewc.kronecker_factors(net, x + 1.0, likelihood="categorical", verbose=0,
-                                        batch_size=10)
-    assert traces == 1 and fn.experimental_get_tracing_count() == 1
+    again = keras_ewc.kronecker_factors(net, x[:7] + 1.0, likelihood="categorical",
+                                        verbose=0, batch_size=4)  # 4, 3: padded
+    assert diagonal.trace_count(net) == 1
+    # The very same traced functions, not new ones traced once each.
+    assert {key: step.function for key, step in diagonal._STEPS[net].items()} == steps
     assert not np.allclose(list(first.values())[0][1], list(again.values())[0][1])
+    # The ragged, padded call is still exact: the same factors as one batch of 7.
+    whole = keras_ewc.kronecker_factors(net, x[:7] + 1.0, likelihood="categorical",
+                                        verbose=0, batch_size=7)
+    for (a, g), (a0, g0) in zip(again.values(), whole.values()):
+        _close(a, a0)
+        _close(g, g0)
+
+
+@pytest.mark.parametrize("rows", [9, 1040], ids=["short", "tall"])
+@pytest.mark.parametrize("width", [5, 511, 512, 700, 1030])
+def test_gram_takes_the_symmetric_blocks_exactly(width, rows):
+    """`mᵀ m` (one product, or from 2 upper blocks up) against NumPy in float64."""
+    m = np.random.default_rng(width).normal(size=(rows, width)).astype("float32")
+    got = kfac.gram(tf.constant(m)).numpy()
+    want = m.astype(np.float64).T @ m.astype(np.float64)
+    # Float32 rounding: relative 1e-5 of the largest entry.
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    np.testing.assert_array_equal(got, got.T)

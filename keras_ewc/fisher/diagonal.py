@@ -240,6 +240,10 @@ def kernel_paths(model, variables: Sequence[tf.Variable] | None = None) -> dict:
 # back to the host until the end. Steps are cached per model (weakly) and per variables,
 # estimator, likelihood, batch size and input signature, so a second call, on the same
 # or other data of the same kind, traces nothing.
+#
+# What is summed is pluggable: by default the squared per-example gradients of
+# `variables`; a `Sums` (e.g. the Kronecker factors, `keras_ewc.fisher.kronecker`) puts
+# its own per-batch sums in the same loop, with the same padding, checks and cache.
 
 _NO_EXAMPLES = (
     "The data holds no examples (or only examples of sample weight 0): cannot compute a "
@@ -255,6 +259,25 @@ _MISC = 10
 _EMPTY_MISC = [0.0, 0.0, 0.0, -np.inf, -np.inf, 0.0, 0.0, -np.inf, -np.inf, 0.0]
 
 
+class Sums:
+    """What the loop sums a batch, in place of the squared per-example gradients.
+
+    Args:
+        key: hashable; names these sums in the per-model cache of traced steps.
+        shapes: the shapes of the float32 tensors `fn` returns.
+        fn: `fn(model, terms_fn, inputs, extra) -> [tensors]`, called while tracing;
+            `terms_fn(outputs, extra)` gives the estimator's `[B, T]` terms already
+            scaled by √weight, `extra` is `(weights,)` or `(weights, target)`, and the
+            batch size of `inputs` is static (padded rows have weight 0). An entry may
+            be None: nothing is added to it (its running sum is passed on untouched).
+    """
+
+    def __init__(self, key, shapes, fn):
+        self.key = key
+        self.shapes = [tuple(int(d) for d in shape) for shape in shapes]
+        self.fn = fn
+
+
 def trace_count(model) -> int:
     """How many times the cached Fisher steps of `model` have been traced (for tests)."""
     return sum(step.function.experimental_get_tracing_count()
@@ -265,8 +288,9 @@ class _Loop:
     """Runs the Fisher estimator batch by batch and accumulates the sums."""
 
     def __init__(self, model, variables, lik, estimator, samples, seed, strategy,
-                 auto=False):
+                 auto=False, sums: Sums | None = None):
         self.model, self.variables, self.lik = model, variables, lik
+        self.sums = sums
         # auto: the step's batch size is chosen from the first batch, capped by memory;
         # larger batches are then cut into calls of that size, never retraced.
         self.auto = auto
@@ -343,7 +367,7 @@ class _Loop:
         spec = _relaxed_spec((x, y, w) if w is not None else (x, y) if y is not None else (x,))
         if self.state is None:
             self.state = (
-                [tf.zeros(v.shape, tf.float32) for v in self.variables],
+                [tf.zeros(shape, tf.float32) for shape in self._shapes()],
                 tf.constant(_EMPTY_MISC, tf.float64),
             )
         if self.distributed:
@@ -353,13 +377,15 @@ class _Loop:
             # A power of two: data of other sizes reuse the trace (padded, at most 2×).
             size = min(AUTO_BATCH_SIZE,
                        max(MIN_AUTO_BATCH_SIZE, 1 << (int(size) - 1).bit_length()))
-        key = (tuple(id(v) for v in self.variables), self.estimator, _lik_key(self.lik),
-               noise, int(size), _spec_key(spec), kernels.version())
+        what = (tuple(id(v) for v in self.variables) if self.sums is None
+                else ("sums", self.sums.key))
+        key = (what, self.estimator, _lik_key(self.lik), noise, int(size), _spec_key(spec),
+               kernels.version())
         steps = _STEPS.setdefault(self.model, {})
         step = steps.get(key)
         if step is None or step.batch_size < size:
             step = _Step(self.model, self.variables, self.lik, self.estimator, noise,
-                         int(size), spec, self.num_outputs)
+                         int(size), spec, self.num_outputs, self.sums)
             steps[key] = step
         if self.auto and size > MIN_AUTO_BATCH_SIZE:
             # Traced, not run: how much memory this batch size would take.
@@ -369,7 +395,8 @@ class _Loop:
                 key = key[:4] + (chunk,) + key[5:]
                 if key not in steps:
                     steps[key] = _Step(self.model, self.variables, self.lik,
-                                       self.estimator, noise, chunk, spec, self.num_outputs)
+                                       self.estimator, noise, chunk, spec, self.num_outputs,
+                                       self.sums)
                 step = steps[key]
         self.step = step
         self.paths = step.paths
@@ -379,12 +406,30 @@ class _Loop:
         sums, flags = self.step(x, y, w, index)
         self.state = ([a + b for a, b in zip(totals, sums)], _combine(misc, flags))
 
+    def _shapes(self) -> list:
+        if self.sums is not None:
+            return list(self.sums.shapes)
+        return [tuple(v.shape) for v in self.variables]
+
     def result(self) -> list:
+        """The Fisher diagonal: the sums divided by the weight total, after the checks."""
+        totals, denominator, finite = self.finish()
+        for v, ok in zip(self.variables, finite):
+            if not ok:
+                raise ValueError(
+                    f"The Fisher of variable {engine.variable_key(v)} is not finite (NaN "
+                    "or Inf): the model's outputs or gradients overflow on this data."
+                )
+        return [t / denominator for t in totals]
+
+    def finish(self) -> tuple:
+        """`(sums, weight total, [whether each sum is finite])` after the data's checks:
+        the one read-back of the loop. Raises when the data was bad or empty."""
         if self.state is None or self.batches == 0:
             raise ValueError(_NO_EXAMPLES)
         totals, misc = self.state
         finite = tf.stack([tf.reduce_all(tf.math.is_finite(t)) for t in totals])
-        misc, finite = misc.numpy(), finite.numpy()  # the one read-back of the loop
+        misc, finite = misc.numpy(), finite.numpy()
         low, high, nan = misc[7:]
         if nan or -low < 0 or high == np.inf:
             raise ValueError(
@@ -407,28 +452,23 @@ class _Loop:
         denominator = float(misc[0])
         if denominator <= 0:
             raise ValueError(_NO_EXAMPLES)
-        for v, ok in zip(self.variables, finite):
-            if not ok:
-                raise ValueError(
-                    f"The Fisher of variable {engine.variable_key(v)} is not finite (NaN "
-                    "or Inf): the model's outputs or gradients overflow on this data."
-                )
-        return [t / denominator for t in totals]
+        return totals, denominator, [bool(ok) for ok in finite]
 
 
 class _Step:
     """The traced step for one (model, variables, estimator, likelihood, batch size)."""
 
     def __init__(self, model, variables, lik, estimator, noise, batch_size, spec,
-                 num_outputs):
+                 num_outputs, custom=None):
         self.batch_size = batch_size
         self.paths = {}
         model_ref = weakref.ref(model)  # the cache must not keep the model alive
         variables = list(variables)
         terms = _weighted_terms(lik, estimator)
         batch_fn = _batch_fn(lik, estimator, noise, batch_size, num_outputs)
+        shapes = custom.shapes if custom is not None else [v.shape for v in variables]
         state_spec = (
-            [tf.TensorSpec(v.shape, tf.float32) for v in variables],
+            [tf.TensorSpec(shape, tf.float32) for shape in shapes],
             tf.TensorSpec([_MISC], tf.float64),
         )
         paths = self.paths
@@ -437,7 +477,9 @@ class _Step:
             model = model_ref()
             totals, misc = state
             inputs, extra, flags = batch_fn(batch, seed)
-            if estimator == "batched":
+            if custom is not None:
+                sums = custom.fn(model, terms, inputs, extra)
+            elif estimator == "batched":
                 sums = _batched_sums(model, variables, lik, inputs, extra)
                 paths.update({engine.variable_key(v): "batched" for v in variables})
             else:
@@ -446,7 +488,9 @@ class _Step:
                     model, layers, variables, terms, inputs, extra, paths)
             if estimator == "batched":
                 flags = tf.concat([tf.cast(flags[:1] > 0, tf.float64), flags[1:]], 0)
-            sums = [a + tf.cast(b, tf.float32) for a, b in zip(totals, sums)]
+            # A `Sums` may leave an entry None: nothing to add this batch.
+            sums = [a if b is None else a + tf.cast(b, tf.float32)
+                    for a, b in zip(totals, sums)]
             return sums, _combine(misc, flags)
 
         # No autograph, as Keras' own train step: nothing here branches on a tensor, and
@@ -496,6 +540,13 @@ class _Cached:
         self.function = function
 
 
+class _Shape:
+    """Something with a `.shape`, for `distribute_sum_fn`'s zeros on empty shards."""
+
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+
+
 class _DistributedStep:
     """Eager steps under a strategy with several replicas (see keras_ewc.distribute)."""
 
@@ -503,7 +554,25 @@ class _DistributedStep:
         self.batch_size = float("inf")
         lik, estimator = loop.lik, loop.estimator
         self.batch_fn = _batch_fn(lik, estimator, noise, None, loop.num_outputs)
-        if estimator == "batched":
+        if loop.sums is not None:
+            custom = loop.sums
+            steps = _STEPS.setdefault(loop.model, {})
+            key = ("distributed", "sums", custom.key, estimator, _lik_key(lik),
+                   kernels.version())
+            if key not in steps:
+                model = weakref.proxy(loop.model)  # the cache must not keep it alive
+                terms = _weighted_terms(lik, estimator)
+
+                def custom_fn(inputs, extra):
+                    sums = custom.fn(model, terms, inputs, extra)
+                    return [tf.zeros(shape) if s is None else s
+                            for s, shape in zip(sums, custom.shapes)]
+
+                # Each shard size traces once per model, as the one-device step.
+                steps[key] = _Cached(tf.function(custom_fn, autograph=False))
+            self.sum_fn = distribute.distribute_sum_fn(
+                loop.strategy, steps[key].function, [_Shape(s) for s in custom.shapes])
+        elif estimator == "batched":
             def sums(inputs, extra):
                 return _batched_sums(loop.model, loop.variables, lik, inputs, extra)
             self.sum_fn = sums

@@ -37,10 +37,8 @@ Kronecker block: it is refused with an error that names it.
 from __future__ import annotations
 
 import random
-import weakref
 from typing import Sequence
 
-import keras
 import numpy as np
 import tensorflow as tf
 
@@ -183,63 +181,29 @@ def compute_factors(model, layers, data, estimator="exact", likelihood=None, sam
     checks.check_inputs(model, diagonal._x_spec(data))
     samples = int(samples or 1)
     seed = random.randrange(2**31) if seed is None else int(seed)
-    sum_fn = cached_factor_sums(model, layers, lik, estimator, samples)
-    if distribute.is_distributed(strategy):
-        shapes = [_Shape(s) for s in factor_shapes(layers)]
-        sum_fn = distribute.distribute_sum_fn(strategy, sum_fn, shapes)
 
+    # The diagonal's loop, summing the factors: one traced step a batch (cached per
+    # model, ragged last batch padded), checks in the graph, one read-back at the end.
+    # Batches chosen as for the diagonal when `batch_size` is None (see
+    # `fisher_diagonal`): up to `AUTO_BATCH_SIZE` examples a call, within its memory bound.
+    auto = batch_size is None and not distribute.is_distributed(strategy)
+    if auto and not isinstance(data, tf.data.Dataset):
+        batch_size = diagonal.AUTO_BATCH_SIZE
     dataset = checks.bound_steps(diagonal.as_dataset(data, batch_size), steps)
+    if auto:
+        dataset = diagonal.rebatch(dataset, diagonal.AUTO_BATCH_SIZE)
     progress = diagonal._Progress(dataset, verbose)
-    totals = None
-    num_examples = 0
-    num_batches = 0
-    probe = None
-    for index, batch in enumerate(dataset):
-        x, y, w = keras.utils.unpack_x_y_sample_weight(batch)
-        _check_finite(x, "inputs")
-        if estimator == "empirical":
-            if y is None:
-                raise ValueError(
-                    "estimator='empirical' needs the true labels, but the data holds "
-                    "inputs only. Pass (x, y) or use estimator='exact' or 'sampled'."
-                )
-            _check_finite(y, "labels")
-        size = int(tf.shape(tf.nest.flatten(x)[0])[0])
-        if size == 0:
-            continue
-        w = tf.ones([size]) if w is None else checks.check_sample_weight(w, size)
-        if probe is None:
-            # The first batch's outputs are checked against the likelihood first.
-            probe = model(x, training=False)
-            checks.check_single_output(probe)
-            checks.check_outputs(lik, probe, model)
-        extra = (w,)
-        if estimator == "empirical":
-            checks.check_label_shape(lik, [size] + list(probe.shape[1:]), y.shape)
-            summary = lik.label_summary(y, lik.num_outputs(probe))
-            if summary is not None:
-                lik.check_label_summary(summary, lik.num_outputs(probe))
-            extra = (w, tf.convert_to_tensor(y))
-        elif estimator == "sampled":
-            shape = lik.noise_shape(probe, samples)
-            shape[0] = size
-            extra = (w, tf.random.stateless_uniform(shape, seed=[seed, index]))
-        sums = [tf.convert_to_tensor(s) for s in sum_fn(x, extra)]
-        totals = sums if totals is None else [a + b for a, b in zip(totals, sums)]
-        num_examples += float(tf.reduce_sum(w))
-        num_batches += 1
-        progress.update(num_batches, num_examples)
-    if num_batches == 0:
-        raise ValueError("The data holds no examples: cannot compute factors from nothing.")
-    if num_examples <= 0:
-        raise ValueError("The sample weights of the data sum to zero: every example is "
-                         "weighted out, so there are no factors to compute.")
-    progress.finish(num_batches, num_examples)
+    loop = diagonal._Loop(model, [], lik, estimator, samples, seed, strategy, auto=auto,
+                          sums=factor_sums_spec(layers))
+    for batch in dataset:
+        loop.add(batch)
+        progress.update(loop.batches, loop.examples)
+    totals, num_examples, _ = loop.finish()
+    progress.finish(loop.batches, loop.examples)
     factors = []
-    for i, (layer, _, _) in enumerate(layers):
-        a_sum, g_sum, rows = totals[3 * i: 3 * i + 3]
+    for (layer, _, _), (a_sum, g_sum, rows) in zip(layers, assemble(layers, totals)):
         a = a_sum / tf.maximum(rows, 1.0)
-        g = g_sum / float(num_examples)
+        g = g_sum / num_examples
         for name, f in (("A", a), ("G", g)):
             if not bool(tf.reduce_all(tf.math.is_finite(f))):
                 raise ValueError(
@@ -251,20 +215,38 @@ def compute_factors(model, layers, data, estimator="exact", likelihood=None, sam
     return factors
 
 
-class _Shape:
-    """Something with a `.shape`, for `distribute_sum_fn`'s zeros on empty shards."""
+def factor_sums_spec(layers) -> diagonal.Sums:
+    """The factors' per-batch sums as the diagonal loop runs them (`diagonal.Sums`)."""
+    layers = list(layers)
 
-    def __init__(self, shape):
-        self.shape = tuple(shape)
+    def fn(model, terms_fn, inputs, extra):
+        return factor_sums(model, layers, terms_fn, inputs, extra)
+
+    return diagonal.Sums(("kronecker", tuple(id(layer) for layer, _, _ in layers)),
+                         factor_shapes(layers), fn)
 
 
 def factor_shapes(layers) -> list:
-    """Shapes of the per-batch sums: `A_sum`, `G_sum` and the row count, per layer."""
+    """Shapes of the per-batch sums: `A_sum` and `G_sum` each as `gram_sums` lays them
+    out, then the row count, per layer."""
     shapes = []
     for _, _, params in layers:
         rows, out = wbar_shape(params)
-        shapes += [(rows, rows), (out, out), ()]
+        shapes += gram_shapes(rows) + gram_shapes(out) + [()]
     return shapes
+
+
+def assemble(layers, sums) -> list:
+    """`[(A_sum, G_sum, rows)]` per layer from the flat per-batch sums (`factor_shapes`)."""
+    out, i = [], 0
+    for _, _, params in layers:
+        rows, width = wbar_shape(params)
+        na, ng = len(gram_shapes(rows)), len(gram_shapes(width))
+        a = from_gram_sums(sums[i:i + na], rows)
+        g = from_gram_sums(sums[i + na:i + na + ng], width)
+        out.append((a, g, sums[i + na + ng]))
+        i += na + ng + 1
+    return out
 
 
 def wbar_shape(params) -> tuple:
@@ -274,53 +256,41 @@ def wbar_shape(params) -> tuple:
     return rows, int(kernel.shape[-1])
 
 
-# Traced per-batch functions, per model (weakly) and per layers, likelihood, estimator and
-# samples: consolidating task after task traces once per batch shape, not once a call.
-_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def cached_factor_sums(model, layers, lik, estimator, samples):
-    """`build_factor_sums` for these arguments, built once and reused."""
-    key = (tuple(id(layer) for layer, _, _ in layers), type(lik), repr(lik), estimator,
-           int(samples))
-    table = _CACHE.setdefault(model, {})
-    if key not in table:
-        def terms_fn(outputs, target):
-            return lik.terms(estimator, outputs, target)
-
-        table[key] = build_factor_sums(model, layers, terms_fn)
-    return table[key]
-
-
 def build_factor_sums(model, layers, terms_fn):
-    """`fn(inputs, extra) -> [A_sum, G_sum, rows] * layers` for one batch, traced.
+    """`fn(inputs, extra) -> sums` for one batch, traced (`assemble(layers, sums)` gives
+    `[(A_sum, G_sum, rows)]` a layer).
 
     `A_sum = Σ w ā āᵀ` over the batch's rows (examples × positions × calls), `G_sum =
     Σ w g gᵀ` over the same rows and the terms, `rows` = Σ w over the rows (float32), w
-    the example's sample weight. `extra` is `(weights,)` or `(weights, target)`, target
-    the labels (`empirical`) or the noise (`sampled`).
+    the example's sample weight; the symmetric sums come as their upper blocks.
+    `terms_fn(outputs, target)` gives the estimator's unweighted `[B, T]` terms; `extra`
+    is `(weights,)` or `(weights, target)`, target the labels (`empirical`) or the noise
+    (`sampled`). (`kronecker_factors` runs the same sums in the diagonal engine's loop;
+    this stand-alone form is for benchmarks.)
     """
     layers = list(layers)
 
-    @tf.function
+    def weighted(outputs, extra):
+        target = extra[1] if len(extra) > 1 else None
+        values = tf.cast(terms_fn(outputs, target), tf.float32)
+        return values * tf.sqrt(tf.cast(extra[0], tf.float32))[:, None]
+
+    @tf.function(autograph=False)
     def fn(inputs, extra):
-        return factor_sums(model, layers, terms_fn, inputs, extra)
+        return factor_sums(model, layers, weighted, inputs, extra)
 
     return fn
 
 
 def factor_sums(model, layers, terms_fn, inputs, extra) -> list:
-    """The per-batch sums of `build_factor_sums` (call while tracing)."""
+    """The per-batch sums of `build_factor_sums` (call while tracing); `terms_fn(outputs,
+    extra)` returns the terms already scaled by √weight (`diagonal.Sums`' contract)."""
     batch_size = tf.nest.flatten(inputs)[0].shape[0]
     with tf.GradientTape(persistent=True) as tape:
         recorder = fast.Recorder(layers, batch_size, tape)
         with recorder:
             outputs = model(inputs, training=False)
-        weights = tf.cast(extra[0], tf.float32)
-        target = extra[1] if len(extra) > 1 else None
-        # √w on each example's terms and input rows: the products weigh it by w.
-        root = tf.sqrt(weights)
-        terms = tf.cast(terms_fn(outputs, target), tf.float32) * root[:, None]
+        terms = tf.cast(terms_fn(outputs, extra), tf.float32)
         terms = tf.reshape(terms, [tf.shape(terms)[0], -1])
         columns = tf.reduce_sum(terms, axis=0)
         total = tf.reduce_sum(columns)
@@ -338,25 +308,106 @@ def factor_sums(model, layers, terms_fn, inputs, extra) -> list:
     zs = [z for c in calls for _, z in c]
     grads = fast._column_grads(tape, terms, columns, total, zs, reference.has_loops(model))
     del tape
+    weights = tf.cast(extra[0], tf.float32)
+    # √w on each example's input rows (the terms carry it already): A weighs it by w.
+    root = tf.sqrt(weights)
     out = []
     for (layer, kernel, params), c in zip(layers, calls):
         part, grads = grads[: len(c)], grads[len(c):]
         rows = _input_rows(layer, kernel, params, [r for r, _ in c], batch_size)
         per_example = tf.cast(tf.shape(rows)[1], tf.float32)
         rows = tf.reshape(rows * root[:, None, None], [-1, rows.shape[-1]])
-        g_rows = [tf.reshape(f32(g), [-1, g.shape[-1]]) for g in part]
-        size = rows.shape[-1]
+        size, out_dim = wbar_shape(params)
         if c:
-            a_sum = tf.matmul(rows, rows, transpose_a=True)
-            g_cat = tf.concat(g_rows, 0)
-            g_sum = tf.matmul(g_cat, g_cat, transpose_a=True)
+            a_sum = gram_sums(rows)
+            # Every term of every example (and position, and call) is one row of G's
+            # product: one [rows, out] matrix.
+            g_rows = [tf.reshape(f32(g), [-1, g.shape[-1]]) for g in part]
+            g_sum = gram_sums(g_rows[0] if len(g_rows) == 1 else tf.concat(g_rows, 0))
             count = tf.reduce_sum(weights) * per_example
         else:
-            out_dim = int(params["kernel"].shape[-1])
-            a_sum, g_sum = tf.zeros([size, size]), tf.zeros([out_dim, out_dim])
-            count = tf.constant(0.0)
-        out += [a_sum, g_sum, count]
+            a_sum = [None] * len(gram_shapes(size))
+            g_sum = [None] * len(gram_shapes(out_dim))
+            count = None
+        out += a_sum + g_sum + [count]
     return out
+
+
+# Below twice this width a Gram matrix is one product; above, blocks of about this width.
+_GRAM_BLOCK = 256
+
+
+def _edges(d: int) -> list:
+    k = max(1, d // _GRAM_BLOCK)
+    return [d * i // k for i in range(k + 1)]
+
+
+def block_shapes(d: int) -> list:
+    """Shapes of the upper blocks `gram_blocks` returns for width `d`, row by row."""
+    e = _edges(d)
+    k = len(e) - 1
+    return [(e[i + 1] - e[i], e[j + 1] - e[j]) for i in range(k) for j in range(i, k)]
+
+
+def gram_blocks(m) -> list:
+    """The blocks on and above the diagonal of the symmetric `mᵀ m` (`m` `[rows, d]`),
+    row by row: about (k + 1) / 2k of the product's work for k column blocks. Sums
+    over batches stay in blocks; `from_blocks` assembles the matrix once."""
+    e = _edges(int(m.shape[-1]))
+    k = len(e) - 1
+    if k == 1:
+        return [tf.matmul(m, m, transpose_a=True)]
+    parts = [m[:, e[i]:e[i + 1]] for i in range(k)]
+    return [tf.matmul(parts[i], parts[j], transpose_a=True)
+            for i in range(k) for j in range(i, k)]
+
+
+def from_blocks(blocks, d: int) -> tf.Tensor:
+    """The symmetric `[d, d]` matrix whose upper blocks are `blocks` (`gram_blocks`)."""
+    k = len(_edges(d)) - 1
+    upper, index = {}, 0
+    for i in range(k):
+        for j in range(i, k):
+            upper[i, j] = blocks[index]
+            index += 1
+    return tf.concat([
+        tf.concat([tf.transpose(upper[j, i]) for j in range(i)]
+                  + [upper[i, j] for j in range(i, k)], 1)
+        for i in range(k)], 0)
+
+
+def gram_shapes(d: int) -> list:
+    """How the per-batch sums hold a `[d, d]` Gram matrix: `[(d, d)]` when it is one
+    block, else `[(d, d)]` then the upper blocks (`block_shapes`)."""
+    blocks = block_shapes(d)
+    return [(d, d)] + (blocks if len(blocks) > 1 else [])
+
+
+def gram_sums(m) -> list:
+    """`mᵀ m` as `gram_shapes` lays it out, an entry None where nothing is added.
+
+    With at least as many rows as columns (many terms, or positions), the blocks on and
+    above the diagonal (`gram_blocks`): about (k + 1) / 2k of the work. With fewer rows,
+    one product is faster (blocks of a short product cost more than they save)."""
+    d = int(m.shape[-1])
+    count = len(gram_shapes(d))
+    if count == 1 or (m.shape[0] is not None and m.shape[0] < d):
+        return [tf.matmul(m, m, transpose_a=True)] + [None] * (count - 1)
+    return [None] + gram_blocks(m)
+
+
+def from_gram_sums(sums, d: int) -> tf.Tensor:
+    """The `[d, d]` matrix from its `gram_shapes` entries (summed over batches)."""
+    if len(sums) == 1:
+        return sums[0]
+    return sums[0] + from_blocks(sums[1:], d)
+
+
+def gram(m) -> tf.Tensor:
+    """`mᵀ m`, through `gram_sums`."""
+    d = int(m.shape[-1])
+    return from_gram_sums([tf.zeros(shape) if s is None else s
+                           for s, shape in zip(gram_sums(m), gram_shapes(d))], d)
 
 
 def _input_rows(layer, kernel, params, records, batch_size) -> tf.Tensor:
@@ -376,13 +427,3 @@ def _input_rows(layer, kernel, params, records, batch_size) -> tf.Tensor:
     if "bias" in params:
         x = tf.concat([x, tf.ones(x.shape[:-1] + [1])], axis=-1)
     return x
-
-
-def _check_finite(tensors, what):
-    for t in tf.nest.flatten(tensors):
-        t = tf.convert_to_tensor(t)
-        if t.dtype.is_floating and not bool(tf.reduce_all(tf.math.is_finite(t))):
-            raise ValueError(
-                f"The data's {what} contain NaN or Inf values; the factors would be "
-                "meaningless. Clean the data first."
-            )
