@@ -145,3 +145,11 @@ def test_task_dataset_batches_scaled_floats():
     assert len(list(task.dataset("train", batch_size=3, limit=5))) == 2
     with pytest.raises(ValueError, match="'valid'"):
         task.dataset("valid")
+
+
+def test_task_dataset_does_not_autotune():
+    """Autotuning made the iterator's destruction at the end of an epoch stall for
+    seconds; the datasets of the toolkit keep fixed buffers."""
+    task = split_sequence(tiny(), num_tasks=3)[0]
+    for ds in (task.dataset("train", batch_size=2), task.dataset("test", shuffle=False)):
+        assert ds.options().autotune.enabled is False
