@@ -95,14 +95,7 @@ def kernel_sums(model, layers, terms_fn, inputs, extra, loops=False) -> dict:
     batch_size = tf.nest.flatten(inputs)[0].shape[0]
     if batch_size is None:
         return {}
-    with tf.GradientTape(persistent=True) as tape:
-        recorder = Recorder(layers, batch_size, tape)
-        with recorder:
-            outputs = model(inputs, training=False)
-        terms = tf.cast(terms_fn(outputs, extra), tf.float32)
-        terms = tf.reshape(terms, [tf.shape(terms)[0], -1])
-        columns = tf.reduce_sum(terms, axis=0)
-        total = tf.reduce_sum(columns)
+    tape, recorder, terms, columns, total = record(model, layers, terms_fn, inputs, extra)
 
     fast = []
     for layer, kernel, params in layers:
@@ -114,7 +107,7 @@ def kernel_sums(model, layers, terms_fn, inputs, extra, loops=False) -> dict:
         if kept:
             fast.append((layer, kernel, kept, recorder.calls[id(layer)]))
     zs = [z for _, _, _, calls in fast for _, z in calls]
-    grads = _column_grads(tape, terms, columns, total, zs, loops) if zs else []
+    grads = column_grads(tape, terms, columns, total, zs, loops) if zs else []
     del tape
 
     sums = {}
@@ -127,7 +120,27 @@ def kernel_sums(model, layers, terms_fn, inputs, extra, loops=False) -> dict:
     return sums
 
 
-def _column_grads(tape, terms, columns, total, zs, loops=False):
+def record(model, layers, terms_fn, inputs, extra):
+    """One forward pass of `model` with `layers` recorded, under a persistent tape.
+
+    Call while tracing. Returns `(tape, recorder, terms, columns, total)`:
+    `recorder.calls[id(layer)]` holds each recorded call's `(record, z)`, `terms` the
+    `[B, T]` float32 terms, `columns` and `total` their sums over examples and over
+    everything (the targets of `column_grads`). The caller deletes the tape.
+    """
+    batch_size = tf.nest.flatten(inputs)[0].shape[0]
+    with tf.GradientTape(persistent=True) as tape:
+        recorder = Recorder(layers, batch_size, tape)
+        with recorder:
+            outputs = model(inputs, training=False)
+        terms = tf.cast(terms_fn(outputs, extra), tf.float32)
+        terms = tf.reshape(terms, [tf.shape(terms)[0], -1])
+        columns = tf.reduce_sum(terms, axis=0)
+        total = tf.reduce_sum(columns)
+    return tape, recorder, terms, columns, total
+
+
+def column_grads(tape, terms, columns, total, zs, loops=False):
     """`[T, *z.shape]` for each z: the gradient of each term column summed over examples.
 
     Vectorised over the T columns (`tape.jacobian` with pfor); where pfor cannot

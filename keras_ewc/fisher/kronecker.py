@@ -286,14 +286,7 @@ def factor_sums(model, layers, terms_fn, inputs, extra) -> list:
     """The per-batch sums of `build_factor_sums` (call while tracing); `terms_fn(outputs,
     extra)` returns the terms already scaled by √weight (`diagonal.Sums`' contract)."""
     batch_size = tf.nest.flatten(inputs)[0].shape[0]
-    with tf.GradientTape(persistent=True) as tape:
-        recorder = fast.Recorder(layers, batch_size, tape)
-        with recorder:
-            outputs = model(inputs, training=False)
-        terms = tf.cast(terms_fn(outputs, extra), tf.float32)
-        terms = tf.reshape(terms, [tf.shape(terms)[0], -1])
-        columns = tf.reduce_sum(terms, axis=0)
-        total = tf.reduce_sum(columns)
+    tape, recorder, terms, columns, total = fast.record(model, layers, terms_fn, inputs, extra)
     for layer, _, params in layers:
         leaks = tape.gradient(total, list(params.values()))
         if any(g is not None for g in leaks) or batch_size is None:
@@ -306,7 +299,7 @@ def factor_sums(model, layers, terms_fn, inputs, extra) -> list:
             )
     calls = [recorder.calls[id(layer)] for layer, _, _ in layers]
     zs = [z for c in calls for _, z in c]
-    grads = fast._column_grads(tape, terms, columns, total, zs, reference.has_loops(model))
+    grads = fast.column_grads(tape, terms, columns, total, zs, reference.has_loops(model))
     del tape
     weights = tf.cast(extra[0], tf.float32)
     # √w on each example's input rows (the terms carry it already): A weighs it by w.
