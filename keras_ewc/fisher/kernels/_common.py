@@ -13,6 +13,14 @@ def stop(variable):
     return tf.stop_gradient(tf.convert_to_tensor(variable))
 
 
+def kernel_and_bias(layer) -> dict:
+    """`{"kernel": ..., "bias": ...}` of a layer, without the bias when it has none."""
+    out = {"kernel": layer.kernel}
+    if layer.bias is not None:
+        out["bias"] = layer.bias
+    return out
+
+
 def activation(layer):
     """The layer's activation, as a function of its pre-activation output."""
     return layer.activation if layer.activation is not None else (lambda z: z)

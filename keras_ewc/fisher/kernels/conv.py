@@ -17,6 +17,7 @@ from keras_ewc.fisher.kernels._common import (
     activation,
     broadcast_sum_squared,
     f32,
+    kernel_and_bias,
     over_examples,
     stop,
 )
@@ -35,10 +36,7 @@ class ConvKernel(Kernel):
         )
 
     def params(self, layer) -> dict:
-        out = {"kernel": layer.kernel}
-        if layer.use_bias:
-            out["bias"] = layer.bias
-        return out
+        return kernel_and_bias(layer)
 
     def forward(self, layer, args, kwargs):
         x = args[0]

@@ -14,6 +14,7 @@ from keras_ewc.fisher.kernels._common import (
     activation,
     broadcast_sum_squared,
     f32,
+    kernel_and_bias,
     over_examples,
     stop,
 )
@@ -27,10 +28,7 @@ class DenseKernel(Kernel):
         return not layer.lora_enabled and layer.quantization_mode is None
 
     def params(self, layer) -> dict:
-        out = {"kernel": layer.kernel}
-        if layer.bias is not None:
-            out["bias"] = layer.bias
-        return out
+        return kernel_and_bias(layer)
 
     def forward(self, layer, args, kwargs):
         x = args[0]

@@ -17,6 +17,7 @@ from keras_ewc.fisher.kernels._common import (
     activation,
     broadcast_sum_squared,
     f32,
+    kernel_and_bias,
     over_examples,
     stop,
 )
@@ -36,10 +37,7 @@ class EinsumDenseKernel(Kernel):
         return x_spec[:1] == z_spec[:1] and x_spec[:1] not in w_spec
 
     def params(self, layer) -> dict:
-        out = {"kernel": layer.kernel}
-        if layer.bias is not None:
-            out["bias"] = layer.bias
-        return out
+        return kernel_and_bias(layer)
 
     def forward(self, layer, args, kwargs):
         x = args[0]
