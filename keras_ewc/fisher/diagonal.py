@@ -164,18 +164,9 @@ def fisher_diagonal(
 
     auto = batch_size is None and estimator != "batched" and not distribute.is_distributed(
         strategy)
-    if auto and not isinstance(data, tf.data.Dataset):
-        batch_size = AUTO_BATCH_SIZE  # arrays: cut to the automatic size directly
-    dataset = checks.bound_steps(as_dataset(data, batch_size), steps)
-    if auto:
-        dataset = rebatch(dataset, AUTO_BATCH_SIZE)
-    progress = _Progress(dataset, verbose)
+    dataset = loop_data(data, batch_size, steps, auto)
     loop = _Loop(model, variables, lik, estimator, samples, seed, strategy, auto=auto)
-    for batch in dataset:
-        size = loop.add(batch)
-        if size and loop.batches == 1:
-            _check_paths(loop.paths, fallback)
-        progress.update(loop.batches, loop.examples)
+    progress = loop.run(dataset, verbose, first=lambda: _check_paths(loop.paths, fallback))
     fisher = loop.result()
     progress.finish(loop.batches, loop.examples)
     if return_paths:
@@ -306,6 +297,16 @@ class _Loop:
         self.num_outputs = None
         self.probe = None
 
+    def run(self, dataset, verbose, first=None) -> _Progress:
+        """Adds every batch of `dataset`, with a progress line (returned, to be finished
+        once the result is checked); `first()` runs after the first non-empty batch."""
+        progress = _Progress(dataset, verbose)
+        for batch in dataset:
+            if self.add(batch) and self.batches == 1 and first is not None:
+                first()
+            progress.update(self.batches, self.examples)
+        return progress
+
     def add(self, batch) -> int:
         """Adds one batch of the data to the sums; returns its number of examples."""
         x, y, w = keras.utils.unpack_x_y_sample_weight(batch)
@@ -332,39 +333,35 @@ class _Loop:
             checks.check_outputs(self.lik, self.probe, self.model)
         if y is not None and self.estimator in _NEEDS_LABELS:
             checks.check_label_shape(self.lik, [size] + list(self.probe.shape[1:]), y.shape)
-        batch = (x, y, w) if w is not None else (x, y) if y is not None else (x,)
+        batch = _pack(x, y, w)
         if (self.step is None or (size > self.step.batch_size and not self.auto)
                 or not self.step.accepts(batch)):
             # (A batch of other non-batch dimensions, e.g. padded to another length,
             # has a step of its own.)
-            self._build(x, y, w, size)
+            self._build(batch, size)
         if self.distributed:
             self._add_distributed(x, y, w, self.calls)
             self.calls += 1
         else:
             chunk = self.step.batch_size
             for start in range(0, size, chunk):
-                part = (x, y, w) if size <= chunk else tf.nest.map_structure(
+                part = batch if size <= chunk else tf.nest.map_structure(
                     lambda t, start=start: None if t is None else t[start:start + chunk],
-                    (x, y, w))
-                xs, ys, ws = part
+                    batch)
                 self.state = self.step.function(
-                    self.state,
-                    (xs, ys, ws) if ws is not None else (xs, ys) if ys is not None else (xs,),
-                    tf.constant([self.seed, self.calls], tf.int64),
-                )
+                    self.state, part, tf.constant([self.seed, self.calls], tf.int64))
                 self.calls += 1
         self.batches += 1
         self.examples += size
         return size
 
-    def _build(self, x, y, w, size):
+    def _build(self, batch, size):
         probe = self.probe
         self.num_outputs = self.lik.num_outputs(probe)
         noise = None
         if self.estimator == "sampled":
             noise = tuple(self.lik.noise_shape(probe, self.samples)[1:])
-        spec = _relaxed_spec((x, y, w) if w is not None else (x, y) if y is not None else (x,))
+        spec = _relaxed_spec(batch)
         if self.state is None:
             self.state = (
                 [tf.zeros(shape, tf.float32) for shape in self._shapes()],
@@ -595,7 +592,7 @@ class _DistributedStep:
         return True  # eager: any shape
 
     def __call__(self, x, y, w, index):
-        batch = (x, y, w) if w is not None else (x, y) if y is not None else (x,)
+        batch = _pack(x, y, w)
         inputs, extra, flags = self.batch_fn(batch, tf.constant([self.seed, index], tf.int64))
         sums = self.sum_fn(inputs, extra)
         if self.estimator == "batched":
@@ -649,6 +646,11 @@ def _batch_fn(lik, estimator, noise, batch_size, num_outputs):
         return x, extra, flags
 
     return fn
+
+
+def _pack(x, y, w):
+    """A batch as the traced step takes it: `(x, y, w)`, `(x, y)` or `(x,)`."""
+    return (x, y, w) if w is not None else (x, y) if y is not None else (x,)
 
 
 def _weight_summary(w):
@@ -724,6 +726,15 @@ def _lik_key(lik):
 def _spec_key(spec):
     return tuple((tuple(s.shape.as_list()), s.dtype.name) for s in tf.nest.flatten(spec)) + (
         str(tf.nest.map_structure(lambda _: 0, spec)),)
+
+
+def loop_data(data, batch_size, steps, auto) -> tf.data.Dataset:
+    """The data as the loop reads it: batched (`batch_size`), bounded by `steps`, and,
+    with `auto`, re-cut into batches of up to `AUTO_BATCH_SIZE` examples."""
+    if auto and not isinstance(data, tf.data.Dataset):
+        batch_size = AUTO_BATCH_SIZE  # arrays: cut to the automatic size directly
+    dataset = checks.bound_steps(as_dataset(data, batch_size), steps)
+    return rebatch(dataset, AUTO_BATCH_SIZE) if auto else dataset
 
 
 def rebatch(dataset: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:

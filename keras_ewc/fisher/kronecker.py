@@ -187,17 +187,10 @@ def compute_factors(model, layers, data, estimator="exact", likelihood=None, sam
     # Batches chosen as for the diagonal when `batch_size` is None (see
     # `fisher_diagonal`): up to `AUTO_BATCH_SIZE` examples a call, within its memory bound.
     auto = batch_size is None and not distribute.is_distributed(strategy)
-    if auto and not isinstance(data, tf.data.Dataset):
-        batch_size = diagonal.AUTO_BATCH_SIZE
-    dataset = checks.bound_steps(diagonal.as_dataset(data, batch_size), steps)
-    if auto:
-        dataset = diagonal.rebatch(dataset, diagonal.AUTO_BATCH_SIZE)
-    progress = diagonal._Progress(dataset, verbose)
+    dataset = diagonal.loop_data(data, batch_size, steps, auto)
     loop = diagonal._Loop(model, [], lik, estimator, samples, seed, strategy, auto=auto,
                           sums=factor_sums_spec(layers))
-    for batch in dataset:
-        loop.add(batch)
-        progress.update(loop.batches, loop.examples)
+    progress = loop.run(dataset, verbose)
     totals, num_examples, _ = loop.finish()
     progress.finish(loop.batches, loop.examples)
     factors = []
