@@ -9,6 +9,14 @@ cancels) and the median over rounds is printed, for wall time and for the proces
 time (less sensitive to other processes on a shared machine; with `--threads 1` it is
 the work a step costs).
 
+Two more rows are floors, not EWC: the same plain model with a bare quadratic penalty
+added to its loss, as cheap as TensorFlow's separate elementwise ops allow. "floor,
+gradient only" adds just the gradient `P (θ − m)` (a subtract, a multiply, and the add to
+the loss's gradient; its value is taken as 0, which no real penalty can do); "floor,
+gradient and value" also computes the value `½ Σ P (θ − m)²`. No penalty a step can
+cost less than these without fusing elementwise ops (XLA, which Keras does not use on
+CPU, measured slower for the penalty alone).
+
     python benchmarks/train_step_speed.py [--rounds 15] [--steps 50] [--threads 1]
 """
 
@@ -31,6 +39,50 @@ def mlp():
                              keras.layers.Dense(10)])
 
 
+class BarePenalty(keras.Model):
+    """`network` with the least a quadratic penalty `½ Σ P (θ − m)²` costs a step."""
+
+    def __init__(self, network, value=True):
+        super().__init__()
+        self.network = network
+        self.value = value
+
+    def build(self, input_shape=None):
+        rng = np.random.default_rng(1)
+        self.network.build(input_shape)
+        self.precision = [self.add_weight(shape=v.shape, trainable=False,
+                                          initializer=keras.initializers.Constant(
+                                              rng.gamma(0.5, 1e-3, size=v.shape)))
+                          for v in self.network.trainable_variables]
+        self.anchors = [self.add_weight(shape=v.shape, trainable=False,
+                                        initializer=keras.initializers.Constant(v.numpy()))
+                        for v in self.network.trainable_variables]
+
+    def call(self, inputs, training=None):
+        return self.network(inputs, training=training)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        import tensorflow as tf
+
+        loss = super().compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
+                                    training=training)
+        precision = [tf.convert_to_tensor(p) for p in self.precision]
+        anchors = [tf.convert_to_tensor(m) for m in self.anchors]
+
+        @tf.custom_gradient
+        def penalty(*theta):
+            scaled = [p * (t - m) for p, t, m in zip(precision, theta, anchors)]
+            if self.value:
+                value = 0.5 * tf.add_n([tf.reduce_sum(s * (t - m))
+                                        for s, t, m in zip(scaled, theta, anchors)])
+            else:
+                value = tf.zeros(())
+            return value, lambda upstream: scaled
+
+        return loss + penalty(*[tf.convert_to_tensor(v)
+                                for v in self.network.trainable_variables])
+
+
 def models(weights):
     import keras_ewc
 
@@ -51,6 +103,13 @@ def models(weights):
                       for v in model.regularised_variables]
             model.regularizer.consolidate(fisher)
         out[f"ewc, {tasks} tasks"] = model
+    for label, value in (("floor, gradient only", False), ("floor, gradient and value", True)):
+        net = mlp()
+        net.set_weights(weights)
+        model = BarePenalty(net, value=value)
+        model.build((None, 784))
+        model.compile(keras.optimizers.Adam(1e-4), loss)
+        out[label] = model
     return out
 
 
@@ -92,7 +151,7 @@ def main(argv=None):
               "(median)")
         for name in names[1:]:
             ratio = np.array(times[name]) / plain
-            print(f"[{label}] {name:>15}: {np.median(ratio):.3f}x a plain step (median; "
+            print(f"[{label}] {name:>25}: {np.median(ratio):.3f}x a plain step (median; "
                   f"quartiles {np.percentile(ratio, 25):.3f}-"
                   f"{np.percentile(ratio, 75):.3f})")
 
