@@ -605,20 +605,8 @@ class KroneckerRegularizer(keras.layers.Layer):
                 (None, offset)]):
             raise ValueError("The new Kronecker EWC state is not finite; the state is left "
                              "unchanged.")
-        try:
-            tasks = int(tasks)
-        except (TypeError, ValueError):
-            tasks = -1
-        if tasks < 0 or (self.mode == "separate" and tasks > self.max_tasks):
-            bound = f" <= max_tasks={self.max_tasks}" if self.mode == "separate" else ""
-            raise ValueError(f"Expected a task count >= 0{bound}. Received: tasks={tasks!r}; "
-                             "the state is left unchanged.")
-        if tasks == 0 and (any(bool(tf.reduce_any(p != 0)) for p in precision)
-                           or float(offset) != 0.0):
-            raise ValueError(
-                "Expected a zero precision and offset with tasks=0 (no task consolidated "
-                "means no penalty). Received: tasks=0 with a non-zero precision or offset; "
-                "pass the number of tasks the state holds. The state is left unchanged.")
+        tasks = diag.validate_tasks(
+            tasks, precision, offset, self.max_tasks if self.mode == "separate" else None)
         for var, x in pairs + [(self.offset, offset)]:
             var.assign(x)
         self.tasks.assign(tasks)

@@ -354,19 +354,7 @@ class EWCRegularizer(keras.layers.Layer):
                              "the state is left unchanged: " + "; ".join(wrong))
         if not all(bool(tf.reduce_all(tf.math.is_finite(x))) for x in values + [offset]):
             raise ValueError("The new EWC state is not finite; the state is left unchanged.")
-        try:
-            tasks = int(tasks)
-        except (TypeError, ValueError):
-            tasks = -1
-        if tasks < 0:
-            raise ValueError(f"Expected a task count >= 0. Received: tasks={tasks!r}; "
-                             "the state is left unchanged.")
-        if tasks == 0 and (any(bool(tf.reduce_any(x != 0)) for x in values[:count])
-                           or float(offset) != 0.0):
-            raise ValueError(
-                "Expected a zero precision and offset with tasks=0 (no task consolidated "
-                "means no penalty). Received: tasks=0 with a non-zero precision or offset; "
-                "pass the number of tasks the state holds. The state is left unchanged.")
+        tasks = validate_tasks(tasks, values[:count], offset)
         for var, value in zip(self.precision + self.anchors, values):
             var.assign(value)
         self.offset.assign(offset)
@@ -611,6 +599,27 @@ def validate_mode(mode) -> str:
     if mode not in MODES:
         raise ValueError(f"Expected mode in {list(MODES)}. Received: mode={mode!r}")
     return mode
+
+
+def validate_tasks(tasks, precision, offset, most=None) -> int:
+    """The task count of a state about to be assigned: an integer >= 0 (and <= `most`
+    when given), with a zero `precision` and `offset` when it is 0. Raises, naming
+    what was given, before anything is assigned."""
+    try:
+        tasks = int(tasks)
+    except (TypeError, ValueError):
+        tasks = -1
+    if tasks < 0 or (most is not None and tasks > most):
+        bound = f" <= max_tasks={most}" if most is not None else ""
+        raise ValueError(f"Expected a task count >= 0{bound}. Received: tasks={tasks!r}; "
+                         "the state is left unchanged.")
+    if tasks == 0 and (any(bool(tf.reduce_any(p != 0)) for p in precision)
+                       or float(offset) != 0.0):
+        raise ValueError(
+            "Expected a zero precision and offset with tasks=0 (no task consolidated "
+            "means no penalty). Received: tasks=0 with a non-zero precision or offset; "
+            "pass the number of tasks the state holds. The state is left unchanged.")
+    return tasks
 
 
 def validate_gamma(gamma) -> float:
