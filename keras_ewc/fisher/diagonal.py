@@ -379,11 +379,14 @@ class _Loop:
         key = (what, self.estimator, _lik_key(self.lik), noise, int(size), _spec_key(spec),
                kernels.version())
         steps = _STEPS.setdefault(self.model, {})
+
+        def new_step(batch_size):
+            return _Step(self.model, self.variables, self.lik, self.estimator, noise,
+                         int(batch_size), spec, self.num_outputs, self.sums)
+
         step = steps.get(key)
         if step is None or step.batch_size < size:
-            step = _Step(self.model, self.variables, self.lik, self.estimator, noise,
-                         int(size), spec, self.num_outputs, self.sums)
-            steps[key] = step
+            step = steps[key] = new_step(size)
         if self.auto and size > MIN_AUTO_BATCH_SIZE:
             # Traced, not run: how much memory this batch size would take.
             affordable = MEMORY_BUDGET // max(step.per_example_bytes(), 1)
@@ -391,9 +394,7 @@ class _Loop:
                 chunk = max(MIN_AUTO_BATCH_SIZE, 2 ** int(np.log2(max(affordable, 1))))
                 key = key[:4] + (chunk,) + key[5:]
                 if key not in steps:
-                    steps[key] = _Step(self.model, self.variables, self.lik,
-                                       self.estimator, noise, chunk, spec, self.num_outputs,
-                                       self.sums)
+                    steps[key] = new_step(chunk)
                 step = steps[key]
         self.step = step
         self.paths = step.paths
