@@ -96,9 +96,9 @@ def bert():
     backbone = keras_hub.models.BertBackbone(
         vocabulary_size=1000, num_layers=2, num_heads=2, hidden_dim=64,
         intermediate_dim=128, max_sequence_length=32)
-    inputs = {"token_ids": keras.Input((32,), dtype="int32"),
-              "segment_ids": keras.Input((32,), dtype="int32"),
-              "padding_mask": keras.Input((32,), dtype="int32")}
+    inputs = {"token_ids": keras.Input((32,), dtype="int32", name="token_ids"),
+              "segment_ids": keras.Input((32,), dtype="int32", name="segment_ids"),
+              "padding_mask": keras.Input((32,), dtype="int32", name="padding_mask")}
     out = keras.layers.Dense(4)(backbone(inputs)["pooled_output"])
     net = keras.Model(inputs, out)
 
@@ -116,8 +116,8 @@ def gpt2():
     backbone = keras_hub.models.GPT2Backbone(
         vocabulary_size=1000, num_layers=2, num_heads=2, hidden_dim=64,
         intermediate_dim=128, max_sequence_length=32)
-    inputs = {"token_ids": keras.Input((32,), dtype="int32"),
-              "padding_mask": keras.Input((32,), dtype="int32")}
+    inputs = {"token_ids": keras.Input((32,), dtype="int32", name="token_ids"),
+              "padding_mask": keras.Input((32,), dtype="int32", name="padding_mask")}
     h = backbone(inputs)
     out = keras.layers.Dense(4)(keras.layers.GlobalAveragePooling1D()(h))
     net = keras.Model(inputs, out)

@@ -379,6 +379,31 @@ def test_dict_keyed_by_the_input_name_is_accepted():
     oracle.assert_close(a, oracle.categorical_exact(model, model.trainable_variables, x))
 
 
+@pytest.mark.filterwarnings("ignore:When providing `inputs` as a dict")
+def test_dict_keyed_as_the_model_was_built_is_accepted():
+    # A functional model built on a dict of inputs whose tensors have other names (as
+    # KerasHub backbones are) takes a dict with the same keys, as Keras' `fit` does.
+    rng = np.random.default_rng(0)
+    inputs = {"b": keras.Input((2,)), "a": keras.Input((3,))}
+    joined = keras.layers.Concatenate()([inputs["a"], inputs["b"]])
+    model = keras.Model(inputs, keras.layers.Dense(CLASSES)(joined))
+    x = {"a": rng.normal(size=(6, 3)).astype("float32"),
+         "b": rng.normal(size=(6, 2)).astype("float32")}
+    got = fisher_diagonal(model, x, likelihood="categorical", verbose=0)
+    expected = [np.zeros(v.shape) for v in model.trainable_variables]
+    for n in range(6):  # the oracle, an example at a time (its inputs as a dict)
+        one = oracle.categorical_exact(
+            lambda xi, training=False: model({"a": xi[:, :3], "b": xi[:, 3:]},
+                                             training=training),
+            model.trainable_variables,
+            np.concatenate([x["a"][n:n + 1], x["b"][n:n + 1]], axis=1))
+        expected = [e + o / 6 for e, o in zip(expected, one)]
+    oracle.assert_close(got, expected)
+    with pytest.raises(ValueError, match=r"dict with keys \['a', 'c'\]"):
+        fisher_diagonal(model, {"a": x["a"], "c": x["b"]}, likelihood="categorical",
+                        verbose=0)
+
+
 @pytest.mark.parametrize("where", ["kernel", "moving_variance"])
 def test_non_finite_weights_name_the_variable(where, no_tracing):
     model = keras.Sequential([

@@ -62,9 +62,9 @@ def _bert():
     backbone = keras_hub.models.BertBackbone(
         vocabulary_size=50, num_layers=1, num_heads=2, hidden_dim=8,
         intermediate_dim=16, max_sequence_length=6)
-    inputs = {"token_ids": keras.Input((6,), dtype="int32"),
-              "segment_ids": keras.Input((6,), dtype="int32"),
-              "padding_mask": keras.Input((6,), dtype="int32")}
+    inputs = {"token_ids": keras.Input((6,), dtype="int32", name="token_ids"),
+              "segment_ids": keras.Input((6,), dtype="int32", name="segment_ids"),
+              "padding_mask": keras.Input((6,), dtype="int32", name="padding_mask")}
     net = keras.Model(inputs, keras.layers.Dense(3)(backbone(inputs)["pooled_output"]))
 
     def make_x(rng, n):
@@ -79,8 +79,8 @@ def _gpt2():
     backbone = keras_hub.models.GPT2Backbone(
         vocabulary_size=50, num_layers=1, num_heads=2, hidden_dim=8,
         intermediate_dim=16, max_sequence_length=6)
-    inputs = {"token_ids": keras.Input((6,), dtype="int32"),
-              "padding_mask": keras.Input((6,), dtype="int32")}
+    inputs = {"token_ids": keras.Input((6,), dtype="int32", name="token_ids"),
+              "padding_mask": keras.Input((6,), dtype="int32", name="padding_mask")}
     pooled = keras.layers.GlobalAveragePooling1D()(backbone(inputs))
     net = keras.Model(inputs, keras.layers.Dense(3)(pooled))
 

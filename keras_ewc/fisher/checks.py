@@ -211,6 +211,14 @@ def check_finite_weights(variables: Sequence) -> None:
             )
 
 
+def _input_structure(model):
+    """The nest of input tensors a functional model was built on (None if unknown)."""
+    try:
+        return model.input
+    except (AttributeError, ValueError):
+        return None
+
+
 def check_inputs(model, x_spec) -> None:
     """Checks a batch's inputs against the model's declared inputs, before any tracing.
 
@@ -237,7 +245,14 @@ def check_inputs(model, x_spec) -> None:
         return
     declared = list(declared)
     names = [getattr(t, "name", None) for t in declared]
-    if isinstance(x_spec, dict):
+    struct = _input_structure(model)
+    if isinstance(x_spec, dict) and isinstance(struct, dict) and set(struct) <= set(x_spec):
+        # A model built on a dict of inputs takes a dict with the same keys, whatever
+        # the names of its input tensors (KerasHub backbones: `token_ids`, ...).
+        declared = [struct[k] for k in struct]
+        names = list(struct)
+        x_spec = [x_spec[k] for k in struct]
+    elif isinstance(x_spec, dict):
         if len(declared) == 1 and set(x_spec) == {names[0]}:
             x_spec = [x_spec[names[0]]]
         elif not set(names) <= set(x_spec):
