@@ -495,7 +495,11 @@ class EWCModel(keras.Model):
 
     def save(self, filepath, overwrite=True, zipped=None, **kwargs):
         """Saves the model; the file is written beside `filepath` and renamed into place,
-        so a save that fails part-way leaves the previous file as it was."""
+        so a save that fails part-way leaves the previous file as it was.
+
+        As with a plain write, a symbolic link is written through (its target is
+        replaced) and the file keeps the mode it had (a new one: `0o666` less the
+        umask); see `keras_ewc.saving.write_then_rename`."""
         self._sync_state()
         return saving.write_then_rename(
             filepath, overwrite,
@@ -503,17 +507,19 @@ class EWCModel(keras.Model):
                                                     **kwargs),
             fallback=lambda: super(EWCModel, self).save(
                 filepath, overwrite=overwrite, zipped=zipped, **kwargs),
-            atomic=zipped is not False and not kwargs)
+            atomic=zipped is not False and not kwargs,
+            endings=(".keras", ".h5", ".hdf5"))
 
     def save_weights(self, filepath, overwrite=True, max_shard_size=None):
-        """Saves weights and EWC state, written beside `filepath` and renamed into place."""
+        """Saves weights and EWC state, written beside `filepath` and renamed into place
+        (through symbolic links, keeping the file's mode, as `save` does)."""
         self._sync_state()
         return saving.write_then_rename(
             filepath, overwrite,
             lambda path: super(EWCModel, self).save_weights(path, overwrite=True),
             fallback=lambda: super(EWCModel, self).save_weights(
                 filepath, overwrite=overwrite, max_shard_size=max_shard_size),
-            atomic=max_shard_size is None)
+            atomic=max_shard_size is None, endings=(".weights.h5",))
 
     def load_weights(self, filepath, skip_mismatch=False, **kwargs):
         """Loads weights, optimizer variables and EWC state: all of them, or none.

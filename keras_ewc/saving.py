@@ -19,8 +19,10 @@ them by position and is still read.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import tempfile
 
 import keras
@@ -143,28 +145,87 @@ def _state_group(entries) -> str | None:
     return None
 
 
-def write_then_rename(filepath, overwrite, write, fallback, atomic=True):
+def write_then_rename(filepath, overwrite, write, fallback, atomic=True, endings=()):
     """Writes a file with `write(temporary_path)` beside `filepath`, then renames it
     into place (`os.replace`), so a write that fails part-way leaves the previous file
-    as it was. Paths that are not local files (or `atomic=False`) use `fallback()`."""
+    as it was. Paths that are not local files (or `atomic=False`) use `fallback()`.
+
+    The result is what a plain write would leave: a symbolic link is written through
+    (its target is replaced, the link stays), and the file gets the mode a plain
+    `open(path, "w")` gives it (the replaced file's mode, or `0o666` less the umask
+    for a new one), not the `0o600` of a temporary file. Errors name `filepath`, never
+    the temporary file: a name Keras would refuse (not one of `endings`) goes to
+    `fallback()`, whose error names it, and a folder that is missing or cannot be
+    written to is refused before anything is written.
+    """
     path = os.fspath(filepath)
-    folder = os.path.dirname(os.path.abspath(path))
-    if not atomic or "://" in path or not os.path.isdir(folder) or os.path.isdir(path):
+    if not atomic or "://" in path or os.path.isdir(path):
         return fallback()
+    if endings and not str(path).endswith(tuple(endings)):
+        return fallback()  # Keras refuses the name, naming it
     if not overwrite and os.path.exists(path):
         return fallback()  # Keras asks before overwriting
-    name = os.path.basename(path)
+    # Through symbolic links (also of folders on the way): the rename replaces the
+    # target, as a plain write would, and the link keeps pointing at it.
+    target = os.path.realpath(path)
+    folder = os.path.dirname(target)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(
+            errno.ENOENT,
+            f"Cannot save to {path!r}: the folder {os.path.dirname(os.path.abspath(path))!r} "
+            "does not exist. Create it first (`os.makedirs`) or save into an existing "
+            "folder", path)
+    mode = _plain_write_mode(target)
+    name = os.path.basename(target)
     # The same file name ending (Keras checks `.keras`, `.weights.h5`).
-    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix="-" + name, dir=folder)
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix="-" + name, dir=folder)
+    except OSError as error:
+        raise type(error)(
+            error.errno,
+            f"Cannot save to {path!r}: no file can be created in its folder "
+            f"{folder!r} ({error.strerror}). Save into a folder you can write to",
+            path) from error
     os.close(handle)
     try:
         result = write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
+        os.chmod(temporary, mode)
+        os.replace(temporary, target)
+    except BaseException as error:
         if os.path.exists(temporary):
             os.remove(temporary)
+        renamed = _naming_the_user_path(error, temporary, path)
+        if renamed is not None:
+            raise renamed from error
         raise
     return result
+
+
+def _plain_write_mode(target) -> int:
+    """The permission bits `open(target, "w")` would leave on `target`."""
+    try:
+        return stat.S_IMODE(os.stat(target).st_mode)  # replacing: keep the file's mode
+    except FileNotFoundError:
+        pass
+    # A new file: 0o666 less the umask, which can only be read by setting it.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _naming_the_user_path(error, temporary, path):
+    """`error` again, its message naming `path` where it named the temporary file;
+    None when it does not name it or cannot be rebuilt."""
+    text = str(error)
+    if temporary not in text:
+        return None
+    try:
+        if isinstance(error, OSError) and error.errno is not None:
+            return type(error)(error.errno, str(error.strerror).replace(temporary, path),
+                               path)
+        return type(error)(text.replace(temporary, path))
+    except Exception:
+        return None
 
 
 def all_or_nothing(model, load, filepath):

@@ -2,8 +2,10 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 import zipfile
 
 import keras
@@ -481,3 +483,95 @@ def test_save_refuses_to_overwrite_when_told_not_to(tmp_path, monkeypatch):
     monkeypatch.setattr("builtins.input", lambda *a: "n")
     model.save(tmp_path / "m.keras", overwrite=False)
     assert (tmp_path / "m.keras").read_bytes() == first
+
+
+# --- what a plain write would leave: links, modes, errors naming the user's path ----------
+
+SAVES = {"keras": ("m.keras", "save"), "weights": ("m.weights.h5", "save_weights")}
+
+
+def _state_from(kind, path):
+    if kind == "keras":
+        return state(keras.models.load_model(path))
+    model = compiled(sequential())
+    model.load_weights(path)
+    return state(model)
+
+
+@pytest.mark.parametrize("kind", sorted(SAVES))
+def test_saving_through_a_symbolic_link_writes_its_target(kind, tmp_path):
+    name, method = SAVES[kind]
+    model = after_task_a(sequential())
+    (tmp_path / "store").mkdir()
+    target = tmp_path / "store" / name
+    getattr(compiled(sequential()), method)(target)  # an older file, zero state
+    link = tmp_path / name
+    link.symlink_to(target)
+    getattr(model, method)(link)
+    assert link.is_symlink() and os.readlink(link) == str(target)  # the link stays
+    assert sorted(os.listdir(tmp_path / "store")) == [name]  # no temporary file left
+    assert_same(_state_from(kind, target), state(model))  # the target was written
+    assert float(state(model)[-1]) == 1.0  # a consolidated state, not the zero one
+
+
+@pytest.mark.parametrize("kind", sorted(SAVES))
+def test_saved_files_get_the_mode_a_plain_write_gives(kind, tmp_path):
+    name, method = SAVES[kind]
+    model = after_task_a(sequential())
+    path = tmp_path / name
+    old = os.umask(0o027)
+    try:
+        getattr(model, method)(path)  # a new file: 0o666 less the umask
+        assert oct(os.stat(path).st_mode & 0o7777) == oct(0o640)
+        os.chmod(path, 0o664)  # a replaced file keeps its mode
+        getattr(model, method)(path)
+        assert oct(os.stat(path).st_mode & 0o7777) == oct(0o664)
+    finally:
+        os.umask(old)
+    assert_same(_state_from(kind, path), state(model))
+
+
+@pytest.mark.parametrize("kind", sorted(SAVES))
+def test_save_errors_name_the_path_given_and_leave_the_file(kind, tmp_path, monkeypatch):
+    name, method = SAVES[kind]
+    model = after_task_a(sequential())
+    save = getattr(model, method)
+    path = tmp_path / name
+    save(path)
+    before = path.read_bytes()
+    weights = [v.numpy() for v in model.weights]
+    # A name Keras refuses: Keras' own error, naming it (it named a temporary file).
+    given = re.escape(str(tmp_path / "learner."))
+    with pytest.raises(ValueError, match=rf"Received: filepath={given}\.?$"):
+        save(tmp_path / "learner.")
+    # A folder that does not exist.
+    with pytest.raises(FileNotFoundError) as error:
+        save(tmp_path / "nowhere" / name)
+    assert (f"Cannot save to '{tmp_path}/nowhere/{name}': the folder "
+            f"'{tmp_path}/nowhere' does not exist") in str(error.value)
+
+    # A folder no file can be created in (as /proc or a read-only mount).
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", f"{tmp_path}/.tmp-x-{name}")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(PermissionError) as error:
+        save(path)
+    monkeypatch.undo()
+    assert f"Cannot save to '{path}'" in str(error.value)
+    assert ".tmp-" not in str(error.value)
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == [name]
+    assert_same([v.numpy() for v in model.weights], weights)
+
+
+def test_an_error_raised_while_writing_names_the_path_given(tmp_path):
+    from keras_ewc import saving
+
+    def write(temporary):
+        raise ValueError(f"Received: filepath={temporary}.")
+
+    path = str(tmp_path / "m.keras")
+    with pytest.raises(ValueError, match=rf"^Received: filepath={path}\.$"):
+        saving.write_then_rename(path, True, write, fallback=None, endings=(".keras",))
+    assert os.listdir(tmp_path) == []
