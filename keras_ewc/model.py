@@ -41,6 +41,14 @@ class EWCModel(keras.Model):
     that `include`/`exclude` select join it with zero precision (free until the next
     consolidation). `regularised_variables` always reflects the model as it is.
 
+    The wrapped model can also be replaced: `model.network = keras.Sequential([...])`
+    (say, a new network around some of the old layers and a new head) makes the
+    wrapper wrap the new network only (the old one is no longer saved with it), and
+    the state follows at once as above: variables the two networks share keep their
+    anchors and precision, the others leave (with the warning) or join (at zero).
+    Compile again before `fit` if the new network has new variables (the optimizer
+    knows only the old ones, as in Keras).
+
     `strength` and `gamma` can be assigned at any time (`model.strength = 10.0`, also
     from a callback): like an optimizer's learning rate they are variables, used by the
     next step without recompiling, and saved with the model. A strength so large that
@@ -129,6 +137,69 @@ class EWCModel(keras.Model):
         self.penalty_tracker = keras.metrics.Mean(name="ewc_penalty")
         if model.built and model.weights:
             self._build_state()
+
+    # --- replacing the wrapped network --------------------------------------------
+
+    def __setattr__(self, name, value):
+        if name == "network" and "network" in self.__dict__:
+            self._replace_network(value)
+        else:
+            super().__setattr__(name, value)
+
+    def _replace_network(self, new) -> None:
+        """`model.network = new`: wraps `new` in place of the current network.
+
+        Replacing is supported rather than refused because it is how a Keras user
+        changes a model that cannot be edited in place (a functional model, or a new
+        `keras.Sequential` around some of the old layers and a new head), and the state
+        already follows a changed network by variable identity (see `_sync_state`):
+        what the two networks share keeps its anchor and precision. The old network is
+        untracked, so it is no longer one of this model's layers, weights or saved
+        objects (a file would otherwise carry it and load its weights into the new
+        network's layers), and the traced steps, which called the old network, are
+        traced again. Refused, with the wrapper left as it was: something that is not
+        a Keras layer, a network without weights while the state is built (it cannot
+        tell which variables it shares), and a change under `structure="kronecker"`
+        (whose state is shaped per layer; wrap the new network in a new EWCModel).
+        """
+        old = self.__dict__["network"]
+        if new is old:
+            return
+        if not isinstance(new, keras.layers.Layer) or new is self or new is self.regularizer:
+            raise ValueError(
+                "Expected a Keras model (or layer) to wrap in place of the current "
+                f"network. Received: network={new!r} of type {type(new).__name__}"
+            )
+        reg = self.regularizer
+        if reg.built and self.structure == "kronecker":
+            raise ValueError(
+                "structure='kronecker' does not follow a replaced network: its state is "
+                "shaped per layer of the network it was built for. Wrap the new network "
+                "in a new EWCModel (`keras_ewc.EWCModel(new_network, "
+                "structure='kronecker', ...)`), or use structure='diagonal'. The model "
+                "still wraps the old network."
+            )
+        if reg.built and not (new.built and new.weights):
+            raise ValueError(
+                f"The new network {new.name!r} has no weights yet, so the EWC state "
+                "cannot tell which of its variables it anchors. Build it first (call it "
+                "on a batch, or `new_network.build(input_shape)`), then assign it. The "
+                "model still wraps the old network."
+            )
+        _private.swap_layer(self, old, new)
+        super().__setattr__("network", new)
+        try:
+            if reg.built:
+                self._sync_state()
+            elif new.built and new.weights:
+                self._build_state()
+        except BaseException:
+            _private.swap_layer(self, new, old)
+            super().__setattr__("network", old)
+            self._signature = self._model_signature() if reg.built else None
+            raise
+        # The traced steps call the old network: Keras traces them again when None.
+        self.train_function = self.test_function = self.predict_function = None
 
     # --- building ------------------------------------------------------------------
 
