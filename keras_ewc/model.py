@@ -656,7 +656,11 @@ class EWCModel(keras.Model):
         Args:
             filepath: the SavedModel's directory.
             model: the architecture to fill in.
-            **kwargs: passed to `EWCModel` (e.g. `name`, or `strength` to override).
+            **kwargs: passed to `EWCModel` (e.g. `name`, or `strength` or `gamma`
+                to override). `structure`, `mode` and `max_tasks` are the file's: a
+                value equal to it is accepted, another is refused with a ValueError
+                naming both (the state could not be loaded into it), as are
+                `include`/`exclude` (the file says what is anchored).
 
         Example:
 

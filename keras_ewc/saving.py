@@ -24,6 +24,7 @@ import json
 import os
 import stat
 import tempfile
+import zipfile
 
 import keras
 import numpy as np
@@ -91,24 +92,36 @@ def _h5_shapes(filepath) -> dict:
 
 
 def check_weights_file(model, filepath) -> None:
-    """Compares a `.weights.h5` file with what `model` would write, before loading.
+    """Compares a `.weights.h5` or `.keras` file with what `model` would write, before
+    loading it with `load_weights`.
 
-    Raises a ValueError that lists every variable present on one side only and every
-    shape that differs, so a wrong file is refused before anything is assigned.
+    Raises a ValueError that says which EWC state the file holds when it is not the
+    model's (a diagonal state into a Kronecker model, or the reverse), or lists every
+    variable present on one side only and every shape that differs, so a wrong file is
+    refused before anything is assigned.
     """
-    import tempfile
-
     try:
-        saved = _h5_shapes(filepath)
+        saved = _stored_shapes(filepath)
     except Exception as error:
         raise ValueError(
-            f"Could not read the weights file {str(filepath)!r}: it is missing, truncated "
+            f"Could not read the file {str(filepath)!r}: it is missing, truncated "
             f"or corrupted; nothing was loaded. Cause: {error}"
         ) from error
+    if saved is None:
+        return  # a layout this check does not read: Keras checks it, all or nothing
     with tempfile.TemporaryDirectory() as tmp:
         own = f"{tmp}/own.weights.h5"
         model.save_weights(own)
         expected = _h5_shapes(own)
+    held, structure = _saved_structure(saved), getattr(model, "structure", "diagonal")
+    if held is not None and held != structure:
+        fix = ("`keras.models.load_model` rebuilds the model as it was saved, or load it "
+               if str(filepath).endswith(".keras") else "Load it ")
+        raise ValueError(
+            f"The file {str(filepath)!r} holds a {held} EWC state; this model is "
+            f"{structure} (structure={structure!r}); nothing was loaded. {fix}into an "
+            f"EWCModel(..., structure={held!r}) of the same architecture."
+        )
     # The optimizer's variables are checked only when both sides have them (Keras
     # leaves them alone when this model's optimizer is not built yet).
     optimizer = getattr(model, "optimizer", None)
@@ -130,11 +143,40 @@ def check_weights_file(model, filepath) -> None:
                  for k, v in expected.items() if k in saved and saved[k] != v]
     if problems:
         raise ValueError(
-            f"The weights file {str(filepath)!r} does not match the architecture of this "
+            f"The file {str(filepath)!r} does not match the architecture of this "
             f"{type(model).__name__} (paths as in the file); nothing was loaded: "
             + "; ".join(problems[:12])
             + (f"; and {len(problems) - 12} more" if len(problems) > 12 else "")
         )
+
+
+def _stored_shapes(filepath) -> dict | None:
+    """The shapes of the weights a `.weights.h5` or `.keras` file (zipped or a folder)
+    holds, by path; None for a layout not read here (sharded weights, a remote path)."""
+    path = os.fspath(filepath)
+    if path.endswith(".weights.h5"):
+        return _h5_shapes(path)
+    if not path.endswith(".keras") or "://" in path or not os.path.exists(path):
+        return None  # (a missing `.keras` file: Keras' own error, all or nothing)
+    if os.path.isdir(path):
+        inner = os.path.join(path, "model.weights.h5")
+        return _h5_shapes(inner) if os.path.exists(inner) else None
+    with zipfile.ZipFile(path) as archive:
+        if "model.weights.h5" not in archive.namelist():
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            return _h5_shapes(archive.extract("model.weights.h5", tmp))
+
+
+def _saved_structure(entries) -> str | None:
+    """Which EWC state a file's entries hold: the regulariser's group is named after
+    its class (`layers/ewc_regularizer/...`, `layers/kronecker_regularizer/...`)."""
+    groups = {key.split("/")[1] for key in entries if key.startswith("layers/")}
+    if "kronecker_regularizer" in groups:
+        return "kronecker"
+    if "ewc_regularizer" in groups:
+        return "diagonal"
+    return None
 
 
 def _state_group(entries) -> str | None:
@@ -231,7 +273,7 @@ def _naming_the_user_path(error, temporary, path):
 def all_or_nothing(model, load, filepath):
     """Calls `load()`; if it raises, restores every variable of `model` (weights, EWC
     state, optimizer) to its value before the call, and re-raises a clear error."""
-    if str(filepath).endswith(".weights.h5"):
+    if str(filepath).endswith((".weights.h5", ".keras")):
         check_weights_file(model, filepath)
     variables = _variables_of(model)
     saved = [np.array(v.numpy(), copy=True) for v in variables]
@@ -372,11 +414,12 @@ def load_saved_model(cls, filepath, model, **kwargs):
     kronecker = config.get("structure", "diagonal") == "kronecker"
     if kronecker:
         selection.update(structure="kronecker", max_tasks=int(config["max_tasks"]))
+    _check_arguments_against_the_file(config, kwargs, filepath)
     ewc = cls(
         model,
         strength=kwargs.pop("strength", config["strength"]),
-        mode=config["mode"],
-        gamma=config["gamma"],
+        mode=kwargs.pop("mode", config["mode"]),
+        gamma=kwargs.pop("gamma", config["gamma"]),
         **selection,
         **kwargs,
     )
@@ -413,6 +456,40 @@ def load_saved_model(cls, filepath, model, **kwargs):
     for w, a in zip(weights, saved):
         w.assign(a)
     return ewc
+
+
+def _check_arguments_against_the_file(config, kwargs, filepath) -> None:
+    """Refuses `from_saved_model` arguments that contradict what the SavedModel holds.
+
+    The file fixes the state's layout: its structure, mode, slots and regularised
+    variables. An argument equal to the file's value is accepted (and changes
+    nothing); another value is refused, naming both, since the state could not be
+    loaded into it. `strength` and `gamma` may be overridden (they can be set at any
+    time); `max_tasks` with a diagonal state is ignored, as `EWCModel` ignores it.
+    """
+    structure = config.get("structure", "diagonal")
+    fixed = {"structure": structure, "mode": config["mode"]}
+    if structure == "kronecker":
+        fixed["max_tasks"] = int(config["max_tasks"])
+    for name, held in fixed.items():
+        if name in kwargs and kwargs[name] != held:
+            raise ValueError(
+                f"The SavedModel at {str(filepath)!r} holds a {structure} EWC state with "
+                f"{name}={held!r}; from_saved_model was given {name}={kwargs[name]!r}. "
+                f"Leave `{name}` out (the file says it); for another {name}, wrap the "
+                "network in a new EWCModel and consolidate its tasks again."
+            )
+        kwargs.pop(name, None)
+    chosen = [n for n in ("include", "exclude", "variable_keys", "variable_indices")
+              if kwargs.get(n) is not None]
+    if chosen:
+        raise ValueError(
+            f"The SavedModel at {str(filepath)!r} says which variables its EWC state "
+            f"anchors ({config.get('variable_keys', config.get('variable_indices'))}); "
+            f"from_saved_model cannot choose others. Received: {chosen}. Leave them out."
+        )
+    for name in ("include", "exclude"):
+        kwargs.pop(name, None)
 
 
 def _check_match(what, expected, received, expected_names, saved_names, filepath):

@@ -575,3 +575,84 @@ def test_an_error_raised_while_writing_names_the_path_given(tmp_path):
     with pytest.raises(ValueError, match=rf"^Received: filepath={path}\.$"):
         saving.write_then_rename(path, True, write, fallback=None, endings=(".keras",))
     assert os.listdir(tmp_path) == []
+
+
+# --- files of another structure or architecture -------------------------------------------
+
+
+def _kronecker_after_task_a():
+    (xa, ya), _ = tasks()
+    model = compiled(sequential(), structure="kronecker", max_tasks=3)
+    model.fit(xa, ya, epochs=1, batch_size=16, shuffle=False, verbose=0)
+    model.consolidate((xa, ya), verbose=0)
+    for i, v in enumerate(model.network.trainable_variables):
+        v.assign(v + 0.01 * (i + 1))
+    return model
+
+
+def _snapshot(model, path):
+    with open(path, "rb") as f:
+        return [v.numpy() for v in model.weights], float(model.penalty()), f.read()
+
+
+@pytest.mark.parametrize("into", ["kronecker", "diagonal"])
+@pytest.mark.parametrize("kind", ["keras", "weights"])
+def test_a_file_of_the_other_structure_is_refused_naming_both(into, kind, tmp_path):
+    diagonal, kronecker = after_task_a(sequential()), _kronecker_after_task_a()
+    source, model = (diagonal, kronecker) if into == "kronecker" else (kronecker, diagonal)
+    path = tmp_path / ("m.keras" if kind == "keras" else "m.weights.h5")
+    (source.save if kind == "keras" else source.save_weights)(path)
+    before = _snapshot(model, path)
+    held = "diagonal" if into == "kronecker" else "kronecker"
+    # Before: "expected 9 variables, but received 0" / "format version 1 holds 0 variables".
+    with pytest.raises(ValueError, match=rf"holds a {held} EWC state; this model is "
+                                         rf"{into} \(structure='{into}'\); nothing was "
+                                         rf"loaded.*structure='{held}'"):
+        model.load_weights(path)
+    after = _snapshot(model, path)
+    assert_same(after[0], before[0])
+    assert after[1:] == before[1:] and after[1] > 0  # penalty and the file's bytes
+
+
+def test_a_keras_file_of_another_architecture_names_what_differs(tmp_path):
+    model = after_task_a(sequential())
+    model.save(tmp_path / "m.keras")
+    other = after_task_a(sequential(hidden=5))
+    before = _snapshot(other, tmp_path / "m.keras")
+    # Before: Keras' "Layer 'hidden' expected 2 variables, but received 0 variables".
+    with pytest.raises(ValueError, match=r"does not match the architecture of this "
+                                         r"EWCModel.*nothing was loaded: layers/sequential/"
+                                         r"layers/dense/vars/0: file has shape \(6, 8\), "
+                                         r"this model \(6, 5\)"):
+        other.load_weights(tmp_path / "m.keras")
+    after = _snapshot(other, tmp_path / "m.keras")
+    assert_same(after[0], before[0])
+    assert after[1:] == before[1:]
+
+
+@pytest.mark.parametrize("structure", ["diagonal", "kronecker"])
+def test_from_saved_model_accepts_the_files_own_structure_and_refuses_another(
+        structure, tmp_path):
+    source = (after_task_a(sequential()) if structure == "diagonal"
+              else _kronecker_after_task_a())
+    source.export(tmp_path / "served")
+    other = "kronecker" if structure == "diagonal" else "diagonal"
+    slots = {"max_tasks": 3} if structure == "kronecker" else {}
+    # Equal to the file's values: accepted (before: TypeError "got multiple values").
+    again = keras_ewc.EWCModel.from_saved_model(
+        tmp_path / "served", sequential(), structure=structure, mode="separate", **slots)
+    assert again.structure == structure
+    assert float(again.penalty()) == pytest.approx(float(source.penalty()), rel=1e-6)
+    net = sequential()
+    before = [v.numpy() for v in net.weights]
+    refused = [({"structure": other}, rf"holds a {structure} EWC state with "
+                                      rf"structure='{structure}'; from_saved_model was "
+                                      rf"given structure='{other}'"),
+               ({"mode": "online"}, r"with mode='separate'; .* given mode='online'"),
+               ({"include": ["hidden"]}, r"says which variables its EWC state anchors")]
+    if structure == "kronecker":
+        refused.append(({"max_tasks": 5}, r"with max_tasks=3; .* given max_tasks=5"))
+    for arguments, message in refused:
+        with pytest.raises(ValueError, match=message):
+            keras_ewc.EWCModel.from_saved_model(tmp_path / "served", net, **arguments)
+        assert_same([v.numpy() for v in net.weights], before)
