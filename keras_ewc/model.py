@@ -316,11 +316,26 @@ class EWCModel(keras.Model):
         # `fit` and `train_on_batch` come here first: follow a model that changed
         # (which retraces), else keep the traced step.
         changed = self._sync_state()
-        return super().make_train_function(force=force or changed)
+        return super().make_train_function(force=self._stale("train", force or changed))
 
     def make_test_function(self, force=False):
         changed = self._sync_state()
-        return super().make_test_function(force=force or changed)
+        return super().make_test_function(force=self._stale("test", force or changed))
+
+    def make_predict_function(self, force=False):
+        return super().make_predict_function(force=self._stale("predict", force))
+
+    def _stale(self, step, force) -> bool:
+        """Whether the traced `step` ("train", "test", "predict") must be traced again:
+        a traced step calls the network as it was when traced, so after a head is
+        replaced in place (`pop`, `add`) each step is retraced once, whichever of
+        `fit`, `evaluate` or `predict` notices the change first (`_sync_state` tells
+        only the first caller)."""
+        signature = self._model_signature()
+        traced = self.__dict__.setdefault("_traced_for", {})  # untracked by Keras
+        stale = traced.get(step) != signature
+        traced[step] = signature
+        return force or stale
 
     def _check_kronecker_unchanged(self, signature) -> bool:
         """Kronecker state is shaped per layer: refuse variables added or removed."""

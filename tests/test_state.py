@@ -210,6 +210,23 @@ def test_a_replaced_head_leaves_the_state_with_a_warning_and_a_new_one_joins_at_
     assert float(loaded.penalty()) == pytest.approx(float(model.penalty()), rel=1e-6)
 
 
+def test_every_traced_step_follows_a_head_replaced_in_place():
+    model = trained(net())
+    x, y = data(classes=4, seed=8)
+    model.predict(x, verbose=0)  # traced with the old head
+    model.evaluate(x, y, verbose=0)
+    model.network.pop()
+    model.network.add(keras.layers.Dense(4, name="new_head"))  # the same shapes
+    with pytest.warns(UserWarning, match="dropped"):
+        assert len(model.regularised_variables) == 4  # the state follows here
+    outputs = model.network(x).numpy()
+    # Before: evaluate and predict ran the old head's traced steps silently (no
+    # `compile` in between, which would have dropped them).
+    loss = float(model.evaluate(x, y, verbose=0, return_dict=True)["loss"])
+    assert loss == pytest.approx(float(LOSS(y, outputs)), rel=1e-5)
+    np.testing.assert_allclose(model.predict(x, verbose=0), outputs, rtol=1e-5, atol=1e-6)
+
+
 def test_include_and_exclude_apply_to_new_variables():
     model = trained(net(), exclude=lambda v: v.name == "bias")
     model.network.add(keras.layers.Dense(2, name="extra"))
