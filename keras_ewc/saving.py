@@ -249,10 +249,22 @@ def _plain_write_mode(target) -> int:
         return stat.S_IMODE(os.stat(target).st_mode)  # replacing: keep the file's mode
     except FileNotFoundError:
         pass
-    # A new file: 0o666 less the umask, which can only be read by setting it.
+    return 0o666 & ~_umask()  # a new file
+
+
+def _umask() -> int:
+    # Linux reports it; elsewhere it can only be read by setting it (and setting it
+    # back), which another thread creating a file at that instant could notice.
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     umask = os.umask(0o022)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
 
 
 def _naming_the_user_path(error, temporary, path):

@@ -656,3 +656,23 @@ def test_from_saved_model_accepts_the_files_own_structure_and_refuses_another(
         with pytest.raises(ValueError, match=message):
             keras_ewc.EWCModel.from_saved_model(tmp_path / "served", net, **arguments)
         assert_same([v.numpy() for v in net.weights], before)
+
+
+def test_the_umask_is_read_without_proc_too(monkeypatch):
+    from keras_ewc import saving
+
+    old = os.umask(0o037)
+    try:
+        assert saving._umask() == 0o037
+        real_open = open
+
+        def no_proc(path, *args, **kwargs):
+            if str(path).startswith("/proc/"):
+                raise FileNotFoundError(path)
+            return real_open(path, *args, **kwargs)
+
+        monkeypatch.setattr("builtins.open", no_proc)
+        assert saving._umask() == 0o037
+        assert os.umask(0o037) == 0o037  # and it is left as it was
+    finally:
+        os.umask(old)
