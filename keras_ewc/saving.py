@@ -212,11 +212,11 @@ def write_then_rename(filepath, overwrite, write, fallback, atomic=True, endings
     target = os.path.realpath(path)
     folder = os.path.dirname(target)
     if not os.path.isdir(folder):
+        through = "" if os.path.abspath(path) == target else f" (it links to {target!r})"
         raise FileNotFoundError(
             errno.ENOENT,
-            f"Cannot save to {path!r}: the folder {os.path.dirname(os.path.abspath(path))!r} "
-            "does not exist. Create it first (`os.makedirs`) or save into an existing "
-            "folder", path)
+            f"Cannot save to {path!r}{through}: the folder {folder!r} does not exist. "
+            "Create it first (`os.makedirs`) or save into an existing folder", path)
     mode = _plain_write_mode(target)
     name = os.path.basename(target)
     # The same file name ending (Keras checks `.keras`, `.weights.h5`).

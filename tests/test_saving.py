@@ -549,6 +549,14 @@ def test_save_errors_name_the_path_given_and_leave_the_file(kind, tmp_path, monk
         save(tmp_path / "nowhere" / name)
     assert (f"Cannot save to '{tmp_path}/nowhere/{name}': the folder "
             f"'{tmp_path}/nowhere' does not exist") in str(error.value)
+    # A link to a file in a folder that does not exist names the link and the folder.
+    link = tmp_path / f"link-{name}"
+    link.symlink_to(tmp_path / "gone" / name)
+    with pytest.raises(FileNotFoundError) as error:
+        save(link)
+    assert (f"Cannot save to '{link}' (it links to '{tmp_path}/gone/{name}'): the folder "
+            f"'{tmp_path}/gone' does not exist") in str(error.value)
+    link.unlink()
 
     # A folder no file can be created in (as /proc or a read-only mount).
     def refuse(*args, **kwargs):
