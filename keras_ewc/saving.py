@@ -114,6 +114,13 @@ def check_weights_file(model, filepath) -> None:
         model.save_weights(own)
         expected = _h5_shapes(own)
     held, structure = _saved_structure(saved), getattr(model, "structure", "diagonal")
+    if held is None and _saved_structure(expected) is not None:
+        raise ValueError(
+            f"The file {str(filepath)!r} holds no EWC state: it was saved from a plain "
+            f"Keras model, not an EWCModel; nothing was loaded. Load it into the wrapped "
+            "network (`model.network.load_weights(path)`), whose architecture it must "
+            "have; the EWC state is left as it is."
+        )
     if held is not None and held != structure:
         fix = ("`keras.models.load_model` rebuilds the model as it was saved, or load it "
                if str(filepath).endswith(".keras") else "Load it ")

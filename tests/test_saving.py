@@ -684,3 +684,21 @@ def test_the_umask_is_read_without_proc_too(monkeypatch):
         assert os.umask(0o037) == 0o037  # and it is left as it was
     finally:
         os.umask(old)
+
+
+@pytest.mark.parametrize("kind", ["keras", "weights"])
+def test_a_plain_keras_models_file_is_refused_naming_what_to_do(kind, tmp_path):
+    net = sequential()
+    path = tmp_path / ("net.keras" if kind == "keras" else "net.weights.h5")
+    (net.save if kind == "keras" else net.save_weights)(path)
+    model = after_task_a(sequential())
+    before = _snapshot(model, path)
+    # Before: a list of every path, missing on one side and present on the other.
+    with pytest.raises(ValueError, match=r"holds no EWC state: it was saved from a plain "
+                                         r"Keras model.*model\.network\.load_weights"):
+        model.load_weights(path)
+    after = _snapshot(model, path)
+    assert_same(after[0], before[0])
+    assert after[1:] == before[1:] and after[1] > 0
+    model.network.load_weights(path)  # the way the error names
+    assert_same([v.numpy() for v in model.network.weights], [v.numpy() for v in net.weights])
