@@ -218,11 +218,14 @@ def write_then_rename(filepath, overwrite, write, fallback, atomic=True, endings
     # target, as a plain write would, and the link keeps pointing at it.
     target = os.path.realpath(path)
     folder = os.path.dirname(target)
+    # Errors name the folder as the user wrote it, or the link's target's.
+    link = os.path.islink(path)
+    through = f" (it links to {target!r})" if link else ""
+    shown = folder if link else os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        through = "" if os.path.abspath(path) == target else f" (it links to {target!r})"
         raise FileNotFoundError(
             errno.ENOENT,
-            f"Cannot save to {path!r}{through}: the folder {folder!r} does not exist. "
+            f"Cannot save to {path!r}{through}: the folder {shown!r} does not exist. "
             "Create it first (`os.makedirs`) or save into an existing folder", path)
     mode = _plain_write_mode(target)
     name = os.path.basename(target)
@@ -232,8 +235,8 @@ def write_then_rename(filepath, overwrite, write, fallback, atomic=True, endings
     except OSError as error:
         raise type(error)(
             error.errno,
-            f"Cannot save to {path!r}: no file can be created in its folder "
-            f"{folder!r} ({error.strerror}). Save into a folder you can write to",
+            f"Cannot save to {path!r}{through}: no file can be created in the folder "
+            f"{shown!r} ({error.strerror}). Save into a folder you can write to",
             path) from error
     os.close(handle)
     try:
