@@ -109,6 +109,30 @@ def untrack_variable(layer, variable) -> None:
     layer._untrack_variable(variable)
 
 
+def swap_layer(model, old, new) -> None:
+    """Puts `new` in `old`'s place among `model`'s tracked layers; `old` leaves them
+    (it is no longer listed, weighed or saved as part of `model`).
+
+    Why private: `EWCModel.network` can be replaced; Keras keeps every layer ever
+    assigned to an attribute among the model's tracked layers (so its weights are
+    listed, and saved into `.keras` files beside the new network's), and has no
+    public way to remove one. The position is kept so `model.weights` (and
+    `get_weights`) stay in the order a freshly built model has.
+    """
+    tracker, layers = model._tracker, model._layers
+    position = next((i for i, layer in enumerate(layers) if layer is old), len(layers))
+    tracker.untrack(old)
+    if not tracker.is_in_store("layers", new):
+        locked = tracker.locked
+        tracker.unlock()
+        try:
+            tracker.add_to_store("layers", new)
+        finally:
+            if locked:
+                tracker.lock()
+        layers.insert(position, layers.pop())
+
+
 def trackable_children(obj, save_type="checkpoint", **kwargs) -> dict:
     """`keras.layers.Layer._trackable_children`: what a checkpoint saves of `obj`.
 

@@ -41,6 +41,14 @@ class EWCModel(keras.Model):
     that `include`/`exclude` select join it with zero precision (free until the next
     consolidation). `regularised_variables` always reflects the model as it is.
 
+    The wrapped model can also be replaced: `model.network = keras.Sequential([...])`
+    (say, a new network around some of the old layers and a new head) makes the
+    wrapper wrap the new network only (the old one is no longer saved with it), and
+    the state follows at once as above: variables the two networks share keep their
+    anchors and precision, the others leave (with the warning) or join (at zero).
+    Compile again before `fit` if the new network has new variables (the optimizer
+    knows only the old ones, as in Keras).
+
     `strength` and `gamma` can be assigned at any time (`model.strength = 10.0`, also
     from a callback): like an optimizer's learning rate they are variables, used by the
     next step without recompiling, and saved with the model. A strength so large that
@@ -129,6 +137,69 @@ class EWCModel(keras.Model):
         self.penalty_tracker = keras.metrics.Mean(name="ewc_penalty")
         if model.built and model.weights:
             self._build_state()
+
+    # --- replacing the wrapped network --------------------------------------------
+
+    def __setattr__(self, name, value):
+        if name == "network" and "network" in self.__dict__:
+            self._replace_network(value)
+        else:
+            super().__setattr__(name, value)
+
+    def _replace_network(self, new) -> None:
+        """`model.network = new`: wraps `new` in place of the current network.
+
+        Replacing is supported rather than refused because it is how a Keras user
+        changes a model that cannot be edited in place (a functional model, or a new
+        `keras.Sequential` around some of the old layers and a new head), and the state
+        already follows a changed network by variable identity (see `_sync_state`):
+        what the two networks share keeps its anchor and precision. The old network is
+        untracked, so it is no longer one of this model's layers, weights or saved
+        objects (a file would otherwise carry it and load its weights into the new
+        network's layers), and the traced steps, which called the old network, are
+        traced again. Refused, with the wrapper left as it was: something that is not
+        a Keras layer, a network without weights while the state is built (it cannot
+        tell which variables it shares), and a change under `structure="kronecker"`
+        (whose state is shaped per layer; wrap the new network in a new EWCModel).
+        """
+        old = self.__dict__["network"]
+        if new is old:
+            return
+        if not isinstance(new, keras.layers.Layer) or new is self or new is self.regularizer:
+            raise ValueError(
+                "Expected a Keras model (or layer) to wrap in place of the current "
+                f"network. Received: network={new!r} of type {type(new).__name__}"
+            )
+        reg = self.regularizer
+        if reg.built and self.structure == "kronecker":
+            raise ValueError(
+                "structure='kronecker' does not follow a replaced network: its state is "
+                "shaped per layer of the network it was built for. Wrap the new network "
+                "in a new EWCModel (`keras_ewc.EWCModel(new_network, "
+                "structure='kronecker', ...)`), or use structure='diagonal'. The model "
+                "still wraps the old network."
+            )
+        if reg.built and not (new.built and new.weights):
+            raise ValueError(
+                f"The new network {new.name!r} has no weights yet, so the EWC state "
+                "cannot tell which of its variables it anchors. Build it first (call it "
+                "on a batch, or `new_network.build(input_shape)`), then assign it. The "
+                "model still wraps the old network."
+            )
+        _private.swap_layer(self, old, new)
+        super().__setattr__("network", new)
+        try:
+            if reg.built:
+                self._sync_state()
+            elif new.built and new.weights:
+                self._build_state()
+        except BaseException:
+            _private.swap_layer(self, new, old)
+            super().__setattr__("network", old)
+            self._signature = self._model_signature() if reg.built else None
+            raise
+        # The traced steps call the old network: Keras traces them again when None.
+        self.train_function = self.test_function = self.predict_function = None
 
     # --- building ------------------------------------------------------------------
 
@@ -245,11 +316,26 @@ class EWCModel(keras.Model):
         # `fit` and `train_on_batch` come here first: follow a model that changed
         # (which retraces), else keep the traced step.
         changed = self._sync_state()
-        return super().make_train_function(force=force or changed)
+        return super().make_train_function(force=self._stale("train", force or changed))
 
     def make_test_function(self, force=False):
         changed = self._sync_state()
-        return super().make_test_function(force=force or changed)
+        return super().make_test_function(force=self._stale("test", force or changed))
+
+    def make_predict_function(self, force=False):
+        return super().make_predict_function(force=self._stale("predict", force))
+
+    def _stale(self, step, force) -> bool:
+        """Whether the traced `step` ("train", "test", "predict") must be traced again:
+        a traced step calls the network as it was when traced, so after a head is
+        replaced in place (`pop`, `add`) each step is retraced once, whichever of
+        `fit`, `evaluate` or `predict` notices the change first (`_sync_state` tells
+        only the first caller)."""
+        signature = self._model_signature()
+        traced = self.__dict__.setdefault("_traced_for", {})  # untracked by Keras
+        stale = traced.get(step) != signature
+        traced[step] = signature
+        return force or stale
 
     def _check_kronecker_unchanged(self, signature) -> bool:
         """Kronecker state is shaped per layer: refuse variables added or removed."""
@@ -495,7 +581,11 @@ class EWCModel(keras.Model):
 
     def save(self, filepath, overwrite=True, zipped=None, **kwargs):
         """Saves the model; the file is written beside `filepath` and renamed into place,
-        so a save that fails part-way leaves the previous file as it was."""
+        so a save that fails part-way leaves the previous file as it was.
+
+        As with a plain write, a symbolic link is written through (its target is
+        replaced) and the file keeps the mode it had (a new one: `0o666` less the
+        umask); see `keras_ewc.saving.write_then_rename`."""
         self._sync_state()
         return saving.write_then_rename(
             filepath, overwrite,
@@ -503,17 +593,19 @@ class EWCModel(keras.Model):
                                                     **kwargs),
             fallback=lambda: super(EWCModel, self).save(
                 filepath, overwrite=overwrite, zipped=zipped, **kwargs),
-            atomic=zipped is not False and not kwargs)
+            atomic=zipped is not False and not kwargs,
+            endings=(".keras", ".h5", ".hdf5"))
 
     def save_weights(self, filepath, overwrite=True, max_shard_size=None):
-        """Saves weights and EWC state, written beside `filepath` and renamed into place."""
+        """Saves weights and EWC state, written beside `filepath` and renamed into place
+        (through symbolic links, keeping the file's mode, as `save` does)."""
         self._sync_state()
         return saving.write_then_rename(
             filepath, overwrite,
             lambda path: super(EWCModel, self).save_weights(path, overwrite=True),
             fallback=lambda: super(EWCModel, self).save_weights(
                 filepath, overwrite=overwrite, max_shard_size=max_shard_size),
-            atomic=max_shard_size is None)
+            atomic=max_shard_size is None, endings=(".weights.h5",))
 
     def load_weights(self, filepath, skip_mismatch=False, **kwargs):
         """Loads weights, optimizer variables and EWC state: all of them, or none.
@@ -579,7 +671,11 @@ class EWCModel(keras.Model):
         Args:
             filepath: the SavedModel's directory.
             model: the architecture to fill in.
-            **kwargs: passed to `EWCModel` (e.g. `name`, or `strength` to override).
+            **kwargs: passed to `EWCModel` (e.g. `name`, or `strength` or `gamma`
+                to override). `structure`, `mode` and `max_tasks` are the file's: a
+                value equal to it is accepted, another is refused with a ValueError
+                naming both (the state could not be loaded into it), as are
+                `include`/`exclude` (the file says what is anchored).
 
         Example:
 

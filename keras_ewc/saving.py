@@ -19,9 +19,12 @@ them by position and is still read.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import tempfile
+import zipfile
 
 import keras
 import numpy as np
@@ -89,24 +92,43 @@ def _h5_shapes(filepath) -> dict:
 
 
 def check_weights_file(model, filepath) -> None:
-    """Compares a `.weights.h5` file with what `model` would write, before loading.
+    """Compares a `.weights.h5` or `.keras` file with what `model` would write, before
+    loading it with `load_weights`.
 
-    Raises a ValueError that lists every variable present on one side only and every
-    shape that differs, so a wrong file is refused before anything is assigned.
+    Raises a ValueError that says which EWC state the file holds when it is not the
+    model's (a diagonal state into a Kronecker model, or the reverse), or lists every
+    variable present on one side only and every shape that differs, so a wrong file is
+    refused before anything is assigned.
     """
-    import tempfile
-
     try:
-        saved = _h5_shapes(filepath)
+        saved = _stored_shapes(filepath)
     except Exception as error:
         raise ValueError(
-            f"Could not read the weights file {str(filepath)!r}: it is missing, truncated "
+            f"Could not read the file {str(filepath)!r}: it is missing, truncated "
             f"or corrupted; nothing was loaded. Cause: {error}"
         ) from error
+    if saved is None:
+        return  # a layout this check does not read: Keras checks it, all or nothing
     with tempfile.TemporaryDirectory() as tmp:
         own = f"{tmp}/own.weights.h5"
         model.save_weights(own)
         expected = _h5_shapes(own)
+    held, structure = _saved_structure(saved), getattr(model, "structure", "diagonal")
+    if held is None and _saved_structure(expected) is not None:
+        raise ValueError(
+            f"The file {str(filepath)!r} holds no EWC state: it was saved from a plain "
+            f"Keras model, not an EWCModel; nothing was loaded. Load it into the wrapped "
+            "network (`model.network.load_weights(path)`), whose architecture it must "
+            "have; the EWC state is left as it is."
+        )
+    if held is not None and held != structure:
+        fix = ("`keras.models.load_model` rebuilds the model as it was saved, or load it "
+               if str(filepath).endswith(".keras") else "Load it ")
+        raise ValueError(
+            f"The file {str(filepath)!r} holds a {held} EWC state; this model is "
+            f"{structure} (structure={structure!r}); nothing was loaded. {fix}into an "
+            f"EWCModel(..., structure={held!r}) of the same architecture."
+        )
     # The optimizer's variables are checked only when both sides have them (Keras
     # leaves them alone when this model's optimizer is not built yet).
     optimizer = getattr(model, "optimizer", None)
@@ -128,11 +150,40 @@ def check_weights_file(model, filepath) -> None:
                  for k, v in expected.items() if k in saved and saved[k] != v]
     if problems:
         raise ValueError(
-            f"The weights file {str(filepath)!r} does not match the architecture of this "
+            f"The file {str(filepath)!r} does not match the architecture of this "
             f"{type(model).__name__} (paths as in the file); nothing was loaded: "
             + "; ".join(problems[:12])
             + (f"; and {len(problems) - 12} more" if len(problems) > 12 else "")
         )
+
+
+def _stored_shapes(filepath) -> dict | None:
+    """The shapes of the weights a `.weights.h5` or `.keras` file (zipped or a folder)
+    holds, by path; None for a layout not read here (sharded weights, a remote path)."""
+    path = os.fspath(filepath)
+    if path.endswith(".weights.h5"):
+        return _h5_shapes(path)
+    if not path.endswith(".keras") or "://" in path or not os.path.exists(path):
+        return None  # (a missing `.keras` file: Keras' own error, all or nothing)
+    if os.path.isdir(path):
+        inner = os.path.join(path, "model.weights.h5")
+        return _h5_shapes(inner) if os.path.exists(inner) else None
+    with zipfile.ZipFile(path) as archive:
+        if "model.weights.h5" not in archive.namelist():
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            return _h5_shapes(archive.extract("model.weights.h5", tmp))
+
+
+def _saved_structure(entries) -> str | None:
+    """Which EWC state a file's entries hold: the regulariser's group is named after
+    its class (`layers/ewc_regularizer/...`, `layers/kronecker_regularizer/...`)."""
+    groups = {key.split("/")[1] for key in entries if key.startswith("layers/")}
+    if "kronecker_regularizer" in groups:
+        return "kronecker"
+    if "ewc_regularizer" in groups:
+        return "diagonal"
+    return None
 
 
 def _state_group(entries) -> str | None:
@@ -143,34 +194,108 @@ def _state_group(entries) -> str | None:
     return None
 
 
-def write_then_rename(filepath, overwrite, write, fallback, atomic=True):
+def write_then_rename(filepath, overwrite, write, fallback, atomic=True, endings=()):
     """Writes a file with `write(temporary_path)` beside `filepath`, then renames it
     into place (`os.replace`), so a write that fails part-way leaves the previous file
-    as it was. Paths that are not local files (or `atomic=False`) use `fallback()`."""
+    as it was. Paths that are not local files (or `atomic=False`) use `fallback()`.
+
+    The result is what a plain write would leave: a symbolic link is written through
+    (its target is replaced, the link stays), and the file gets the mode a plain
+    `open(path, "w")` gives it (the replaced file's mode, or `0o666` less the umask
+    for a new one), not the `0o600` of a temporary file. Errors name `filepath`, never
+    the temporary file: a name Keras would refuse (not one of `endings`) goes to
+    `fallback()`, whose error names it, and a folder that is missing or cannot be
+    written to is refused before anything is written.
+    """
     path = os.fspath(filepath)
-    folder = os.path.dirname(os.path.abspath(path))
-    if not atomic or "://" in path or not os.path.isdir(folder) or os.path.isdir(path):
+    if not atomic or "://" in path or os.path.isdir(path):
         return fallback()
+    if endings and not str(path).endswith(tuple(endings)):
+        return fallback()  # Keras refuses the name, naming it
     if not overwrite and os.path.exists(path):
         return fallback()  # Keras asks before overwriting
-    name = os.path.basename(path)
+    # Through symbolic links (also of folders on the way): the rename replaces the
+    # target, as a plain write would, and the link keeps pointing at it.
+    target = os.path.realpath(path)
+    folder = os.path.dirname(target)
+    # Errors name the folder as the user wrote it, or the link's target's.
+    link = os.path.islink(path)
+    through = f" (it links to {target!r})" if link else ""
+    shown = folder if link else os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(
+            errno.ENOENT,
+            f"Cannot save to {path!r}{through}: the folder {shown!r} does not exist. "
+            "Create it first (`os.makedirs`) or save into an existing folder", path)
+    mode = _plain_write_mode(target)
+    name = os.path.basename(target)
     # The same file name ending (Keras checks `.keras`, `.weights.h5`).
-    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix="-" + name, dir=folder)
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix="-" + name, dir=folder)
+    except OSError as error:
+        raise type(error)(
+            error.errno,
+            f"Cannot save to {path!r}{through}: no file can be created in the folder "
+            f"{shown!r} ({error.strerror}). Save into a folder you can write to",
+            path) from error
     os.close(handle)
     try:
         result = write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
+        os.chmod(temporary, mode)
+        os.replace(temporary, target)
+    except BaseException as error:
         if os.path.exists(temporary):
             os.remove(temporary)
+        renamed = _naming_the_user_path(error, temporary, path)
+        if renamed is not None:
+            raise renamed from error
         raise
     return result
+
+
+def _plain_write_mode(target) -> int:
+    """The permission bits `open(target, "w")` would leave on `target`."""
+    try:
+        return stat.S_IMODE(os.stat(target).st_mode)  # replacing: keep the file's mode
+    except FileNotFoundError:
+        pass
+    return 0o666 & ~_umask()  # a new file
+
+
+def _umask() -> int:
+    # Linux reports it; elsewhere it can only be read by setting it (and setting it
+    # back), which another thread creating a file at that instant could notice.
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def _naming_the_user_path(error, temporary, path):
+    """`error` again, its message naming `path` where it named the temporary file;
+    None when it does not name it or cannot be rebuilt."""
+    text = str(error)
+    if temporary not in text:
+        return None
+    try:
+        if isinstance(error, OSError) and error.errno is not None:
+            return type(error)(error.errno, str(error.strerror).replace(temporary, path),
+                               path)
+        return type(error)(text.replace(temporary, path))
+    except Exception:
+        return None
 
 
 def all_or_nothing(model, load, filepath):
     """Calls `load()`; if it raises, restores every variable of `model` (weights, EWC
     state, optimizer) to its value before the call, and re-raises a clear error."""
-    if str(filepath).endswith(".weights.h5"):
+    if str(filepath).endswith((".weights.h5", ".keras")):
         check_weights_file(model, filepath)
     variables = _variables_of(model)
     saved = [np.array(v.numpy(), copy=True) for v in variables]
@@ -311,11 +436,12 @@ def load_saved_model(cls, filepath, model, **kwargs):
     kronecker = config.get("structure", "diagonal") == "kronecker"
     if kronecker:
         selection.update(structure="kronecker", max_tasks=int(config["max_tasks"]))
+    _check_arguments_against_the_file(config, kwargs, filepath)
     ewc = cls(
         model,
         strength=kwargs.pop("strength", config["strength"]),
-        mode=config["mode"],
-        gamma=config["gamma"],
+        mode=kwargs.pop("mode", config["mode"]),
+        gamma=kwargs.pop("gamma", config["gamma"]),
         **selection,
         **kwargs,
     )
@@ -352,6 +478,40 @@ def load_saved_model(cls, filepath, model, **kwargs):
     for w, a in zip(weights, saved):
         w.assign(a)
     return ewc
+
+
+def _check_arguments_against_the_file(config, kwargs, filepath) -> None:
+    """Refuses `from_saved_model` arguments that contradict what the SavedModel holds.
+
+    The file fixes the state's layout: its structure, mode, slots and regularised
+    variables. An argument equal to the file's value is accepted (and changes
+    nothing); another value is refused, naming both, since the state could not be
+    loaded into it. `strength` and `gamma` may be overridden (they can be set at any
+    time); `max_tasks` with a diagonal state is ignored, as `EWCModel` ignores it.
+    """
+    structure = config.get("structure", "diagonal")
+    fixed = {"structure": structure, "mode": config["mode"]}
+    if structure == "kronecker":
+        fixed["max_tasks"] = int(config["max_tasks"])
+    for name, held in fixed.items():
+        if name in kwargs and kwargs[name] != held:
+            raise ValueError(
+                f"The SavedModel at {str(filepath)!r} holds a {structure} EWC state with "
+                f"{name}={held!r}; from_saved_model was given {name}={kwargs[name]!r}. "
+                f"Leave `{name}` out (the file says it); for another {name}, wrap the "
+                "network in a new EWCModel and consolidate its tasks again."
+            )
+        kwargs.pop(name, None)
+    chosen = [n for n in ("include", "exclude", "variable_keys", "variable_indices")
+              if kwargs.get(n) is not None]
+    if chosen:
+        raise ValueError(
+            f"The SavedModel at {str(filepath)!r} says which variables its EWC state "
+            f"anchors ({config.get('variable_keys', config.get('variable_indices'))}); "
+            f"from_saved_model cannot choose others. Received: {chosen}. Leave them out."
+        )
+    for name in ("include", "exclude"):
+        kwargs.pop(name, None)
 
 
 def _check_match(what, expected, received, expected_names, saved_names, filepath):

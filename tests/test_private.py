@@ -86,3 +86,20 @@ def test_trackable_children_name_a_layers_weights_for_checkpoints():
     layer.build((None, 3))
     children = _private.trackable_children(layer)
     assert any(child is layer.kernel for child in children.values())
+
+
+def test_swap_layer_puts_the_new_layer_in_the_old_ones_place():
+    class Holder(keras.Model):
+        def call(self, x):
+            return x
+
+    holder = Holder()
+    first, old, last = keras.layers.Dense(2), keras.layers.Dense(3), keras.layers.Dense(4)
+    holder.first, holder.old, holder.last = first, old, last
+    for layer in (first, old, last):
+        layer.build((None, 5))
+    new = keras.layers.Dense(6)
+    new.build((None, 5))
+    _private.swap_layer(holder, old, new)
+    assert holder.layers == [first, new, last]
+    assert [tuple(w.shape) for w in holder.weights][::2] == [(5, 2), (5, 6), (5, 4)]

@@ -2,8 +2,10 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 import zipfile
 
 import keras
@@ -481,3 +483,222 @@ def test_save_refuses_to_overwrite_when_told_not_to(tmp_path, monkeypatch):
     monkeypatch.setattr("builtins.input", lambda *a: "n")
     model.save(tmp_path / "m.keras", overwrite=False)
     assert (tmp_path / "m.keras").read_bytes() == first
+
+
+# --- what a plain write would leave: links, modes, errors naming the user's path ----------
+
+SAVES = {"keras": ("m.keras", "save"), "weights": ("m.weights.h5", "save_weights")}
+
+
+def _state_from(kind, path):
+    if kind == "keras":
+        return state(keras.models.load_model(path))
+    model = compiled(sequential())
+    model.load_weights(path)
+    return state(model)
+
+
+@pytest.mark.parametrize("kind", sorted(SAVES))
+def test_saving_through_a_symbolic_link_writes_its_target(kind, tmp_path):
+    name, method = SAVES[kind]
+    model = after_task_a(sequential())
+    (tmp_path / "store").mkdir()
+    target = tmp_path / "store" / name
+    getattr(compiled(sequential()), method)(target)  # an older file, zero state
+    link = tmp_path / name
+    link.symlink_to(target)
+    getattr(model, method)(link)
+    assert link.is_symlink() and os.readlink(link) == str(target)  # the link stays
+    assert sorted(os.listdir(tmp_path / "store")) == [name]  # no temporary file left
+    assert_same(_state_from(kind, target), state(model))  # the target was written
+    assert float(state(model)[-1]) == 1.0  # a consolidated state, not the zero one
+
+
+@pytest.mark.parametrize("kind", sorted(SAVES))
+def test_saved_files_get_the_mode_a_plain_write_gives(kind, tmp_path):
+    name, method = SAVES[kind]
+    model = after_task_a(sequential())
+    path = tmp_path / name
+    old = os.umask(0o027)
+    try:
+        getattr(model, method)(path)  # a new file: 0o666 less the umask
+        assert oct(os.stat(path).st_mode & 0o7777) == oct(0o640)
+        os.chmod(path, 0o664)  # a replaced file keeps its mode
+        getattr(model, method)(path)
+        assert oct(os.stat(path).st_mode & 0o7777) == oct(0o664)
+    finally:
+        os.umask(old)
+    assert_same(_state_from(kind, path), state(model))
+
+
+@pytest.mark.parametrize("kind", sorted(SAVES))
+def test_save_errors_name_the_path_given_and_leave_the_file(kind, tmp_path, monkeypatch):
+    name, method = SAVES[kind]
+    model = after_task_a(sequential())
+    save = getattr(model, method)
+    path = tmp_path / name
+    save(path)
+    before = path.read_bytes()
+    weights = [v.numpy() for v in model.weights]
+    # A name Keras refuses: Keras' own error, naming it (it named a temporary file).
+    given = re.escape(str(tmp_path / "learner."))
+    with pytest.raises(ValueError, match=rf"Received: filepath={given}\.?$"):
+        save(tmp_path / "learner.")
+    # A folder that does not exist.
+    with pytest.raises(FileNotFoundError) as error:
+        save(tmp_path / "nowhere" / name)
+    assert (f"Cannot save to '{tmp_path}/nowhere/{name}': the folder "
+            f"'{tmp_path}/nowhere' does not exist") in str(error.value)
+    # A link to a file in a folder that does not exist names the link and the folder.
+    link = tmp_path / f"link-{name}"
+    link.symlink_to(tmp_path / "gone" / name)
+    with pytest.raises(FileNotFoundError) as error:
+        save(link)
+    assert (f"Cannot save to '{link}' (it links to '{tmp_path}/gone/{name}'): the folder "
+            f"'{tmp_path}/gone' does not exist") in str(error.value)
+    link.unlink()
+
+    # A folder no file can be created in (as /proc or a read-only mount).
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", f"{tmp_path}/.tmp-x-{name}")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(PermissionError) as error:
+        save(path)
+    monkeypatch.undo()
+    assert f"Cannot save to '{path}'" in str(error.value)
+    assert ".tmp-" not in str(error.value)
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == [name]
+    assert_same([v.numpy() for v in model.weights], weights)
+
+
+def test_an_error_raised_while_writing_names_the_path_given(tmp_path):
+    from keras_ewc import saving
+
+    def write(temporary):
+        raise ValueError(f"Received: filepath={temporary}.")
+
+    path = str(tmp_path / "m.keras")
+    with pytest.raises(ValueError, match=rf"^Received: filepath={path}\.$"):
+        saving.write_then_rename(path, True, write, fallback=None, endings=(".keras",))
+    assert os.listdir(tmp_path) == []
+
+
+# --- files of another structure or architecture -------------------------------------------
+
+
+def _kronecker_after_task_a():
+    (xa, ya), _ = tasks()
+    model = compiled(sequential(), structure="kronecker", max_tasks=3)
+    model.fit(xa, ya, epochs=1, batch_size=16, shuffle=False, verbose=0)
+    model.consolidate((xa, ya), verbose=0)
+    for i, v in enumerate(model.network.trainable_variables):
+        v.assign(v + 0.01 * (i + 1))
+    return model
+
+
+def _snapshot(model, path):
+    with open(path, "rb") as f:
+        return [v.numpy() for v in model.weights], float(model.penalty()), f.read()
+
+
+@pytest.mark.parametrize("into", ["kronecker", "diagonal"])
+@pytest.mark.parametrize("kind", ["keras", "weights"])
+def test_a_file_of_the_other_structure_is_refused_naming_both(into, kind, tmp_path):
+    diagonal, kronecker = after_task_a(sequential()), _kronecker_after_task_a()
+    source, model = (diagonal, kronecker) if into == "kronecker" else (kronecker, diagonal)
+    path = tmp_path / ("m.keras" if kind == "keras" else "m.weights.h5")
+    (source.save if kind == "keras" else source.save_weights)(path)
+    before = _snapshot(model, path)
+    held = "diagonal" if into == "kronecker" else "kronecker"
+    # Before: "expected 9 variables, but received 0" / "format version 1 holds 0 variables".
+    with pytest.raises(ValueError, match=rf"holds a {held} EWC state; this model is "
+                                         rf"{into} \(structure='{into}'\); nothing was "
+                                         rf"loaded.*structure='{held}'"):
+        model.load_weights(path)
+    after = _snapshot(model, path)
+    assert_same(after[0], before[0])
+    assert after[1:] == before[1:] and after[1] > 0  # penalty and the file's bytes
+
+
+def test_a_keras_file_of_another_architecture_names_what_differs(tmp_path):
+    model = after_task_a(sequential())
+    model.save(tmp_path / "m.keras")
+    other = after_task_a(sequential(hidden=5))
+    before = _snapshot(other, tmp_path / "m.keras")
+    # Before: Keras' "Layer 'hidden' expected 2 variables, but received 0 variables".
+    with pytest.raises(ValueError, match=r"does not match the architecture of this "
+                                         r"EWCModel.*nothing was loaded: layers/sequential/"
+                                         r"layers/dense/vars/0: file has shape \(6, 8\), "
+                                         r"this model \(6, 5\)"):
+        other.load_weights(tmp_path / "m.keras")
+    after = _snapshot(other, tmp_path / "m.keras")
+    assert_same(after[0], before[0])
+    assert after[1:] == before[1:]
+
+
+@pytest.mark.parametrize("structure", ["diagonal", "kronecker"])
+def test_from_saved_model_accepts_the_files_own_structure_and_refuses_another(
+        structure, tmp_path):
+    source = (after_task_a(sequential()) if structure == "diagonal"
+              else _kronecker_after_task_a())
+    source.export(tmp_path / "served")
+    other = "kronecker" if structure == "diagonal" else "diagonal"
+    slots = {"max_tasks": 3} if structure == "kronecker" else {}
+    # Equal to the file's values: accepted (before: TypeError "got multiple values").
+    again = keras_ewc.EWCModel.from_saved_model(
+        tmp_path / "served", sequential(), structure=structure, mode="separate", **slots)
+    assert again.structure == structure
+    assert float(again.penalty()) == pytest.approx(float(source.penalty()), rel=1e-6)
+    net = sequential()
+    before = [v.numpy() for v in net.weights]
+    refused = [({"structure": other}, rf"holds a {structure} EWC state with "
+                                      rf"structure='{structure}'; from_saved_model was "
+                                      rf"given structure='{other}'"),
+               ({"mode": "online"}, r"with mode='separate'; .* given mode='online'"),
+               ({"include": ["hidden"]}, r"says which variables its EWC state anchors")]
+    if structure == "kronecker":
+        refused.append(({"max_tasks": 5}, r"with max_tasks=3; .* given max_tasks=5"))
+    for arguments, message in refused:
+        with pytest.raises(ValueError, match=message):
+            keras_ewc.EWCModel.from_saved_model(tmp_path / "served", net, **arguments)
+        assert_same([v.numpy() for v in net.weights], before)
+
+
+def test_the_umask_is_read_without_proc_too(monkeypatch):
+    from keras_ewc import saving
+
+    old = os.umask(0o037)
+    try:
+        assert saving._umask() == 0o037
+        real_open = open
+
+        def no_proc(path, *args, **kwargs):
+            if str(path).startswith("/proc/"):
+                raise FileNotFoundError(path)
+            return real_open(path, *args, **kwargs)
+
+        monkeypatch.setattr("builtins.open", no_proc)
+        assert saving._umask() == 0o037
+        assert os.umask(0o037) == 0o037  # and it is left as it was
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.parametrize("kind", ["keras", "weights"])
+def test_a_plain_keras_models_file_is_refused_naming_what_to_do(kind, tmp_path):
+    net = sequential()
+    path = tmp_path / ("net.keras" if kind == "keras" else "net.weights.h5")
+    (net.save if kind == "keras" else net.save_weights)(path)
+    model = after_task_a(sequential())
+    before = _snapshot(model, path)
+    # Before: a list of every path, missing on one side and present on the other.
+    with pytest.raises(ValueError, match=r"holds no EWC state: it was saved from a plain "
+                                         r"Keras model.*model\.network\.load_weights"):
+        model.load_weights(path)
+    after = _snapshot(model, path)
+    assert_same(after[0], before[0])
+    assert after[1:] == before[1:] and after[1] > 0
+    model.network.load_weights(path)  # the way the error names
+    assert_same([v.numpy() for v in model.network.weights], [v.numpy() for v in net.weights])

@@ -210,6 +210,23 @@ def test_a_replaced_head_leaves_the_state_with_a_warning_and_a_new_one_joins_at_
     assert float(loaded.penalty()) == pytest.approx(float(model.penalty()), rel=1e-6)
 
 
+def test_every_traced_step_follows_a_head_replaced_in_place():
+    model = trained(net())
+    x, y = data(classes=4, seed=8)
+    model.predict(x, verbose=0)  # traced with the old head
+    model.evaluate(x, y, verbose=0)
+    model.network.pop()
+    model.network.add(keras.layers.Dense(4, name="new_head"))  # the same shapes
+    with pytest.warns(UserWarning, match="dropped"):
+        assert len(model.regularised_variables) == 4  # the state follows here
+    outputs = model.network(x).numpy()
+    # Before: evaluate and predict ran the old head's traced steps silently (no
+    # `compile` in between, which would have dropped them).
+    loss = float(model.evaluate(x, y, verbose=0, return_dict=True)["loss"])
+    assert loss == pytest.approx(float(LOSS(y, outputs)), rel=1e-5)
+    np.testing.assert_allclose(model.predict(x, verbose=0), outputs, rtol=1e-5, atol=1e-6)
+
+
 def test_include_and_exclude_apply_to_new_variables():
     model = trained(net(), exclude=lambda v: v.name == "bias")
     model.network.add(keras.layers.Dense(2, name="extra"))
@@ -221,6 +238,89 @@ def test_include_and_exclude_apply_to_new_variables():
     names.network.add(keras.layers.Dense(2, name="extra"))
     assert names.regularizer.keys == ["0:kernel", "1:bias"]
     assert [v.path.split("/")[-2] for v in names.regularised_variables] == ["h", "h"]
+
+
+def _move_and_consolidate(model):
+    """The same further task for two copies: a fixed Fisher, then moved weights."""
+    rng = np.random.default_rng(7)
+    model.regularizer.consolidate([rng.gamma(0.5, 0.1, size=v.shape).astype("float32")
+                                   for v in model.regularised_variables])
+    for i, v in enumerate(model.network.trainable_variables):
+        v.assign(v + 0.03 * (i + 1))
+    return float(model.penalty())
+
+
+def test_a_replaced_network_is_wrapped_alone_and_its_file_round_trips(tmp_path):
+    model = trained(net())
+    old = model.network
+    reg = model.regularizer
+    hidden = [reg.anchors[0].numpy(), reg.precision[0].numpy()]
+    x, y = data(classes=4, seed=5)
+    model.predict(x, verbose=0)  # a traced predict step that calls the old network
+    new = keras.Sequential([keras.Input((4,)), old.get_layer("h"),
+                            keras.layers.Dense(4, name="head2")])
+    with pytest.warns(UserWarning, match=r"dropped: 2:kernel \(\w+/out/kernel\), "
+                                         r"3:bias \(\w+/out/bias\)"):
+        model.network = new
+    assert model.network is new and model.layers == [new, reg]
+    # Only the new network's weights and the state: the old head is neither listed nor
+    # saved (before: 4 more weights, and the file put them into the new head).
+    assert {id(w) for w in model.weights} == {id(w) for w in new.weights + reg.weights}
+    np.testing.assert_allclose(model.predict(x, verbose=0), new(x).numpy(), rtol=1e-6)
+    assert [v.path.split("/")[-2] for v in model.regularised_variables] == [
+        "h", "h", "head2", "head2"]
+    np.testing.assert_array_equal(reg.anchors[0].numpy(), hidden[0])  # shared: kept
+    np.testing.assert_array_equal(reg.precision[0].numpy(), hidden[1])
+    assert float(np.abs(reg.precision[2].numpy()).max()) == 0.0  # new: joins at zero
+    model.compile(keras.optimizers.SGD(0.1), LOSS)  # the optimizer knew the old head
+    model.fit(x, y, epochs=1, batch_size=16, shuffle=False, verbose=0)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert len(loaded.weights) == len(model.weights)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0),
+                               rtol=1e-6, atol=1e-6)
+    assert float(model.penalty()) > 0
+    assert float(loaded.penalty()) == pytest.approx(float(model.penalty()), rel=1e-6)
+    # A further task on both: the same penalty (before: 0.0003 became 2.08).
+    assert _move_and_consolidate(loaded) == pytest.approx(_move_and_consolidate(model),
+                                                          rel=1e-5)
+
+
+@pytest.mark.parametrize("case", ["not_a_layer", "unbuilt", "nothing_to_regularise",
+                                  "kronecker"])
+def test_a_refused_network_replacement_leaves_the_model_as_it_was(case, tmp_path):
+    if case == "kronecker":
+        model = keras_ewc.EWCModel(net(), strength=20.0, structure="kronecker")
+    else:
+        model = trained(net())
+    old = model.network
+    x, _ = data(seed=6)
+    before = [v.numpy() for v in model.weights]
+    predicted = model.predict(x, verbose=0)
+    new, message = {
+        "not_a_layer": ("net.keras", r"Expected a Keras model .*Received: network="
+                                     r"'net\.keras' of type str"),
+        "unbuilt": (keras.Sequential([keras.layers.Dense(4)]),
+                    r"has no weights yet.*Build it first"),
+        "nothing_to_regularise": (
+            keras.Sequential([keras.Input((4,)), keras.layers.Dense(4, trainable=False)]),
+            r"no longer holds any of the regularised variables"),
+        "kronecker": (net(), r"structure='kronecker' does not follow a replaced network"),
+    }[case]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with pytest.raises(ValueError, match=message):
+            model.network = new
+    assert model.network is old
+    assert model.layers == [old, model.regularizer]
+    assert len(model.weights) == len(before)
+    for v, value in zip(model.weights, before):
+        np.testing.assert_array_equal(v.numpy(), value)
+    np.testing.assert_array_equal(model.predict(x, verbose=0), predicted)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert len(loaded.weights) == len(before)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), predicted, rtol=1e-6)
 
 
 def test_the_train_step_is_traced_once_while_the_model_does_not_change():
