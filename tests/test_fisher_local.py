@@ -235,3 +235,91 @@ def test_chunks_bound_memory_and_stay_exact(monkeypatch):
         # 14 pairs of (term, example); ~90 floats a pair: one pair a chunk at 64.
         assert _loops(fn, x) == loops
         oracle.assert_close([s / N for s in sums], expected)
+
+
+class MaskedGate(L.Layer):
+    """Uses Keras' mask and the training flag: y = x * w where the mask holds, else 0."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dropout = L.Dropout(0.5)
+
+    def build(self, input_shape):
+        self.w = self.add_weight(shape=input_shape[-1:], initializer="ones")
+
+    def call(self, x, mask=None, training=None):
+        y = self.dropout(x, training=training) * self.w  # inference: no dropout
+        return y if mask is None else y * tf.cast(mask, y.dtype)[..., None]
+
+    def compute_mask(self, x, mask=None):
+        return mask
+
+
+def test_mask_and_training_arguments_are_passed_per_example():
+    keras.utils.set_random_seed(7)
+    model = _perturb(keras.Sequential([
+        keras.Input((6,), dtype="int32"), L.Embedding(9, 4, mask_zero=True),
+        MaskedGate(name="gate"), L.GlobalAveragePooling1D(), L.Dense(CLASSES)]))
+    rng = np.random.default_rng(8)
+    x = rng.integers(1, 9, size=(N, 6)).astype("int32")
+    x[0, 3:] = 0
+    x[2, 1:] = 0
+    fisher, paths = fisher_diagonal(model, x, likelihood="categorical", verbose=0,
+                                    return_paths=True)
+    assert _local_layers(paths) == ["gate"]
+    oracle.assert_close(fisher, oracle.categorical_exact(model, model.trainable_variables, x))
+    # The mask matters: without it, the gate's Fisher differs.
+    unmasked = keras.Sequential([keras.Input((6,), dtype="int32"), L.Embedding(9, 4),
+                                 MaskedGate(), L.GlobalAveragePooling1D(), L.Dense(CLASSES)])
+    unmasked.set_weights(model.get_weights())
+    other = fisher_diagonal(unmasked, x, likelihood="categorical", verbose=0)
+    assert not np.allclose(other[1], fisher[1], rtol=1e-2)
+
+
+def _padded(n, steps, features, seed=0):
+    """Sequences of random lengths 1..steps, zero-padded at the end."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, steps, features)).astype("float32")
+    lengths = rng.integers(1, steps + 1, n)
+    return x * (np.arange(steps)[None, :, None] < lengths[:, None, None])
+
+
+RECURRENT = {
+    "simple_rnn_sequences_backwards": lambda: [
+        L.SimpleRNN(3, return_sequences=True, go_backwards=True, name="rnn"), L.Flatten()],
+    "lstm_masked": lambda: [L.Masking(0.0), L.LSTM(3, name="rnn")],
+    "gru_masked_sequences": lambda: [
+        L.Masking(0.0), L.GRU(3, return_sequences=True, name="rnn"),
+        L.GlobalAveragePooling1D()],
+    "bidirectional_lstm_masked": lambda: [
+        L.Masking(0.0), L.Bidirectional(L.LSTM(2), name="bi")],
+}
+
+
+@pytest.mark.parametrize("estimator", ["exact", "empirical"])
+@pytest.mark.parametrize("name", sorted(RECURRENT))
+def test_recurrent_layers_go_layer_local_exactly(name, estimator):
+    """A recurrent layer re-runs alone per example (its cell's variables with it), masks,
+    directions and sequences included."""
+    keras.utils.set_random_seed(8)
+    model = _perturb(keras.Sequential([keras.Input((5, 4))] + RECURRENT[name]()
+                                      + [L.Dense(CLASSES)]))
+    x = _padded(6, 5, 4)
+    y = np.random.default_rng(3).integers(0, CLASSES, 6)
+    data = (x, y) if estimator == "empirical" else x
+    fisher, paths = fisher_diagonal(model, data, estimator=estimator,
+                                    likelihood="categorical", verbose=0, return_paths=True)
+    recurrent = [v for v in model.trainable_variables if "dense" not in v.path]
+    assert {paths[v.path] for v in recurrent} == {"layer-local"}, paths
+    v = model.trainable_variables
+    expected = (oracle.categorical_exact(model, v, x) if estimator == "exact"
+                else oracle.categorical_labels(model, v, x, y))
+    oracle.assert_close(fisher, expected)
+
+
+def test_stateful_layers_are_refused():
+    model = keras.Sequential([keras.Input(batch_shape=(4, 5, 3)),
+                              L.LSTM(3, stateful=True, name="lstm"), L.Dense(2)])
+    x = _padded(8, 5, 3)
+    with pytest.raises(ValueError, match=r"stateful layer 'lstm'.*stateful=False"):
+        fisher_diagonal(model, x, likelihood="categorical", batch_size=4, verbose=0)

@@ -63,6 +63,7 @@ def sum_squared_grads(model, layers, variables, terms_fn, inputs, extra, paths=N
     dict, if given, receives each variable's path ("fast", "layer-local" or "reference")
     by its key.
     """
+    local_module.check_stateless(model, variables)
     loops = reference.has_loops(model)
     planned = local_module.plan(model, variables, layers) if local else []
     sums = (fast_module.kernel_sums(model, layers, terms_fn, inputs, extra, loops, planned)

@@ -69,6 +69,23 @@ def plan(model, variables, layers) -> list:
     return list(found.values())
 
 
+def check_stateless(model, variables) -> None:
+    """Refuses a stateful layer (a recurrent layer with `stateful=True`) among `variables`'
+    owners: its state carries over from batch to batch, so its rows are not independent
+    examples, and no path can give per-example gradients."""
+    wanted = {id(v) for v in variables}
+    for layer in _private.flatten_layers(model):
+        if getattr(layer, "stateful", False) and any(
+                id(v) in wanted for v in getattr(layer, "trainable_variables", [])):
+            raise ValueError(
+                f"Expected layers without state carried between batches. Received the "
+                f"stateful layer {layer.name!r} ({type(layer).__name__}, stateful=True): "
+                "each example's Fisher must not depend on the examples before it. Build "
+                "the same model with stateful=False, copy the weights into it "
+                "(`set_weights`), and compute the Fisher on that model."
+            )
+
+
 def _own_variables(layer) -> list:
     if isinstance(layer, keras.layers.RNN):
         return list(layer.trainable_variables)
@@ -78,8 +95,7 @@ def _own_variables(layer) -> list:
 
 
 def _supports(layer) -> bool:
-    # A stateful layer carries state from batch to batch: its rows are not examples.
-    return (not getattr(layer, "stateful", False)
+    return (not getattr(layer, "stateful", False)  # refused by `check_stateless`
             and not _private.has_instance_call(layer)
             and _private.remat_mode(layer) is None)
 
