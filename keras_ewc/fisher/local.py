@@ -9,10 +9,9 @@ cotangent, summed over the layer's calls and only then squared:
 
     Σ_n Σ_t (Σ_c J_c[n]ᵀ g_c[t, n])²
 
-The products are vectorised over (t, n) pairs (`tf.vectorized_map`; `tf.map_fn` over the
-examples, one forward and T backward passes each, where pfor cannot vectorise, as for
-recurrent layers) in chunks bounded by memory (`kernels._common.BUDGET`). The work is a
-layer's, not the network's.
+The products are vectorised over (t, n) pairs (`tf.vectorized_map`, recurrent layers'
+loops included; `tf.map_fn` where pfor cannot vectorise) in chunks bounded by memory
+(`kernels._common.BUDGET`). The work is a layer's, not the network's.
 
 Which layer: the innermost that owns the variable (holds it while none of its children
 does), as the cheapest call to re-run; a recurrent layer owns its cell's variables (the
@@ -186,9 +185,9 @@ def _layer_sums(entry, grads):
         start += len(indices)
 
     def one(x_n, g_n):
-        """Σ_t (gradient for term t)² of example n: inputs `[...]`, cotangents `[T', ...]`."""
+        """The squared gradient of one (term, example) pair: its inputs and cotangents."""
         values = [tf.identity(s) for s in stopped]
-        with tf.GradientTape(persistent=int(g_n[0].shape[0]) > 1) as tape:
+        with tf.GradientTape() as tape:
             tape.watch(values)
             outs = []
             with keras.StatelessScope(list(zip(variables, values)), initialize_variables=False):
@@ -200,30 +199,20 @@ def _layer_sums(entry, grads):
                     args, kwargs = tf.nest.pack_sequence_as(structure, flat)
                     found = tf.nest.flatten(layer(*args, **kwargs))
                     outs += [found[i] for i in indices]
-        total = [tf.zeros(v.shape, tf.float32) for v in variables]
-        for t in range(int(g_n[0].shape[0])):
-            cotangents = [tf.cast(g[t][None], o.dtype) for g, o in zip(g_n, outs)]
-            found = tape.gradient(outs, values, output_gradients=cotangents,
-                                  unconnected_gradients="zero")
-            total = [a + tf.square(tf.cast(g, tf.float32)) for a, g in zip(total, found)]
-        del tape
-        return total
+        cotangents = [tf.cast(g[None], o.dtype) for g, o in zip(g_n, outs)]
+        found = tape.gradient(outs, values, output_gradients=cotangents,
+                              unconnected_gradients="zero")
+        return [tf.square(tf.cast(g, tf.float32)) for g in found]
 
     signature = [tf.TensorSpec(v.shape, tf.float32) for v in variables]
-    if _has_loops(layer):
-        # pfor cannot vectorise a recurrence's backward loop (and failing to try is slow):
-        # one example after another, one forward and T backward passes each.
-        g_by_example = [tf.transpose(g, [1, 0] + list(range(2, g.shape.rank))) for g in grads]
-        per_example = tf.map_fn(lambda e: one(*e), (xs, g_by_example),
-                                fn_output_signature=signature)
-        return [tf.reduce_sum(p, axis=0) for p in per_example]
-
     # (t, n) pairs flattened to one axis i = t B + n: one forward and backward pass a pair,
     # a graph whose size does not grow with T.
     count = terms * batch
+    # Floats a pair holds, as an estimate: its gradients, and a few copies of its inputs
+    # and outputs for the activations kept for the backward pass.
     per_pair = sum(int(v.shape.num_elements()) for v in variables)
-    per_pair += sum(int(x.shape[1:].num_elements() or 1) for x in xs)
-    per_pair += 2 * sum(int(g.shape[2:].num_elements() or 1) for g in grads)
+    per_pair += 4 * sum(int(x.shape[1:].num_elements() or 1) for x in xs)
+    per_pair += 4 * sum(int(g.shape[2:].num_elements() or 1) for g in grads)
     chunk = max(1, min(count, _common.BUDGET // max(1, per_pair)))
     chunks = -(-count // chunk)
     flat_grads = [tf.reshape(g, [count] + g.shape[2:].as_list()) for g in grads]
@@ -235,7 +224,7 @@ def _layer_sums(entry, grads):
     def chunk_sums(k):
         index = k * chunk + tf.range(chunk)
         x_part = [tf.gather(x, index % batch) for x in xs]
-        g_part = [tf.gather(g, index)[:, None] for g in flat_grads]
+        g_part = [tf.gather(g, index) for g in flat_grads]
         try:
             per_pair = tf.vectorized_map(lambda e: one(*e), (x_part, g_part))
         except (TypeError, ValueError, NotImplementedError):
@@ -250,6 +239,3 @@ def _layer_sums(entry, grads):
                           parallel_iterations=1)
     return [tf.reduce_sum(p, axis=0) for p in per_chunk]
 
-
-def _has_loops(layer) -> bool:
-    return any(isinstance(inner, keras.layers.RNN) for inner in _private.flatten_layers(layer))
