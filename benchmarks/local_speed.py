@@ -1,7 +1,8 @@
 """The layer-local path's speed: `fisher_diagonal` as a multiple of one batched gradient pass.
 
 Models whose variables no kernel covers: an MLP with LayerScale-style elementwise scales
-and a gated custom layer, and LSTM / GRU text classifiers. For each, as a user calls it
+and a gated custom layer, a ConvNeXt-like convolutional block with a LayerScale, and
+LSTM / GRU text classifiers (masked, padded sequences). For each, as a user calls it
 (a `tf.data.Dataset` of (x, y) in batches of `--batch-size`, a fresh call after a first
 one that traces), the ratio of CPU time (`time.process_time`, which other processes'
 load disturbs less than the wall clock) of `fisher_diagonal` to one batched gradient
@@ -59,6 +60,17 @@ def custom(n, rng):
     return model, rng.normal(size=(n, 64)).astype("float32")
 
 
+def conv_scale(n, rng):
+    """A ConvNeXt-like residual block: convolutions, LayerNorm and a LayerScale."""
+    inputs = keras.Input((32, 32, 3))
+    h = L.Conv2D(32, 4, strides=4)(inputs)
+    h = L.LayerNormalization()(h)
+    branch = L.Conv2D(32, 3, padding="same", activation="gelu")(h)
+    h = L.Add()([h, LayerScale()(L.Conv2D(32, 1)(branch))])
+    outputs = L.Dense(CLASSES)(L.GlobalAveragePooling2D()(h))
+    return keras.Model(inputs, outputs), rng.normal(size=(n, 32, 32, 3)).astype("float32")
+
+
 def text(kind):
     def build(n, rng):
         model = keras.Sequential([
@@ -71,7 +83,8 @@ def text(kind):
     return build
 
 
-MODELS = {"custom": custom, "lstm": text(L.LSTM), "gru": text(L.GRU)}
+MODELS = {"custom": custom, "conv_scale": conv_scale, "lstm": text(L.LSTM),
+          "gru": text(L.GRU)}
 
 
 def ratios(model, x, y, batch_size, repeats, estimators):

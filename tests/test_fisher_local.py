@@ -326,3 +326,26 @@ def test_stateful_layers_are_refused():
     x = _padded(8, 5, 3)
     with pytest.raises(ValueError, match=r"stateful layer 'lstm'.*stateful=False"):
         fisher_diagonal(model, x, likelihood="categorical", batch_size=4, verbose=0)
+
+
+def test_mixed_precision_matches_the_reference_path():
+    """float16 compute: the layer re-runs under Keras' autocast, the sums stay float32."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        keras.utils.set_random_seed(9)
+        model = keras.Sequential([keras.Input((4, 5)), L.Dense(5), Scale(name="scale"),
+                                  Gated(name="gated"), L.Flatten(),
+                                  L.Dense(CLASSES, dtype="float32")])
+        x = tf.constant(_x(model))
+        lik = likelihoods.Categorical(from_logits=True)
+        terms = lambda out, extra: lik.terms("exact", out, extra)  # noqa: E731
+        fn = engine.build_sum_squared_grads(model, model.trainable_variables, terms)
+        sums = fn(x, None)
+        reference = engine.build_sum_squared_grads(
+            model, model.trainable_variables, terms, fast=False)(x, None)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert _local_layers(fn.paths) == ["gated", "scale"]
+    assert all(s.dtype == tf.float32 for s in sums)
+    # Both paths round in float16, in different orders.
+    oracle.assert_close(sums, reference, rtol=2e-3)
