@@ -71,6 +71,16 @@ def conv_scale(n, rng):
     return keras.Model(inputs, outputs), rng.normal(size=(n, 32, 32, 3)).astype("float32")
 
 
+def depthwise(n, rng):
+    """MobileNet-like: depthwise and pointwise convolutions (no kernel on main)."""
+    model = keras.Sequential([
+        keras.Input((32, 32, 3)), L.Conv2D(16, 3, strides=2, activation="relu"),
+        L.DepthwiseConv2D(3, activation="relu"), L.Conv2D(32, 1, activation="relu"),
+        L.DepthwiseConv2D(3, strides=2, activation="relu"), L.Conv2D(32, 1),
+        L.GlobalAveragePooling2D(), L.Dense(CLASSES)])
+    return model, rng.normal(size=(n, 32, 32, 3)).astype("float32")
+
+
 def text(kind):
     def build(n, rng):
         model = keras.Sequential([
@@ -83,8 +93,8 @@ def text(kind):
     return build
 
 
-MODELS = {"custom": custom, "conv_scale": conv_scale, "lstm": text(L.LSTM),
-          "gru": text(L.GRU)}
+MODELS = {"custom": custom, "conv_scale": conv_scale, "depthwise": depthwise,
+          "lstm": text(L.LSTM), "gru": text(L.GRU)}
 
 
 def ratios(model, x, y, batch_size, repeats, estimators):
