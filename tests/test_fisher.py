@@ -390,6 +390,18 @@ def test_progress_shows_integer_counts_and_no_control_codes_in_a_file(capsys):
     assert out.count("\n") == 1
 
 
+class TiedHead(keras.Model):
+    """Reads its hidden layer's kernel again outside that layer: a tied weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = keras.layers.Dense(3, name="hidden")
+        self.head = keras.layers.Dense(3, name="head")
+
+    def call(self, x):
+        return self.head(self.hidden(x) + tf.reduce_sum(self.hidden.kernel ** 2))
+
+
 def test_paths_and_fallback_modes():
     from keras_ewc.fisher import kernel_paths
 
@@ -400,19 +412,29 @@ def test_paths_and_fallback_modes():
     x, _ = _data(model, n=6, classes=3)
     static = kernel_paths(model)
     assert static[model.layers[1].kernel.path] == "fast"
-    assert {static[v.path] for v in model.layers[0].trainable_variables} == {"reference"}
+    assert {static[v.path] for v in model.layers[0].trainable_variables} == {"layer-local"}
     fisher, paths = fisher_diagonal(model, x, likelihood="categorical", verbose=0,
-                                    return_paths=True)
+                                    return_paths=True, fallback="error")
     assert paths == static
     oracle.assert_close(fisher, oracle.categorical_exact(model, model.trainable_variables, x))
-    with pytest.warns(UserWarning, match=r"3 variable\(s\) take the slow .*rnn"):
-        fisher_diagonal(model, x, likelihood="categorical", verbose=0, fallback="warn")
-    with pytest.raises(ValueError, match=r"slow per-example reference path.*register_kernel"):
-        fisher_diagonal(model, x, likelihood="categorical", verbose=0, fallback="error")
+
+    tied = TiedHead()
+    tied(x[:, 0])
+    x2 = x[:, 0]
+    assert kernel_paths(tied)[tied.hidden.kernel.path] == "fast"  # found only when traced
+    fisher, paths = fisher_diagonal(tied, x2, likelihood="categorical", verbose=0,
+                                    return_paths=True)
+    assert paths[tied.hidden.kernel.path] == "reference"
+    assert paths[tied.hidden.bias.path] == paths[tied.head.kernel.path] == "fast"
+    oracle.assert_close(fisher, oracle.categorical_exact(tied, tied.trainable_variables, x2))
+    with pytest.warns(UserWarning, match=r"1 variable\(s\) take the whole-network .*hidden"):
+        fisher_diagonal(tied, x2, likelihood="categorical", verbose=0, fallback="warn")
+    with pytest.raises(ValueError, match=r"per-example reference path.*register_kernel"):
+        fisher_diagonal(tied, x2, likelihood="categorical", verbose=0, fallback="error")
     with pytest.raises(ValueError, match=r"fallback in \('allow', 'warn', 'error'\)"):
-        fisher_diagonal(model, x, likelihood="categorical", verbose=0, fallback="never")
-    head_only = fisher_diagonal(model, x, likelihood="categorical", verbose=0,
-                                fallback="error", variables=model.layers[1].trainable_variables)
+        fisher_diagonal(tied, x2, likelihood="categorical", verbose=0, fallback="never")
+    head_only = fisher_diagonal(tied, x2, likelihood="categorical", verbose=0,
+                                fallback="error", variables=tied.head.trainable_variables)
     oracle.assert_close(head_only, fisher[-2:])
 
 
@@ -435,7 +457,7 @@ def test_register_kernel_for_a_users_layer():
     x, _ = _data(model, n=7)
     _, before = fisher_diagonal(model, x, likelihood="categorical", verbose=0,
                                 return_paths=True)
-    assert before[model.layers[0].w.path] == "reference"
+    assert before[model.layers[0].w.path] == "layer-local"
 
     calls = []
 

@@ -17,6 +17,7 @@ from keras_ewc import distribute
 from keras_ewc.fisher import checks, engine, kernels
 from keras_ewc.fisher import fast as fast_module
 from keras_ewc.fisher import likelihoods as lik_module
+from keras_ewc.fisher import local as local_module
 
 ESTIMATORS = ("exact", "sampled", "empirical", "batched")
 _NEEDS_LABELS = ("empirical", "batched")
@@ -114,11 +115,13 @@ def fisher_diagonal(
             result equals the one-device Fisher. Default: one device.
         steps: the number of batches to use (as in Keras' `evaluate`); needed for an
             infinite dataset. Default: all of them.
-        fallback: what to do when variables take the slow per-example reference path
-            (no kernel covers their layer; see `kernel_paths`): `"allow"` (default),
-            `"warn"`, or `"error"` (a ValueError naming them, before the second batch).
+        fallback: what to do when variables take the slow whole-network per-example
+            reference path (tied weights, layers called where the rows are not
+            examples; see `kernel_paths`): `"allow"` (default), `"warn"`, or `"error"`
+            (a ValueError naming them, before the second batch). The kernels and the
+            layer-local path never trigger it.
         return_paths: also return a dict from each variable's path to the path its
-            Fisher took (`"fast"`, `"reference"`, or `"batched"`).
+            Fisher took (`"fast"`, `"layer-local"`, `"reference"`, or `"batched"`).
 
     Returns:
         A list of float32 tensors, aligned with `variables` (and the paths, when
@@ -182,9 +185,13 @@ def _check_paths(paths, fallback):
     if not slow or fallback == "allow":
         return
     message = (
-        f"{len(slow)} variable(s) take the slow per-example reference path, as no "
-        f"kernel covers their use: {slow}. Register a kernel for their layer with "
-        "`keras_ewc.fisher.register_kernel`, or pass fallback='allow'."
+        f"{len(slow)} variable(s) take the whole-network per-example reference path "
+        f"(slow), as neither a kernel nor the layer-local path covers their use: {slow}. "
+        "This happens to a weight read in several places (tied weights), or in a layer "
+        "called where the rows are not examples (inside a loop, on a tensor whose first "
+        "axis is not the batch). Read each weight in one layer only, register a kernel "
+        "for the layer that uses it with `keras_ewc.fisher.register_kernel`, or pass "
+        "fallback='allow'."
     )
     if fallback == "error":
         raise ValueError(message)
@@ -192,19 +199,24 @@ def _check_paths(paths, fallback):
 
 
 def kernel_paths(model, variables: Sequence[tf.Variable] | None = None) -> dict:
-    """Which path each variable's Fisher takes: `"fast"` (a kernel) or `"reference"`.
+    """Which path each variable's Fisher takes: `"fast"`, `"layer-local"` or `"reference"`.
 
-    The answer is read from the layers before any data flows: a weight that a kernel
-    covers but that the model also reads outside its layer (a tied weight) is found only
-    when the Fisher is traced, and then takes the reference path; `fisher_diagonal(...,
-    return_paths=True)` reports the paths as computed.
+    `"fast"`: a kernel covers its layer (one batched pass, no per-example gradient);
+    `"layer-local"`: its layer has no kernel and is re-run alone per example, from the
+    inputs and output gradients the one batched pass recorded (a layer's work);
+    `"reference"`: the whole network per example, for a weight owned by several layers
+    (or not trainable). The answer is read from the layers before any data flows: a
+    weight also read outside its layer (a tied weight), or a layer called where the rows
+    are not examples, is found only when the Fisher is traced, and then takes the
+    reference path; `fisher_diagonal(..., return_paths=True)` reports the paths as
+    computed.
 
     Args:
         model: a built Keras model.
         variables: the variables to ask about (default: `model.trainable_variables`).
 
     Returns:
-        A dict from each variable's path to `"fast"` or `"reference"`.
+        A dict from each variable's path to `"fast"`, `"layer-local"` or `"reference"`.
 
     Example:
 
@@ -213,12 +225,15 @@ def kernel_paths(model, variables: Sequence[tf.Variable] | None = None) -> dict:
     >>> net = keras.Sequential([keras.Input((5, 4)), keras.layers.Dense(3),
     ...                         keras.layers.SimpleRNN(2)])
     >>> sorted(set(kernel_paths(net).values()))
-    ['fast', 'reference']
+    ['fast', 'layer-local']
     """
     variables = list(model.trainable_variables if variables is None else variables)
-    fast_ids = {id(v) for _, _, params in fast_module.plan(model, variables)
-                for v in params.values()}
-    return {engine.variable_key(v): "fast" if id(v) in fast_ids else "reference"
+    layers = fast_module.plan(model, variables)
+    fast_ids = {id(v) for _, _, params in layers for v in params.values()}
+    local_ids = {id(v) for _, found in local_module.plan(model, variables, layers)
+                 for v in found}
+    return {engine.variable_key(v): "fast" if id(v) in fast_ids else
+            local_module.NAME if id(v) in local_ids else "reference"
             for v in variables}
 
 

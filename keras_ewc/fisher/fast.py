@@ -13,6 +13,10 @@ tensor whose leading axis is not the batch), or when the variable is read anywhe
 outside its layer's recorded calls (shared or tied weights): the kernels read variables
 through `stop_gradient`, so any gradient the tape still finds for them reveals such a
 use.
+
+Variables no kernel covers may go through the same pass on the layer-local path
+(`keras_ewc.fisher.local`): their layer's inputs and outputs are recorded, the columns
+back-propagated to those outputs with the z's, and each layer alone re-run per example.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import tensorflow as tf
 
 from keras_ewc import _private
 from keras_ewc.fisher import kernels
+from keras_ewc.fisher import local as local_module
+from keras_ewc.fisher.kernels import _common
 
 
 def plan(model, variables) -> list:
@@ -43,21 +49,31 @@ def plan(model, variables) -> list:
 class Recorder:
     """Replaces the `call` of planned layers while the forward pass is traced."""
 
-    def __init__(self, layers, batch_size, tape):
+    def __init__(self, layers, batch_size, tape, local=()):
         self.layers = layers
         self.tape = tape
         self.batch_size = batch_size
         self.calls = {id(layer): [] for layer, _, _ in layers}
+        # Layer-local layers (`local.plan`): what each keeps, and the stopped values of
+        # the variables of those whose call is running (nested ones keep the outer's).
+        self.local = [local_module.Calls(layer, variables) for layer, variables in local]
+        self.local_mapping = []
 
     def __enter__(self):
         self.graph = tf.compat.v1.get_default_graph()
         for layer, kernel, _ in self.layers:
             _private.set_instance_call(layer, self._wrap(layer, kernel, layer.call))
+        for entry in self.local:
+            entry.stopped = [_common.stop(v) for v in entry.variables]
+            _private.set_instance_call(
+                entry.layer, local_module.wrap(self, entry, entry.layer.call))
         return self
 
     def __exit__(self, *exc):
         for layer, _, _ in self.layers:
             _private.restore_instance_call(layer)
+        for entry in self.local:
+            _private.restore_instance_call(entry.layer)
         return False
 
     def _recordable(self, args) -> bool:
@@ -86,16 +102,18 @@ class Recorder:
         return call
 
 
-def kernel_sums(model, layers, terms_fn, inputs, extra, loops=False) -> dict:
+def kernel_sums(model, layers, terms_fn, inputs, extra, loops=False, local=()) -> dict:
     """`{id(v): Σ_n Σ_t (∂ terms[n, t] / ∂ v)²}` for the planned variables that stay fast.
 
-    Call while tracing; the batch size of `inputs` must be static. Variables missing
-    from the result need the reference path.
+    Call while tracing; the batch size of `inputs` must be static. `local` is
+    `local.plan(...)`: layers whose variables go layer-local. Variables missing from the
+    result need the reference path.
     """
     batch_size = tf.nest.flatten(inputs)[0].shape[0]
     if batch_size is None:
         return {}
-    tape, recorder, terms, columns, total = record(model, layers, terms_fn, inputs, extra)
+    tape, recorder, terms, columns, total = record(
+        model, layers, terms_fn, inputs, extra, local)
 
     fast = []
     for layer, kernel, params in layers:
@@ -106,9 +124,12 @@ def kernel_sums(model, layers, terms_fn, inputs, extra, loops=False) -> dict:
         kept = {k: params[k] for k, g in zip(names, leaks) if g is None}
         if kept:
             fast.append((layer, kernel, kept, recorder.calls[id(layer)]))
+    kept_local = local_kept(tape, total, recorder.local)
     zs = [z for _, _, _, calls in fast for _, z in calls]
-    grads = column_grads(tape, terms, columns, total, zs, loops) if zs else []
+    outputs = [y for entry in kept_local for y in entry.outputs]
+    grads = column_grads(tape, terms, columns, total, zs + outputs, loops) if zs or outputs else []
     del tape
+    grads, local_grads = grads[: len(zs)], grads[len(zs):]
 
     sums = {}
     for layer, kernel, params, calls in fast:
@@ -117,11 +138,33 @@ def kernel_sums(model, layers, terms_fn, inputs, extra, loops=False) -> dict:
         for name, v in params.items():
             value = values[name] if name in values else tf.zeros(v.shape, tf.float32)
             sums[id(v)] = tf.cast(value, tf.float32)
+    sums.update(local_module.local_sums(kept_local, local_grads))
     return sums
 
 
-def record(model, layers, terms_fn, inputs, extra):
-    """One forward pass of `model` with `layers` recorded, under a persistent tape.
+def local_kept(tape, total, entries) -> list:
+    """The layer-local entries whose variables stay layer-local: with no variable read
+    outside the layer's recorded calls (the tape finds no gradient for it) and no call
+    whose outputs are not per example."""
+    entries = [e for e in entries if not e.failed]
+    if not entries:
+        return []
+    leaks = tape.gradient(total, [v for e in entries for v in e.variables])
+    kept = []
+    for entry in entries:
+        part, leaks = leaks[: len(entry.variables)], leaks[len(entry.variables):]
+        # A leaked variable goes to the reference path; the others stay exact, as the
+        # gradients at the outputs cover every use inside the layer's calls.
+        stay = [i for i, g in enumerate(part) if g is None]
+        if stay:
+            entry.variables = [entry.variables[i] for i in stay]
+            entry.stopped = [entry.stopped[i] for i in stay]
+            kept.append(entry)
+    return kept
+
+
+def record(model, layers, terms_fn, inputs, extra, local=()):
+    """One forward pass of `model` with `layers` (and `local`) recorded, under a persistent tape.
 
     Call while tracing. Returns `(tape, recorder, terms, columns, total)`:
     `recorder.calls[id(layer)]` holds each recorded call's `(record, z)`, `terms` the
@@ -130,7 +173,7 @@ def record(model, layers, terms_fn, inputs, extra):
     """
     batch_size = tf.nest.flatten(inputs)[0].shape[0]
     with tf.GradientTape(persistent=True) as tape:
-        recorder = Recorder(layers, batch_size, tape)
+        recorder = Recorder(layers, batch_size, tape, local)
         with recorder:
             outputs = model(inputs, training=False)
         terms = tf.cast(terms_fn(outputs, extra), tf.float32)

@@ -14,7 +14,8 @@ class Kernel:
     exposed, and turns what it recorded and the gradients at `z` into
     Σ_n Σ_t (∂ terms[n, t] / ∂ v)² for each of the layer's variables. Subclass it and
     register it with `keras_ewc.fisher.register_kernel`; a layer with no kernel takes
-    the per-example reference path, which is exact for any layer but slower.
+    the layer-local path (the layer alone, re-run per example), exact for any layer but
+    slower.
 
     Methods to implement:
 
