@@ -342,10 +342,17 @@ def gram_blocks(m) -> list:
     e = _edges(int(m.shape[-1]))
     k = len(e) - 1
     if k == 1:
-        return [tf.matmul(m, m, transpose_a=True)]
+        return [_symmetric(tf.matmul(m, m, transpose_a=True))]
     parts = [m[:, e[i]:e[i + 1]] for i in range(k)]
-    return [tf.matmul(parts[i], parts[j], transpose_a=True)
+    return [_symmetric(tf.matmul(parts[i], parts[i], transpose_a=True)) if i == j
+            else tf.matmul(parts[i], parts[j], transpose_a=True)
             for i in range(k) for j in range(i, k)]
+
+
+def _symmetric(product):
+    """`mᵀ m` made exactly symmetric: one product is not, on every CPU and load (oneDNN
+    may split the two triangles differently); the factors are, so the mean is kept."""
+    return 0.5 * (product + tf.transpose(product))
 
 
 def from_blocks(blocks, d: int) -> tf.Tensor:
@@ -378,7 +385,7 @@ def gram_sums(m) -> list:
     d = int(m.shape[-1])
     count = len(gram_shapes(d))
     if count == 1 or (m.shape[0] is not None and m.shape[0] < d):
-        return [tf.matmul(m, m, transpose_a=True)] + [None] * (count - 1)
+        return [_symmetric(tf.matmul(m, m, transpose_a=True))] + [None] * (count - 1)
     return [None] + gram_blocks(m)
 
 
