@@ -310,6 +310,11 @@ class _Loop:
             if is_interrupt(error):
                 raise KeyboardInterrupt(str(error)) from error
             raise
+        except tf.errors.InvalidArgumentError as error:
+            contract = checks.kernel_contract_error(error)  # a registered kernel's output
+            if contract is not None:
+                raise contract from None
+            raise
         return progress
 
     def add(self, batch) -> int:
