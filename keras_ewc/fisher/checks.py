@@ -523,8 +523,10 @@ def checked_sum_squared(layer, kernel, params, records, grads) -> dict:
     and include every name of `params` (the variables it must cover), each value a
     float tensor of its variable's shape. An error the kernel raises while traced is
     re-raised naming the layer, the kernel and its class. Finite and >= 0 (a sum of
-    squares) is checked in the graph on every batch (one reduction a variable), by an
-    assertion whose message `fisher_diagonal` raises as a ValueError.
+    squares) is checked in the graph on every batch (a reduction a variable, and one
+    over the kernel's inputs: a non-finite sum from non-finite inputs is the data's or
+    the model's fault, which the loop's own checks name), by an assertion whose message
+    `fisher_diagonal` raises as a ValueError.
 
     Not checked: sums that are well-formed but wrong (the wrong maths, or over part of
     the batch); compare a new kernel with the per-example oracle, as the tests of the
@@ -550,6 +552,13 @@ def checked_sum_squared(layer, kernel, params, records, grads) -> dict:
             f"Expected {who} to return sums keyed by its variables' names "
             f"{sorted(known)} (from `params`). Received keys {sorted(map(str, values))}: "
             f"unknown {unknown}, missing {missing}. Fix the keys in `sum_squared`.")
+    # A NaN in the data or the model reaches the kernel's inputs: blame the kernel for a
+    # non-finite sum only when what it was given was finite (the loop's own checks name
+    # the data or the weights otherwise).
+    given = [t for t in tf.nest.flatten((records, grads))
+             if tf.is_tensor(t) and t.dtype.is_floating]
+    given_finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in given]
+                                 ) if given else tf.constant(True)
     checked = {}
     for name, value in values.items():
         variable = known[name]
@@ -568,7 +577,8 @@ def checked_sum_squared(layer, kernel, params, records, grads) -> dict:
                 f"{_shape(variable.shape)}, the variable's shape (sum over the batch and "
                 "the terms).")
         value = tf.reshape(tf.cast(value, tf.float32), variable.shape)
-        ok = tf.reduce_all(tf.math.is_finite(value)) & tf.reduce_all(value >= 0.0)
+        ok = tf.logical_not(tf.reduce_any(value < 0.0)) & (
+            tf.reduce_all(tf.math.is_finite(value)) | tf.logical_not(given_finite))
         check = tf.debugging.Assert(ok, [
             f"{KERNEL_CONTRACT}: {who}: {what} holds negative, NaN or Inf values; "
             "expected finite sums of squares >= 0. Fix `sum_squared`."])
