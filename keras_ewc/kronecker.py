@@ -260,7 +260,9 @@ class KroneckerRegularizer(keras.layers.Layer):
 
     @gamma.setter
     def gamma(self, value) -> None:
-        self.__dict__["_gamma"] = diag.validate_gamma(value)
+        value = diag.validate_gamma(value)
+        with self._state_lock:  # not in the middle of an online merge
+            self.__dict__["_gamma"] = value
 
     @property
     def num_slots(self) -> int:
