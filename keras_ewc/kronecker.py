@@ -27,6 +27,7 @@ Keras layer holds the state as non-trainable float32 variables.
 
 from __future__ import annotations
 
+import threading
 from typing import Sequence
 
 import keras
@@ -216,6 +217,8 @@ class KroneckerRegularizer(keras.layers.Layer):
             raise ValueError(f"Expected mode in {list(MODES)}. Received: mode={mode!r}")
         self.mode = mode
         self.__dict__["_gamma"] = diag.validate_gamma(gamma)
+        # One thread at a time reads, merges and assigns the state (see `consolidate`).
+        self.__dict__["_state_lock"] = threading.RLock()
         if not isinstance(max_tasks, (int, np.integer)) or max_tasks < 1:
             raise ValueError(f"Expected max_tasks >= 1 (an integer). Received: "
                              f"max_tasks={max_tasks!r}")
@@ -236,17 +239,19 @@ class KroneckerRegularizer(keras.layers.Layer):
     @property
     def strength(self) -> float:
         """λ, the weight of the penalty; assign to change it at the next step."""
-        return self.__dict__["_strength_set"]
+        # The variable is what the penalty uses (a load may have changed it).
+        return diag._python_value(self._strength_variable, self.__dict__["_strength_set"])
 
     @strength.setter
     def strength(self, value) -> None:
         value = diag.validate_strength(value)
-        if self.built:
-            self._check_strength(value, self._used(), self._current_slots(),
-                                 _tensors(self.precision), _tensors(self.anchors),
-                                 tf.convert_to_tensor(self.offset))
-        self._strength_variable.assign(value)
-        self.__dict__["_strength_set"] = value
+        with self._state_lock:
+            if self.built:
+                self._check_strength(value, self._used(), self._current_slots(),
+                                     _tensors(self.precision), _tensors(self.anchors),
+                                     tf.convert_to_tensor(self.offset))
+            self._strength_variable.assign(value)
+            self.__dict__["_strength_set"] = value
 
     @property
     def gamma(self) -> float:
@@ -255,7 +260,9 @@ class KroneckerRegularizer(keras.layers.Layer):
 
     @gamma.setter
     def gamma(self, value) -> None:
-        self.__dict__["_gamma"] = diag.validate_gamma(value)
+        value = diag.validate_gamma(value)
+        with self._state_lock:  # not in the middle of an online merge
+            self.__dict__["_gamma"] = value
 
     @property
     def num_slots(self) -> int:
@@ -450,7 +457,13 @@ class KroneckerRegularizer(keras.layers.Layer):
         """Merges one task: `factors` `[(A, G)]` aligned with `factored`, the diagonal
         Fisher `fisher_rest` aligned with `rest`, anchored at `theta` (aligned with
         `targets`; default: the current weights). Every new value is computed and checked
-        before any variable is assigned, so a failure leaves the state as it was."""
+        before any variable is assigned, then all are assigned in one step, so a failure
+        (or a Ctrl-C) leaves the state as it was. Thread-safe: a lock held from reading
+        the state to committing the new one serialises concurrent calls."""
+        with self._state_lock:
+            self._consolidate(factors, fisher_rest, theta)
+
+    def _consolidate(self, factors, fisher_rest, theta) -> None:
         self._check_built()
         factors = [(tf.cast(a, tf.float32), tf.cast(g, tf.float32)) for a, g in factors]
         fisher_rest = [tf.cast(tf.convert_to_tensor(f), tf.float32) for f in fisher_rest]
@@ -522,9 +535,8 @@ class KroneckerRegularizer(keras.layers.Layer):
         slots = [tuple(v for _, v in assignments[3 * i: 3 * i + 3]) for i in range(count)]
         self._check_strength(self.strength, min(tasks + 1, self.num_slots), slots, new_p,
                              new_m, new_c)
-        for var, value in assignments:
-            var.assign(value)
-        self.tasks.assign(tasks + 1)
+        diag.commit(self, [v for v, _ in assignments] + [self.tasks],
+                    [x for _, x in assignments] + [tf.constant(tasks + 1, tf.int64)])
         self.last_merge_errors = errors
 
     def _used(self) -> int:
@@ -536,11 +548,12 @@ class KroneckerRegularizer(keras.layers.Layer):
     def _check_strength(self, strength, used, slots, precision, anchors, offset) -> None:
         """Refuses a strength whose penalty or gradient overflows float32 on this state.
 
-        As `EWCRegularizer` does: the gradient a weight gets when it is `reach` from its
-        anchor (the current largest distance, at least 1) along the largest diagonal
-        entry of the precision (`max diag A · max diag G` of a used slot, or the diagonal
-        part's largest precision), and the penalty itself, must stay finite in float32.
-        `slots` are `[(A, G, anchor)]` of `[num_slots, …]` tensors, the first `used` in use.
+        The bound of `keras_ewc.penalty.check_strength`, as `EWCRegularizer`: the
+        gradient a weight gets when it is `reach` from its anchor (the current largest
+        distance, at least 1) along the largest diagonal entry of the precision
+        (`max diag A · max diag G` of a used slot, or the diagonal part's largest
+        precision), and the penalty itself, must stay finite in float32. `slots` are
+        `[(A, G, anchor)]` of `[num_slots, …]` tensors, the first `used` in use.
         """
         wbars, rest = self._layer_weights()
         p_max, reach, value = 0.0, 1.0, 0.0
@@ -559,25 +572,23 @@ class KroneckerRegularizer(keras.layers.Layer):
         value += float(diag.quadratic(list(precision), list(anchors), offset, rest))
         if p_max == 0.0 and float(offset) == 0.0:
             return  # no task yet: the penalty is 0 at any strength
-        gradient = float(np.float64(strength) * p_max * reach)
-        total = float(np.float64(strength) * value)
-        if gradient < diag.GRADIENT_LIMIT and total < float(np.finfo(np.float32).max):
-            return
-        limit = diag.GRADIENT_LIMIT / (p_max * reach) if p_max > 0 else float("inf")
-        raise ValueError(
-            f"strength={strength:g} is too large for this Kronecker EWC state: the "
-            f"penalty's gradient reaches {gradient:.3g} (largest diagonal precision "
-            f"{p_max:.3g}, weights up to {reach:.3g} from their anchors) and the penalty "
-            f"{total:.3g}; float32 overflows (Adam and RMSprop square the gradient) and "
-            f"the weights would turn to NaN. Expected strength < {limit:.3g}. Received: "
-            f"strength={strength!r}. The state and the weights are unchanged."
-        )
+        diag.check_strength(strength, p_max, reach, value, "Kronecker EWC state")
 
-    def assign_state(self, kronecker, precision, anchors, offset, tasks) -> None:
+    def assign_state(self, kronecker, precision, anchors, offset, tasks, strength=None,
+                     gamma=None) -> None:
         """Assigns a whole state at once (as loading a SavedModel does): `kronecker`
         `[(A, G, anchor)]` of `[num_slots, …]` arrays aligned with `kronecker_state`,
-        the diagonal part aligned with `rest`, the offset and the task count. Every
-        count, shape and value is checked before any variable is assigned."""
+        the diagonal part aligned with `rest`, the offset and the task count (and
+        `strength` and `gamma`, when given). Every count, shape and value, and the
+        strength (the new or the current one) against the bound of
+        `keras_ewc.penalty.check_strength`, is checked before any variable is assigned;
+        then all are assigned in one step. Thread-safe (one lock a state)."""
+        with self._state_lock:
+            self._assign_state(kronecker, precision, anchors, offset, tasks, strength,
+                               gamma)
+
+    def _assign_state(self, kronecker, precision, anchors, offset, tasks, strength,
+                      gamma) -> None:
         self._check_built()
         kronecker = [tuple(tf.convert_to_tensor(x, tf.float32) for x in trio)
                      for trio in kronecker]
@@ -607,16 +618,69 @@ class KroneckerRegularizer(keras.layers.Layer):
                              "unchanged.")
         tasks = diag.validate_tasks(
             tasks, precision, offset, self.max_tasks if self.mode == "separate" else None)
-        for var, x in pairs + [(self.offset, offset)]:
-            var.assign(x)
-        self.tasks.assign(tasks)
+        strength = self.strength if strength is None else diag.validate_strength(strength)
+        gamma = self.gamma if gamma is None else diag.validate_gamma(gamma)
+        self._check_strength(strength, min(tasks, self.num_slots), kronecker, precision,
+                             anchors, offset)
+        diag.commit(self, [v for v, _ in pairs] + [self.offset, self.tasks,
+                                                   self._strength_variable],
+                    [x for _, x in pairs] + [offset, tf.constant(tasks, tf.int64), strength])
+        self.__dict__["_strength_set"] = strength
+        self.__dict__["_gamma"] = gamma
 
     def reset(self) -> None:
         """Forgets every consolidated task: the penalty is 0 again."""
-        self._check_built()
-        for var in self.non_trainable_variables:
-            if var is not self._strength_variable:
-                var.assign(tf.zeros(var.shape, var.dtype))
+        with self._state_lock:
+            self._check_built()
+            state = [v for v in self.non_trainable_variables
+                     if v is not self._strength_variable]
+            diag.commit(self, state, [tf.zeros(v.shape, v.dtype) for v in state])
+
+    # --- persistence ---------------------------------------------------------------
+
+    def save_own_variables(self, store):
+        # Keras' layout (the variables by position), and γ: a Python float here, which
+        # `load_weights` must restore as the diagonal state's variable is.
+        super().save_own_variables(store)
+        store[GAMMA_ENTRY] = np.array(self.gamma, "float64")
+
+    def load_own_variables(self, store):
+        # As `EWCRegularizer.load_own_variables`: Keras visits this layer a second time
+        # (as the model's attribute) after a failure; repeat the real cause rather than
+        # "received 0 variables".
+        failed = self.__dict__.get("_load_failure")
+        if len(store.keys()) == 0 and failed is not None and failed[0] is store:
+            self.__dict__["_load_failure"] = None
+            raise failed[1]
+        try:
+            self._load_from(store)
+            self.__dict__["_load_failure"] = None
+        except ValueError as error:
+            self.__dict__["_load_failure"] = (store, error)
+            raise
+
+    def _load_from(self, store):
+        # Every value is read and checked, and the saved strength checked against the
+        # saved state (`check_strength`), before anything is assigned; then the state,
+        # the strength and γ are assigned in one step.
+        names = [n for n in store.keys() if n != GAMMA_ENTRY]
+        variables = self._trainable_variables + self._non_trainable_variables
+        if len(names) != len(variables) or not self.built:
+            return super().load_own_variables(_Without(store, GAMMA_ENTRY))
+        values = {id(v): store[str(i)] for i, v in enumerate(variables)}
+        wrong = [f"{v.path}: saved shape {tuple(values[id(v)].shape)}, expected "
+                 f"{tuple(v.shape)}" for v in variables
+                 if tuple(values[id(v)].shape) != tuple(v.shape)]
+        if wrong:
+            raise ValueError("The saved Kronecker EWC state does not fit this model's: "
+                             + "; ".join(wrong))
+        gamma = (float(np.asarray(store[GAMMA_ENTRY])) if GAMMA_ENTRY in store.keys()
+                 else None)  # files written before γ was saved
+        self.assign_state(
+            [tuple(values[id(v)] for v in trio) for trio in self.kronecker_state],
+            [values[id(p)] for p in self.precision], [values[id(m)] for m in self.anchors],
+            values[id(self.offset)], int(np.asarray(values[id(self.tasks)])),
+            strength=float(np.asarray(values[id(self._strength_variable)])), gamma=gamma)
 
     def get_config(self):
         config = super().get_config()
@@ -632,6 +696,23 @@ class KroneckerRegularizer(keras.layers.Layer):
         for i, var in enumerate(self.non_trainable_variables):
             children[f"state_{i}"] = var
         return children
+
+
+GAMMA_ENTRY = "kronecker_gamma"
+"""The entry of γ in a Kronecker state's saved variables (absent from older files)."""
+
+
+class _Without:
+    """A read-only view of a Keras weights store without one entry."""
+
+    def __init__(self, store, name):
+        self._store, self._name = store, name
+
+    def keys(self):
+        return [k for k in self._store.keys() if k != self._name]
+
+    def __getitem__(self, key):
+        return self._store[key]
 
 
 def _tensors(variables) -> list:

@@ -367,16 +367,24 @@ class EWCModel(keras.Model):
         return self.network(inputs, training=training)
 
     def penalty(self) -> tf.Tensor:
-        """The current EWC penalty (float32 scalar); 0 before any consolidation."""
+        """The current EWC penalty (float32 scalar); 0 before any consolidation.
+
+        The penalty the next training step would use: a wrapped model that changed
+        is followed first, as `fit` follows it (a removed head leaves the state, with a
+        warning; with `structure="kronecker"` the change is refused, as `fit` refuses it).
+        """
         if not self.regularizer.built:
             return tf.constant(0.0, tf.float32)
+        self._sync_state()
         return self.regularizer.penalty()
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         loss = super().compute_loss(
             x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training
         )
-        penalty = self.penalty()
+        # The state was synced by `make_train_function` before tracing.
+        penalty = (self.regularizer.penalty() if self.regularizer.built
+                   else tf.constant(0.0, tf.float32))
         self.penalty_tracker.update_state(penalty)
         if training and loss is not None:
             # Keras divides each replica's loss by the number of replicas before the
@@ -452,12 +460,22 @@ class EWCModel(keras.Model):
         factors of a task are stored in its own slot (separate mode) or merged into one
         nearest-Kronecker pair a layer (online mode).
 
+        Thread-safe: calls on one model (and `regularizer.assign_state`) run one at a
+        time, each merging its task into the state the previous one left; none is lost.
+
         Returns:
             The Fisher diagonal of this task, a list aligned with
             `regularised_variables`; with `structure="kronecker"`, a dict mapping each
             factored layer's path to `(A, G)` and each other variable's path to its
             Fisher diagonal.
         """
+        # A re-entrant lock a state: concurrent calls are serialised, not refused.
+        with self.regularizer._state_lock:
+            return self._consolidate(data, estimator, samples, batch_size, verbose,
+                                     likelihood, seed, steps)
+
+    def _consolidate(self, data, estimator, samples, batch_size, verbose, likelihood,
+                     seed, steps):
         if not self.regularizer.built:
             raise ValueError(
                 "The EWCModel is not built: it has no weights to anchor yet. Train it, "

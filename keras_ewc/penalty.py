@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Sequence
 
 import keras
@@ -122,6 +123,8 @@ class EWCRegularizer(keras.layers.Layer):
         # hold them in float32); kept out of Keras' attribute tracking.
         self.__dict__["_strength_set"] = strength
         self.__dict__["_gamma_set"] = gamma
+        # One thread at a time reads, merges and assigns the state (see `consolidate`).
+        self.__dict__["_state_lock"] = threading.RLock()
         self._state = _State()
         self.offset = None
         self.tasks = None
@@ -136,11 +139,14 @@ class EWCRegularizer(keras.layers.Layer):
     @strength.setter
     def strength(self, value) -> None:
         value = validate_strength(value)
-        if self.built:
-            self._check_strength(value, _tensors(self.precision), _tensors(self.anchors),
-                                 tf.convert_to_tensor(self.offset), _tensors(self.targets))
-        self._strength_variable.assign(value)
-        self.__dict__["_strength_set"] = value
+        with self._state_lock:
+            if self.built:
+                self._check_strength(value, _tensors(self.precision),
+                                     _tensors(self.anchors),
+                                     tf.convert_to_tensor(self.offset),
+                                     _tensors(self.targets))
+            self._strength_variable.assign(value)
+            self.__dict__["_strength_set"] = value
 
     @property
     def gamma(self) -> float:
@@ -150,8 +156,9 @@ class EWCRegularizer(keras.layers.Layer):
     @gamma.setter
     def gamma(self, value) -> None:
         value = validate_gamma(value)
-        self._gamma_variable.assign(value)
-        self.__dict__["_gamma_set"] = value
+        with self._state_lock:
+            self._gamma_variable.assign(value)
+            self.__dict__["_gamma_set"] = value
 
     # --- the state ---------------------------------------------------------------------
 
@@ -218,27 +225,28 @@ class EWCRegularizer(keras.layers.Layer):
         Variables are matched by identity (the same variable object), so a variable
         keeps its anchor and precision whatever its new key.
         """
-        self._check_built()
-        variables = list(variables)
-        if not variables:
-            raise ValueError("Expected at least one variable to regularise. Received none.")
-        keys = _check_keys(variables, keys)
-        held = {id(t): (a, p) for t, a, p in zip(self.targets, self.anchors, self.precision)}
-        new = [(v, k) for v, k in zip(variables, keys) if id(v) not in held]
-        fresh = iter(zip(*self._new_entries([v for v, _ in new], [k for _, k in new])))
-        anchors, precision = [], []
-        for v in variables:
-            a, p = held[id(v)] if id(v) in held else next(fresh)
-            anchors.append(a)
-            precision.append(p)
-        kept = {id(v) for v in variables}
-        dropped = [(k, a, p) for t, k, a, p in zip(self.targets, self.keys, self.anchors,
-                                                   self.precision) if id(t) not in kept]
-        for _, a, p in dropped:
-            _private.untrack_variable(self, a)
-            _private.untrack_variable(self, p)
-        self._state = _State(variables, keys, anchors, precision)
-        return [k for k, _, _ in dropped]
+        with self._state_lock:
+            self._check_built()
+            variables = list(variables)
+            if not variables:
+                raise ValueError("Expected at least one variable to regularise. Received none.")
+            keys = _check_keys(variables, keys)
+            held = {id(t): (a, p) for t, a, p in zip(self.targets, self.anchors, self.precision)}
+            new = [(v, k) for v, k in zip(variables, keys) if id(v) not in held]
+            fresh = iter(zip(*self._new_entries([v for v, _ in new], [k for _, k in new])))
+            anchors, precision = [], []
+            for v in variables:
+                a, p = held[id(v)] if id(v) in held else next(fresh)
+                anchors.append(a)
+                precision.append(p)
+            kept = {id(v) for v in variables}
+            dropped = [(k, a, p) for t, k, a, p in zip(self.targets, self.keys, self.anchors,
+                                                       self.precision) if id(t) not in kept]
+            for _, a, p in dropped:
+                _private.untrack_variable(self, a)
+                _private.untrack_variable(self, p)
+            self._state = _State(variables, keys, anchors, precision)
+            return [k for k, _, _ in dropped]
 
     def build(self, input_shape=None):
         # The state is shaped after the regularised variables: see `build_for`.
@@ -275,7 +283,14 @@ class EWCRegularizer(keras.layers.Layer):
     def consolidate(self, fisher: Sequence, theta: Sequence | None = None) -> None:
         """Merges a task's Fisher diagonal, anchored at `theta` (default: the current
         weights), into the state. All variables are assigned together, after every new
-        value is computed and checked finite, so the state is never half-written."""
+        value is computed and checked finite, so the state is never half-written.
+
+        Thread-safe: a lock held from reading the state to committing the new one
+        serialises concurrent calls (and `assign_state`), so none is lost."""
+        with self._state_lock:
+            self._consolidate(fisher, theta)
+
+    def _consolidate(self, fisher, theta) -> None:
         self._check_built()
         fisher = [tf.cast(tf.convert_to_tensor(f), tf.float32) for f in fisher]
         theta = [tf.cast(tf.convert_to_tensor(t), tf.float32)
@@ -300,38 +315,34 @@ class EWCRegularizer(keras.layers.Layer):
             new = merge_separate(*state, fisher, theta)
         else:
             new = merge_online(*state, fisher, theta, tf.convert_to_tensor(self._gamma_variable))
-        self._check_strength(self.strength, *new, _tensors(self.targets))
+        # `assign_state` checks the strength against the new state, then commits it.
         self.assign_state(*new, tasks=int(self.tasks.numpy()) + 1)
 
     def _check_strength(self, strength, precision, anchors, offset, theta) -> None:
-        """Refuses a strength whose penalty or gradient overflows float32 on this state."""
+        """Refuses a strength whose penalty or gradient overflows float32 on this state
+        (`check_strength`, the bound every way into the state applies)."""
         if not precision:
             return
-        p_max = max(float(tf.reduce_max(p)) for p in precision) if precision else 0.0
+        p_max = max(float(tf.reduce_max(p)) for p in precision)
         if p_max == 0.0 and float(offset) == 0.0:
             return  # no task yet: the penalty is 0 at any strength
         theta = [tf.cast(t, tf.float32) for t in theta]
         reach = max([1.0] + [float(tf.reduce_max(tf.abs(t - m))) for t, m in
                              zip(theta, anchors)])
-        # The gradient a weight `reach` away from its anchor gets (at least 1 away).
-        gradient = float(np.float64(strength) * p_max * reach)
-        value = float(np.float64(strength) * float(quadratic(precision, anchors, offset,
-                                                             theta)))
-        if gradient < GRADIENT_LIMIT and value < float(np.finfo(np.float32).max):
-            return
-        limit = GRADIENT_LIMIT / (p_max * reach) if p_max > 0 else float("inf")
-        raise ValueError(
-            f"strength={strength:g} is too large for this EWC state: the penalty's "
-            f"gradient strength * P * (θ − m) reaches {gradient:.3g} (largest precision "
-            f"{p_max:.3g}, weights up to {reach:.3g} from their anchors) and the penalty "
-            f"{value:.3g}; float32 overflows (Adam and RMSprop square the gradient) and "
-            f"the weights would turn to NaN. Expected strength < {limit:.3g}. Received: "
-            f"strength={strength!r}. The state and the weights are unchanged."
-        )
+        check_strength(strength, p_max, reach,
+                       float(quadratic(precision, anchors, offset, theta)), "EWC state")
 
-    def assign_state(self, precision, anchors, offset, tasks) -> None:
+    def assign_state(self, precision, anchors, offset, tasks, strength=None,
+                     gamma=None) -> None:
         """Assigns a whole state at once: the count, shape and finiteness of every
-        entry is checked before any variable is assigned, so nothing is half-written."""
+        entry, and the strength (`strength`, or the current one) against the bound of
+        `check_strength`, are checked before any variable is assigned; then every
+        variable (with `strength` and `gamma` when given) is assigned in one step, so
+        nothing is half-written, not even by a Ctrl-C. Thread-safe (one lock a state)."""
+        with self._state_lock:
+            self._assign_state(precision, anchors, offset, tasks, strength, gamma)
+
+    def _assign_state(self, precision, anchors, offset, tasks, strength, gamma) -> None:
         self._check_built()
         precision, anchors = list(precision), list(anchors)
         count = len(self.targets)
@@ -355,16 +366,22 @@ class EWCRegularizer(keras.layers.Layer):
         if not all(bool(tf.reduce_all(tf.math.is_finite(x))) for x in values + [offset]):
             raise ValueError("The new EWC state is not finite; the state is left unchanged.")
         tasks = validate_tasks(tasks, values[:count], offset)
-        for var, value in zip(self.precision + self.anchors, values):
-            var.assign(value)
-        self.offset.assign(offset)
-        self.tasks.assign(tasks)
+        strength = self.strength if strength is None else validate_strength(strength)
+        gamma = self.gamma if gamma is None else validate_gamma(gamma)
+        self._check_strength(strength, values[:count], values[count:], offset,
+                             _tensors(self.targets))
+        commit(self, self.precision + self.anchors + [
+            self.offset, self.tasks, self._strength_variable, self._gamma_variable],
+            values + [offset, tf.constant(tasks, tf.int64), strength, gamma])
+        self.__dict__["_strength_set"] = strength
+        self.__dict__["_gamma_set"] = gamma
 
     def reset(self) -> None:
         """Forgets every consolidated task: the penalty is 0 again."""
-        self._check_built()
-        zeros = [tf.zeros(p.shape) for p in self.precision]
-        self.assign_state(zeros, zeros, 0.0, 0)
+        with self._state_lock:
+            self._check_built()
+            zeros = [tf.zeros(p.shape) for p in self.precision]
+            self.assign_state(zeros, zeros, 0.0, 0)
 
     def get_config(self):
         config = super().get_config()
@@ -411,10 +428,15 @@ class EWCRegularizer(keras.layers.Layer):
         else:
             strength, gamma, state = None, None, self._read_positional(store, names)
         if state is not None:
-            self.assign_state(*state)
-        if strength is not None:
-            self._strength_variable.assign(validate_strength(strength))
-            self._gamma_variable.assign(validate_gamma(gamma))
+            # The saved strength is checked against the saved state, and both are
+            # assigned in one step (a file cannot bring an overflowing strength in).
+            self.assign_state(*state, strength=strength, gamma=gamma)
+        elif strength is not None:
+            strength, gamma = validate_strength(strength), validate_gamma(gamma)
+            self._strength_variable.assign(strength)
+            self._gamma_variable.assign(gamma)
+            self.__dict__["_strength_set"] = strength
+            self.__dict__["_gamma_set"] = gamma
 
     def _read_keyed(self, store, names):
         version = int(np.asarray(store["format_version"]))
@@ -489,6 +511,62 @@ class EWCRegularizer(keras.layers.Layer):
 
 STORE_VERSION = 2
 """Version of the layout `save_own_variables` writes (1: entries by position)."""
+
+
+def check_strength(strength, p_max, reach, value, what="EWC state") -> None:
+    """The bound on `strength` that every way into a state applies (the constructor and
+    the `strength` setter, `consolidate`, `assign_state`, loading a file or a
+    SavedModel), for the diagonal and the Kronecker state alike.
+
+    `p_max` is the largest (diagonal) precision of the state, `reach` how far the
+    weights are from their anchors (the largest distance, at least 1) and `value` the
+    penalty without the strength. The gradient a weight `reach` away from its anchor
+    gets, `strength * p_max * reach`, must have a finite square in float32 (Adam and
+    RMSprop square it: past the bound their second moment overflows and the weights
+    turn to NaN), and the penalty `strength * value` must be finite in float32.
+    Raises a ValueError naming the strength and the largest one allowed.
+    """
+    gradient = float(np.float64(strength) * p_max * reach)
+    total = float(np.float64(strength) * value)
+    if gradient < GRADIENT_LIMIT and total < float(np.finfo(np.float32).max):
+        return
+    limit = GRADIENT_LIMIT / (p_max * reach) if p_max > 0 else float("inf")
+    raise ValueError(
+        f"strength={strength:g} is too large for this {what}: the penalty's gradient "
+        f"strength * P * (θ − m) reaches {gradient:.3g} (largest precision {p_max:.3g}, "
+        f"weights up to {reach:.3g} from their anchors) and the penalty {total:.3g}; "
+        f"float32 overflows (Adam and RMSprop square the gradient) and the weights "
+        f"would turn to NaN. Expected strength < {limit:.3g}. Received: "
+        f"strength={strength!r}. The state and the weights are unchanged."
+    )
+
+
+def commit(owner, variables, values) -> None:
+    """Assigns `values` to `variables` in ONE graph call (a `tf.function` traced once a
+    set of variables), so a Ctrl-C (`KeyboardInterrupt`, which Python delivers between
+    bytecodes, never inside a running TensorFlow call) lands before every assignment or
+    after all of them: a new state is committed whole or not at all."""
+    key = tuple(id(v) for v in variables)
+    cached = owner.__dict__.get("_commit")
+    if cached is None or cached[0] != key:
+        # A tuple, not a bare tf.function attribute: kept out of SavedModel tracking.
+        cached = (key, tf.function(_AssignAll(variables), autograph=False))
+        owner.__dict__["_commit"] = cached
+    cached[1]([tf.convert_to_tensor(x, v.dtype) for v, x in zip(variables, values)])
+
+
+class _AssignAll:
+    """`values` into the variables, as one traced function. A callable object, not a
+    closure: TensorFlow counts retraces per function code, and every state (of every
+    model in a process) traces its own, which is not the retracing it warns about."""
+
+    def __init__(self, variables):
+        self.variables = list(variables)
+
+    def __call__(self, values):
+        # Stateful ops all run (automatic control dependencies): nothing to return.
+        for v, x in zip(self.variables, values):
+            v.assign(x)
 
 
 def penalty_with_gradient(strength, precision, anchor, offset, theta,

@@ -521,3 +521,94 @@ def _name(variable) -> str:
 def _shape(shape) -> str:
     return str(tuple(tf.TensorShape(shape).as_list()))
 
+
+
+# --- a registered kernel's output (`register_kernel`) -----------------------------------
+
+KERNEL_CONTRACT = "keras_ewc kernel contract"
+"""Marks the in-graph assertions of `checked_sum_squared`, so the Fisher loop can tell
+them from other errors of the step and raise their message as a ValueError."""
+
+
+def checked_sum_squared(layer, kernel, params, records, grads) -> dict:
+    """`kernel.sum_squared(layer, records, grads)`, with its contract checked.
+
+    Called while the Fisher step is traced, so the static part costs nothing per
+    batch: the result must be a dict whose keys are names of `kernel.params(layer)`
+    and include every name of `params` (the variables it must cover), each value a
+    float tensor of its variable's shape. An error the kernel raises while traced is
+    re-raised naming the layer, the kernel and its class. Finite and >= 0 (a sum of
+    squares) is checked in the graph on every batch (a reduction a variable, and one
+    over the kernel's inputs: a non-finite sum from non-finite inputs is the data's or
+    the model's fault, which the loop's own checks name), by an assertion whose message
+    `fisher_diagonal` raises as a ValueError.
+
+    Not checked: sums that are well-formed but wrong (the wrong maths, or over part of
+    the batch); compare a new kernel with the per-example oracle, as the tests of the
+    built-in kernels do (tests/test_fisher_kernels.py).
+    """
+    who = (f"the Fisher kernel {type(kernel).__name__} registered for layer "
+           f"{layer.name!r} ({type(layer).__name__})")
+    try:
+        values = kernel.sum_squared(layer, records, grads)
+    except Exception as error:
+        raise ValueError(
+            f"{who} raised {type(error).__name__} in `sum_squared`: {error}. Fix the "
+            "kernel (see keras_ewc.fisher.Kernel for its contract)."
+        ) from error
+    if not isinstance(values, dict):
+        raise ValueError(f"Expected {who} to return a dict {{variable name: tensor}} from "
+                         f"`sum_squared`. Received a {type(values).__name__}.")
+    known = dict(kernel.params(layer))
+    unknown = [k for k in values if k not in known]
+    missing = [k for k in params if k not in values]
+    if unknown or missing:
+        raise ValueError(
+            f"Expected {who} to return sums keyed by its variables' names "
+            f"{sorted(known)} (from `params`). Received keys {sorted(map(str, values))}: "
+            f"unknown {unknown}, missing {missing}. Fix the keys in `sum_squared`.")
+    # A NaN in the data or the model reaches the kernel's inputs: blame the kernel for a
+    # non-finite sum only when what it was given was finite (the loop's own checks name
+    # the data or the weights otherwise).
+    given = [t for t in tf.nest.flatten((records, grads))
+             if tf.is_tensor(t) and t.dtype.is_floating]
+    given_finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in given]
+                                 ) if given else tf.constant(True)
+    checked = {}
+    for name, value in values.items():
+        variable = known[name]
+        what = f"its sum for variable {name!r} ({_name(variable)})"
+        try:
+            value = tf.convert_to_tensor(value)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{who}: {what} is not a tensor ({error}).") from error
+        if not value.dtype.is_floating:
+            raise ValueError(
+                f"{who}: {what} has dtype {value.dtype.name}; expected a float tensor "
+                "(squared gradients). Cast it, or compute it in float.")
+        if not value.shape.is_compatible_with(variable.shape):
+            raise ValueError(
+                f"{who}: {what} has shape {_shape(value.shape)}; expected "
+                f"{_shape(variable.shape)}, the variable's shape (sum over the batch and "
+                "the terms).")
+        value = tf.reshape(tf.cast(value, tf.float32), variable.shape)
+        ok = tf.logical_not(tf.reduce_any(value < 0.0)) & (
+            tf.reduce_all(tf.math.is_finite(value)) | tf.logical_not(given_finite))
+        check = tf.debugging.Assert(ok, [
+            f"{KERNEL_CONTRACT}: {who}: {what} holds negative, NaN or Inf values; "
+            "expected finite sums of squares >= 0. Fix `sum_squared`."])
+        with tf.control_dependencies([check]):
+            checked[name] = tf.identity(value)
+    return checked
+
+
+def kernel_contract_error(error: BaseException) -> ValueError | None:
+    """The ValueError for an in-graph assertion of `checked_sum_squared`, else None."""
+    message = str(getattr(error, "message", None) or error)
+    start = message.find(KERNEL_CONTRACT)
+    if start < 0:
+        return None
+    # TensorFlow's message quotes the assertion's string with escaped quotes.
+    text = message[start + len(KERNEL_CONTRACT) + 2:].replace("\\'", "'")
+    end = text.find("Fix `sum_squared`.")
+    return ValueError(text[: end + len("Fix `sum_squared`.")] if end >= 0 else text)

@@ -316,10 +316,20 @@ class _Loop:
         """Adds every batch of `dataset`, with a progress line (returned, to be finished
         once the result is checked); `first()` runs after the first non-empty batch."""
         progress = _Progress(dataset, verbose)
-        for batch in dataset:
-            if self.add(batch) and self.batches == 1 and first is not None:
-                first()
-            progress.update(self.batches, self.examples)
+        try:
+            for batch in dataset:
+                if self.add(batch) and self.batches == 1 and first is not None:
+                    first()
+                progress.update(self.batches, self.examples)
+        except RuntimeError as error:
+            if is_interrupt(error):
+                raise KeyboardInterrupt(str(error)) from error
+            raise
+        except tf.errors.InvalidArgumentError as error:
+            contract = checks.kernel_contract_error(error)  # a registered kernel's output
+            if contract is not None:
+                raise contract from None
+            raise
         return progress
 
     def add(self, batch) -> int:
@@ -751,6 +761,15 @@ def loop_data(data, batch_size, steps, auto) -> tf.data.Dataset:
         batch_size = AUTO_BATCH_SIZE  # arrays: cut to the automatic size directly
     dataset = checks.bound_steps(as_dataset(data, batch_size), steps)
     return rebatch(dataset, AUTO_BATCH_SIZE) if auto else dataset
+
+
+def is_interrupt(error: BaseException) -> bool:
+    """Whether `error` is a Ctrl-C in disguise: a `KeyboardInterrupt` that lands while
+    TensorFlow runs C++ code (the data iterator's next batch) comes out of pybind11 as
+    `RuntimeError: pybind11::error_already_set: MISMATCH of original and normalized
+    active exception types: ORIGINAL KeyboardInterrupt …`."""
+    message = str(error)
+    return "error_already_set" in message and "KeyboardInterrupt" in message
 
 
 def rebatch(dataset: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:

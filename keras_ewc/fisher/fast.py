@@ -24,7 +24,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from keras_ewc import _private
-from keras_ewc.fisher import kernels
+from keras_ewc.fisher import checks, kernels
 from keras_ewc.fisher import local as local_module
 from keras_ewc.fisher.kernels import _common
 
@@ -134,7 +134,8 @@ def kernel_sums(model, layers, terms_fn, inputs, extra, loops=False, local=()) -
     sums = {}
     for layer, kernel, params, calls in fast:
         part, grads = grads[: len(calls)], grads[len(calls):]
-        values = kernel.sum_squared(layer, [r for r, _ in calls], part) if calls else {}
+        values = (checks.checked_sum_squared(layer, kernel, params, [r for r, _ in calls],
+                                             part) if calls else {})
         for name, v in params.items():
             value = values[name] if name in values else tf.zeros(v.shape, tf.float32)
             sums[id(v)] = tf.cast(value, tf.float32)

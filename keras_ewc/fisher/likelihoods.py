@@ -331,11 +331,7 @@ def get(likelihood, model=None) -> Likelihood:
     if likelihood is None:
         found = _from_compiled_loss(model)
         if found is None:
-            raise ValueError(
-                "Could not infer the likelihood: the model is not compiled with one of "
-                f"the losses {sorted(set(_LOSS_NAMES))}. Pass likelihood= one of "
-                f"{list(LIKELIHOODS)}."
-            )
+            raise ValueError(_not_inferred(model))
         return found
     if isinstance(likelihood, str) and likelihood.lower() in _CLASSES:
         name = likelihood.lower()
@@ -349,6 +345,39 @@ def get(likelihood, model=None) -> Likelihood:
         f"Unknown likelihood. Expected one of {list(LIKELIHOODS)} or a Likelihood "
         f"instance. Received: likelihood={likelihood!r}"
     )
+
+
+def _not_inferred(model) -> str:
+    """Why no likelihood follows from `model`'s compiled loss: what was found, what
+    was expected, and how to fix it."""
+    loss = getattr(model, "loss", None) if model is not None else None
+    fix = f"Pass likelihood= one of {list(LIKELIHOODS)} (or a Likelihood instance)."
+    expected = f"one of the losses {sorted(set(_LOSS_NAMES))}"
+    if isinstance(loss, (list, tuple, dict)):
+        items = loss.items() if isinstance(loss, dict) else enumerate(loss)
+        shown = ", ".join(f"{k}: {_loss_name(v)}" for k, v in items)
+        return (
+            f"Could not infer the likelihood: the model is compiled with "
+            f"{len(loss)} losses, one for each of its outputs ({shown}), but the Fisher "
+            f"takes one likelihood, for a model with a single output, compiled with "
+            f"{expected}. Consolidate a model with the one output to anchor (e.g. "
+            "keras_ewc.EWCModel(keras.Model(net.inputs, net.outputs[0]))), and pass its "
+            f"likelihood. {fix}"
+        )
+    if loss is None:
+        found = "the model is not compiled (no loss)"
+    else:
+        found = f"the model is compiled with the loss {_loss_name(loss)}"
+    return f"Could not infer the likelihood: {found}; expected {expected}. {fix}"
+
+
+def _loss_name(loss) -> str:
+    if isinstance(loss, str) or loss is None:
+        return repr(loss)
+    fn = getattr(loss, "fn", None)  # a loss function wrapped by Keras
+    if type(loss).__name__ == "LossFunctionWrapper" and fn is not None:
+        return fn.__name__
+    return getattr(loss, "__name__", None) or type(loss).__name__
 
 
 def _from_compiled_loss(model):
