@@ -26,12 +26,15 @@ from keras_ewc.fisher.kernels._registry import Kernel, register_kernel
                  methods=("kernel",))
 class DepthwiseConvKernel(Kernel):
     def supports(self, layer) -> bool:
-        # Tested: channels_last and channels_first (Keras transposes the latter on CPU),
-        # "valid" and "same" padding, strides or dilations, any depth multiplier.
-        # Strides and dilations together: Keras decomposes that convolution, with its
-        # own padding; not covered.
+        # Tested: channels_last, "valid" and "same" padding, strides or dilations, any
+        # depth multiplier. Strides and dilations together: Keras decomposes that
+        # convolution, with its own padding; not covered. channels_first: on CPU
+        # TensorFlow (Keras 3.15) the layer adds its bias along the last spatial axis
+        # when that axis is as long as the channels, so the layer itself (the reference
+        # path) is differentiated instead of its documented maths.
         return (
-            not getattr(layer, "lora_enabled", False)
+            layer.data_format == "channels_last"
+            and not getattr(layer, "lora_enabled", False)
             and getattr(layer, "quantization_mode", None) is None
             and layer.padding in ("valid", "same")
             and not (max(layer.strides) > 1 and max(layer.dilation_rate) > 1)
