@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from keras_ewc.fisher import diagonal, likelihoods
+from keras_ewc.fisher.kernels import _common
 from tests import oracle
 from tests.test_fisher_kernels import CLASSES, N, _seq, _sums, _x
 
@@ -42,6 +43,19 @@ CONFIGS = {
              L.SeparableConv1D(3, 2, strides=2, activation="tanh"),
              L.SeparableConv1D(2, 2, dilation_rate=2, use_bias=False)),
         _x((11, 3))),
+    "conv2d_transpose": lambda: (
+        _seq((4, 3, 3), L.Conv2DTranspose(4, 3, strides=2, padding="same", activation="relu"),
+             L.Conv2DTranspose(3, (3, 2), strides=(2, 1), output_padding=(1, 0)),
+             L.Conv2DTranspose(2, 2, use_bias=False)),
+        _x((4, 3, 3))),
+    "conv1d_transpose": lambda: (
+        _seq((5, 3), L.Conv1DTranspose(4, 3, strides=2, activation="tanh"),
+             L.Conv1DTranspose(2, 4, strides=3, padding="same", use_bias=False)),
+        _x((5, 3))),
+    "conv3d_transpose": lambda: (
+        _seq((2, 3, 2, 2), L.Conv3DTranspose(3, 2, strides=(2, 1, 2), padding="same"),
+             L.Conv3DTranspose(2, (2, 3, 2), padding="valid", use_bias=False)),
+        _x((2, 3, 2, 2))),
 }
 
 
@@ -87,13 +101,11 @@ def test_kernel_paths_report_the_new_kernels():
     assert set(diagonal.kernel_paths(model).values()) == {"fast"}
 
 
-def test_fisher_diagonal_in_chunks_matches_oracle(monkeypatch):
+@pytest.mark.parametrize("name", ["depthwise2d", "separable1d", "conv2d_transpose"])
+def test_fisher_diagonal_in_chunks_matches_oracle(monkeypatch, name):
     """A budget of one or two examples' gradients: the chunks add up to the whole."""
-    from keras_ewc.fisher.kernels import _common, depthwise
-
     monkeypatch.setattr(_common, "BUDGET", 200)
-    monkeypatch.setattr(depthwise, "BUDGET", 200)
-    model, x = CONFIGS["depthwise2d"]()
+    model, x = CONFIGS[name]()
     fisher = diagonal.fisher_diagonal(
         model, x, likelihood=likelihoods.Categorical(from_logits=True), verbose=0)
     oracle.assert_close(fisher, oracle.categorical_exact(model, model.trainable_variables, x))

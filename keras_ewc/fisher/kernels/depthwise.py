@@ -12,8 +12,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from keras_ewc.fisher.kernels import _common
 from keras_ewc.fisher.kernels._common import (
-    BUDGET,
     activation,
     broadcast_sum_squared,
     f32,
@@ -134,7 +134,7 @@ def depthwise_sum_squared(records, grads, kernel_size, strides, dilation, paddin
 
     `records` are the calls' channels-last inputs, `grads` the `[T, B, *P, C * M]`
     gradients at their outputs. Examples are taken in chunks, so that at most
-    `BUDGET` elements of per-example gradients exist at once.
+    `_common.BUDGET` elements of per-example gradients exist at once.
     """
     xs = [pad_to_valid(f32(x), kernel_size, strides, dilation, padding) for x in records]
     gs = [f32(g) for g in grads]
@@ -142,7 +142,7 @@ def depthwise_sum_squared(records, grads, kernel_size, strides, dilation, paddin
     per_example = terms * int(xs[0].shape[-1]) * multiplier
     for k, d in zip(kernel_size, dilation):
         per_example *= (k - 1) * d + 1
-    chunk = max(1, BUDGET // per_example)
+    chunk = max(1, _common.BUDGET // per_example)
     total = None
     for start in range(0, batch, chunk):
         part = None
