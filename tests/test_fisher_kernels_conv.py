@@ -13,9 +13,21 @@ import pytest
 from keras_ewc.fisher import diagonal, likelihoods
 from keras_ewc.fisher.kernels import _common
 from tests import oracle
-from tests.test_fisher_kernels import CLASSES, N, _seq, _sums, _x
+from tests.test_fisher_kernels import CLASSES, N, _bn, _seq, _sums, _x
 
 L = keras.layers
+
+
+def _gn(model):
+    """Random scales and offsets, so that a kernel that drops either would show."""
+    rng = np.random.default_rng(3)
+    for layer in model.layers:
+        if isinstance(layer, L.GroupNormalization):
+            for v in (layer.gamma, layer.beta):
+                if v is not None:
+                    v.assign(rng.normal(size=v.shape))
+    return model
+
 
 CONFIGS = {
     "depthwise2d": lambda: (
@@ -56,6 +68,22 @@ CONFIGS = {
         _seq((2, 3, 2, 2), L.Conv3DTranspose(3, 2, strides=(2, 1, 2), padding="same"),
              L.Conv3DTranspose(2, (2, 3, 2), padding="valid", use_bias=False)),
         _x((2, 3, 2, 2))),
+    "group_norm": lambda: (
+        _gn(_seq((5, 4, 2), L.Conv2D(6, 2), L.GroupNormalization(groups=3),
+                 L.Dense(4, activation="tanh"), L.GroupNormalization(groups=-1, center=False),
+                 L.GroupNormalization(groups=2, scale=False))),
+        _x((5, 4, 2))),
+    "group_norm_axis_1": lambda: (
+        _gn(_seq((4, 5), L.GroupNormalization(groups=2, axis=1), L.Dense(3),
+                 L.GroupNormalization(groups=1, axis=2))),
+        _x((4, 5))),
+    # A MobileNetV2 block: batch normalisation in inference mode (moving statistics).
+    "mobilenet_block": lambda: (
+        _bn(_seq((6, 6, 3), L.Conv2D(6, 1, use_bias=False), L.BatchNormalization(),
+                 L.ReLU(6.0), L.DepthwiseConv2D(3, strides=2, padding="same", use_bias=False),
+                 L.BatchNormalization(), L.ReLU(6.0), L.Conv2D(4, 1, use_bias=False),
+                 L.BatchNormalization())),
+        _x((6, 6, 3))),
 }
 
 
