@@ -130,12 +130,22 @@ def test_kernel_paths_report_the_new_kernels():
 
 
 @pytest.mark.parametrize("name", ["depthwise2d", "separable1d", "conv2d_transpose"])
-def test_fisher_diagonal_in_chunks_matches_oracle(monkeypatch, name):
+def test_chunks_of_examples_match_oracle(monkeypatch, name):
     """A budget of one or two examples' gradients: the chunks add up to the whole."""
     monkeypatch.setattr(_common, "BUDGET", 200)
     model, x = CONFIGS[name]()
-    fisher = diagonal.fisher_diagonal(
-        model, x, likelihood=likelihoods.Categorical(from_logits=True), verbose=0)
+    fisher, paths = _sums(model, x)
+    assert set(paths.values()) == {"fast"}, paths
+    oracle.assert_close(fisher, oracle.categorical_exact(model, model.trainable_variables, x))
+
+
+def test_fisher_diagonal_takes_the_kernels():
+    """As a user calls it: two batches, every variable on a kernel, exact to the oracle."""
+    model, x = CONFIGS["separable2d"]()
+    fisher, paths = diagonal.fisher_diagonal(
+        model, x, likelihood=likelihoods.Categorical(from_logits=True), batch_size=2,
+        verbose=0, return_paths=True)
+    assert set(paths.values()) == {"fast"}, paths
     oracle.assert_close(fisher, oracle.categorical_exact(model, model.trainable_variables, x))
 
 
