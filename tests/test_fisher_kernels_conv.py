@@ -160,3 +160,26 @@ def test_channels_first_takes_the_reference_path_and_stays_exact():
     fisher, paths = _sums(model, x)
     assert {p for k, p in paths.items() if "/dense/" not in k} == {"reference"}, paths
     oracle.assert_close(fisher, oracle.categorical_exact(model, model.trainable_variables, x))
+
+
+def test_mixed_precision_matches_reference_path():
+    """float16 compute: the kernels square and sum in float32, as the reference does."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        keras.utils.set_random_seed(8)
+        model = _seq((6, 6, 2), L.DepthwiseConv2D(3, padding="same", depth_multiplier=2),
+                     L.SeparableConv2D(4, 2), L.GroupNormalization(2),
+                     L.Conv2DTranspose(3, 2, strides=2))
+        x = _x((6, 6, 2))
+        fisher, paths = _sums(model, x)
+        reference, _ = _sums(model, x, fast=False)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert set(paths.values()) == {"fast"}, paths
+    assert all(f.dtype == "float32" for f in fisher)
+    # Both paths round in float16 (ε ≈ 1e-3), in different orders: the separable layer,
+    # for one, rounds its depthwise output here and not inside TensorFlow's fused op;
+    # four float16 layers in a row differ by up to ~2.4e-3. An entry that sums
+    # gradients which nearly cancel (a group-norm offset, ~3e-5 of its variable's
+    # largest) is compared at 5e-5 of that largest entry.
+    oracle.assert_close(fisher, reference, rtol=5e-3, atol_scale=1e-2)
