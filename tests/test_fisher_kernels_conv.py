@@ -183,3 +183,13 @@ def test_mixed_precision_matches_reference_path():
     # gradients which nearly cancel (a group-norm offset, ~3e-5 of its variable's
     # largest) is compared at 5e-5 of that largest entry.
     oracle.assert_close(fisher, reference, rtol=5e-3, atol_scale=1e-2)
+
+
+def test_every_mobilenet_v2_variable_has_a_kernel():
+    """keras.applications' MobileNetV2 (depthwise convolutions, batch normalisation): no
+    variable is left to the reference path (read from the layers; no data flows)."""
+    model = keras.applications.MobileNetV2(
+        input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=10)
+    paths = diagonal.kernel_paths(model)
+    assert len(paths) == len(model.trainable_variables) > 100
+    assert set(paths.values()) == {"fast"}, sorted(k for k, p in paths.items() if p != "fast")
