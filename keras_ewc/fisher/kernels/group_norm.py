@@ -1,0 +1,56 @@
+"""GroupNormalization: `z = x̂ γ + β`, x̂ normalised within each example's channel groups.
+
+The statistics are each example's own (no batch axis among the reduced ones), so the
+examples do not interact and the scale and offset are covered as for LayerNormalization:
+example n's gradient of γ is Σ x̂[n] g[n] and of β is Σ g[n], summed over positions
+(and calls) before squaring (`normalization.sum_squared`).
+"""
+
+from __future__ import annotations
+
+import keras
+
+from keras_ewc.fisher.kernels import normalization
+from keras_ewc.fisher.kernels._common import stop
+from keras_ewc.fisher.kernels._registry import Kernel, register_kernel
+
+
+@register_kernel(keras.layers.GroupNormalization)
+class GroupNormalizationKernel(Kernel):
+    def supports(self, layer) -> bool:
+        # Tested: the channel axis last (-1) or given as a positive index.
+        return layer.axis == -1 or layer.axis > 0
+
+    def params(self, layer) -> dict:
+        out = {}
+        if layer.gamma is not None:
+            out["gamma"] = layer.gamma
+        if layer.beta is not None:
+            out["beta"] = layer.beta
+        return out
+
+    def forward(self, layer, args, kwargs):
+        x = args[0]
+        rank = len(x.shape)
+        axis = layer.axis % rank
+        # As the layer computes (in float32 at least): split the channel axis into
+        # (groups, channels per group), take moments over all but the batch and groups.
+        x = keras.ops.cast(x, keras.backend.result_type(x.dtype, "float32"))
+        shape = [int(d) for d in x.shape[1:]]
+        grouped = shape[: axis - 1] + [layer.groups, shape[axis - 1] // layer.groups]
+        grouped += shape[axis:]
+        xg = keras.ops.reshape(x, [-1] + grouped)
+        reduce = [a for a in range(1, rank + 1) if a != axis]
+        mean, variance = keras.ops.moments(xg, axes=reduce, keepdims=True)
+        x_hat = (xg - mean) * keras.ops.rsqrt(variance + layer.epsilon)
+        x_hat = keras.ops.reshape(x_hat, [-1] + shape)
+        broadcast = [int(x.shape[a]) if a == axis else 1 for a in range(rank)]
+        z = x_hat
+        if layer.gamma is not None:
+            z = z * keras.ops.reshape(keras.ops.cast(stop(layer.gamma), z.dtype), broadcast)
+        if layer.beta is not None:
+            z = z + keras.ops.reshape(keras.ops.cast(stop(layer.beta), z.dtype), broadcast)
+        return x_hat, z, lambda z: keras.ops.cast(z, layer.compute_dtype)
+
+    def sum_squared(self, layer, records, grads) -> dict:
+        return normalization.sum_squared(layer, records, grads)
