@@ -9,6 +9,9 @@ import time
 
 DEMO_STRENGTH = 1000.0
 ESTIMATORS = ("exact", "sampled", "empirical", "batched")
+# keras_ewc.continual.SEQUENCES, repeated here so that the command checks --sequence
+# before TensorFlow loads (tests/test_cli.py holds the two equal).
+SEQUENCES = ("permuted", "split", "rotated")
 
 
 def _ewc_class():
@@ -190,7 +193,6 @@ def _run_methods(args, sequence, methods, estimator, out_dir, title):
 def _demo(args) -> int:
     from keras_ewc.continual import load_bundled, permuted_sequence
 
-    _check_common(args)
     start = time.perf_counter()
     sequence = permuted_sequence(load_bundled(), num_tasks=args.tasks, scenario="domain",
                                  seed=args.seed)
@@ -218,7 +220,9 @@ def _demo(args) -> int:
     return 0
 
 
-def _check_common(args) -> None:
+def check_arguments(args) -> None:
+    """Checks the parsed arguments that need no data and no TensorFlow, so that a mistake
+    is answered at once (the dataset and the scenario are checked when they are used)."""
     _positive(args.tasks, "tasks")
     _positive(args.steps, "steps")
     _positive(args.epochs, "epochs")
@@ -227,24 +231,26 @@ def _check_common(args) -> None:
     _ints(args.hidden, "--hidden")
     if not args.lr > 0:
         raise ValueError(f"Expected --lr > 0. Received: {args.lr}")
-
-
-def _run(args) -> int:
-    from keras_ewc.continual import SEQUENCES, load_dataset, make_sequence
-    from keras_ewc.continual.tasks import display_name, normalize_scenario
-
-    _check_common(args)
+    if args.command != "run":
+        return
     if args.sequence not in SEQUENCES:
         raise ValueError(
             f"Unknown sequence. Expected one of {list(SEQUENCES)}. "
             f"Received: --sequence {args.sequence}"
         )
-    scenario = None if args.scenario is None else normalize_scenario(args.scenario)
     if args.estimator not in ESTIMATORS:
         raise ValueError(
             f"Unknown estimator. Expected one of {list(ESTIMATORS)}. "
             f"Received: --estimator {args.estimator}"
         )
+    _floats(args.strength, "--strength")
+
+
+def _run(args) -> int:
+    from keras_ewc.continual import load_dataset, make_sequence
+    from keras_ewc.continual.tasks import display_name, normalize_scenario
+
+    scenario = None if args.scenario is None else normalize_scenario(args.scenario)
     strengths = _floats(args.strength, "--strength")
     data = load_dataset(args.dataset)
     sequence = make_sequence(args.sequence, data, args.tasks, scenario, seed=args.seed)
@@ -374,6 +380,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     if args.command is None:
         parser.print_help()
+        return 2
+    try:
+        check_arguments(args)
+    except ValueError as e:
+        print(f"keras-ewc: error: {e}", file=sys.stderr)
         return 2
     from keras_ewc import _startup
 

@@ -228,7 +228,58 @@ def test_command_starts_quietly_unless_tf_logs_are_asked_for(tmp_path):
     assert quiet.returncode == 0, quiet.stderr
     assert not STARTUP.search(quiet.stderr), quiet.stderr
     assert "keras-ewc demo: 1 permuted" in quiet.stdout
-    # The same start with --tf-logs shows TensorFlow's lines: the quiet run hid real ones.
-    loud = _command("--tf-logs", "demo", "--help", env=env)
-    assert loud.returncode == 0
+    # The same run with --tf-logs shows TensorFlow's lines: the quiet run hid real ones.
+    loud = _command("--tf-logs", "demo", "--tasks", "1", "--steps", "2", "--hidden", "8",
+                    "--fisher-examples", "8", "--quiet", "--out", str(tmp_path), env=env)
+    assert loud.returncode == 0, loud.stderr
     assert STARTUP.search(loud.stderr), loud.stderr
+
+
+def _imported_modules(importtime_stderr):
+    # `python -X importtime` writes "import time: self | cumulative | module" a module.
+    return {line.rsplit("|", 1)[1].strip() for line in importtime_stderr.splitlines()
+            if line.startswith("import time:") and "|" in line}
+
+
+@pytest.mark.parametrize("args,code,shown", [
+    (["--help"], 0, "usage: keras-ewc"),
+    (["demo", "--help"], 0, "--strength"),
+    (["run", "--help"], 0, "--estimator"),
+    (["demo", "--tasks", "0"], 2, "--tasks >= 1. Received: 0"),
+    (["run", "--estimator", "magic"], 2, "Unknown estimator"),
+    (["run", "--sequence", "shuffled"], 2, "Unknown sequence"),
+    (["run", "--strength", "1e2,abc"], 2, "comma-separated numbers"),
+    (["demo", "--tasks", "x"], 2, "invalid int value"),
+    (["frobnicate"], 2, "invalid choice"),
+])
+def test_help_and_argument_errors_answer_before_tensorflow_loads(args, code, shown):
+    result = _command(*args, env={"PYTHONPROFILEIMPORTTIME": "1"})  # = -X importtime
+    assert result.returncode == code, result.stderr
+    assert shown in result.stdout + result.stderr
+    modules = _imported_modules(result.stderr)
+    assert "keras_ewc.cli" in modules or "keras_ewc" in modules  # the probe sees imports
+    assert not {"tensorflow", "keras", "numpy"} & modules, sorted(modules)
+
+
+def test_a_plain_import_still_registers_the_model_for_load_model():
+    # Outside the command, `import keras_ewc` imports its public names at once:
+    # keras.models.load_model finds EWCModel only once its module has registered it.
+    code = ("import keras, keras_ewc, sys; "
+            "print('tensorflow' in sys.modules, "
+            "keras.saving.get_registered_object('keras_ewc>EWCModel') is keras_ewc.EWCModel, "
+            "sorted(n for n in dir(keras_ewc) if not n.startswith('_')))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "PYTHONPATH": ROOT})
+    assert result.returncode == 0, result.stderr
+    loaded, registered, names = result.stdout.strip().split(" ", 2)
+    assert (loaded, registered) == ("True", "True")
+    for name in ("EWCModel", "EWCRegularizer", "continual", "fisher_diagonal",
+                 "kronecker_factors"):
+        assert repr(name) in names
+    assert "importlib" not in names
+
+
+def test_the_command_knows_the_sequences_of_keras_ewc_continual():
+    from keras_ewc.continual import SEQUENCES
+
+    assert cli.SEQUENCES == SEQUENCES
