@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     Example:
 
     >>> from keras_ewc.cli import main
-    >>> main(["demo", "--tasks", "2", "--steps", "50", "--out", "/tmp/demo"])  # doctest: +SKIP
+    >>> main(["demo", "--tasks", "2", "--steps", "50", "--out", "demo-out"])  # doctest: +SKIP
     0
     """
     parser = _build_parser()

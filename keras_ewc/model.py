@@ -545,10 +545,10 @@ class EWCModel(keras.Model):
 
         Example:
 
-        >>> import keras, numpy as np, tensorflow as tf, tempfile, keras_ewc
+        >>> import keras, numpy as np, tensorflow as tf, keras_ewc
         >>> net = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
         >>> model = keras_ewc.EWCModel(net, strength=5.0)
-        >>> path = tempfile.mkdtemp() + "/served"
+        >>> path = "served"
         >>> model.export(path)
         >>> served = tf.saved_model.load(path)
         >>> [tuple(a.shape) for a in served.ewc_anchors]
@@ -583,11 +583,11 @@ class EWCModel(keras.Model):
 
         Example:
 
-        >>> import keras, tempfile, keras_ewc
+        >>> import keras, keras_ewc
         >>> def net():
         ...     return keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
         >>> model = keras_ewc.EWCModel(net(), strength=5.0)
-        >>> path = tempfile.mkdtemp() + "/served"
+        >>> path = "served"
         >>> model.export(path)
         >>> again = keras_ewc.EWCModel.from_saved_model(path, net())
         >>> again.strength, int(again.regularizer.tasks.numpy())

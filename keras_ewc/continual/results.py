@@ -123,9 +123,8 @@ def save_results(results: list[ContinualResults], json_path: str | None = None,
 
     Example:
 
-    >>> import os, tempfile
     >>> from keras_ewc.continual import ContinualResults, save_results
-    >>> path = os.path.join(tempfile.mkdtemp(), "r.csv")
+    >>> path = "r.csv"
     >>> save_results([ContinualResults([[0.5]], label="a")], csv_path=path)
     >>> open(path).read().splitlines()[1]
     'a,0,0.500000'
