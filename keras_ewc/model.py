@@ -369,8 +369,10 @@ class EWCModel(keras.Model):
         Returns:
             The Fisher diagonal of this task, a list aligned with
             `regularised_variables`; with `structure="kronecker"`, a dict mapping each
-            factored layer's path to `(A, G)` and each other variable's path to its
-            Fisher diagonal.
+            factored layer's key (its path relative to the wrapped model, as in
+            `regularizer.layer_keys` and `keras_ewc.kronecker_factors`) to `(A, G)`,
+            and each other variable's key (as in `regularizer.keys`, e.g. `"4:gamma"`)
+            to its Fisher diagonal.
         """
         if not self.regularizer.built:
             raise ValueError(
@@ -417,8 +419,11 @@ class EWCModel(keras.Model):
             rest = diagonal.fisher_diagonal(self.network, data, variables=reg.rest,
                                             **common)
         reg.consolidate(factors, rest)
+        # The state's keys, relative to the wrapped model: layer keys for the factored
+        # layers (as `kronecker_factors` gives them), variable keys for the others.
+        keys = {id(v): k for v, k in zip(reg.targets, reg.keys)}
         result = dict(zip(reg.layer_keys, factors))
-        result.update({v.path: f for v, f in zip(reg.rest, rest)})
+        result.update({keys[id(v)]: f for v, f in zip(reg.rest, rest)})
         return result
 
     # --- configuration -------------------------------------------------------------
