@@ -65,7 +65,7 @@ def main(argv=None):
         results.append(continual.train_sequence(
             model, sequence, steps_per_task=args.steps, estimator=args.estimator,
             fisher_examples=args.fisher_examples, seed=args.seed, label=label))
-    print(continual.results_table(results))
+    print(continual.results_table(results, footnote=True))
     os.makedirs(args.out, exist_ok=True)
     continual.save_results(results, json_path=os.path.join(args.out, "results.json"),
                            csv_path=os.path.join(args.out, "results.csv"))

@@ -75,7 +75,7 @@ def main(argv=None):
         print(f"\n{sequence.title}")
         results = [run(sequence, None, args, "fine-tuning"),
                    run(sequence, args.strength, args, f"EWC λ={args.strength:g}")]
-        print(continual.results_table(results))
+        print(continual.results_table(results, footnote=True))
         gain = results[1].average_accuracy - results[0].average_accuracy
         print(little_gain_note(scenario, gain)
               or f"EWC gained {100 * gain:+.1f} points of average accuracy.")

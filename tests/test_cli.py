@@ -59,6 +59,15 @@ def test_run_sweeps_strength_and_reports_best(tmp_path, capsys):
     data = json.loads((out / "results.json").read_text())
     assert [d["config"]["strength"] for d in data] == [1.0, 100.0]
     best = max(data, key=lambda d: d["average_accuracy"])
+    accuracies = {d["config"]["strength"]: d["average_accuracy"] for d in data}
+    # Two split tasks of the bundled subset: 2 x 500 test images.
+    tie = cli.sampling_margin(best["average_accuracy"], 1000)
+    if cli.choose_strength(accuracies, tie)[0] is None:
+        assert "Best strength" not in text and "Try --strength" not in text
+        assert "No strength is clearly best: 1, 100 are within " \
+               f"{tie:.3f} of the top average accuracy {best['average_accuracy']:.3f} " \
+               "(two standard errors of an accuracy measured on 1,000 test examples" in text
+        return
     assert f"Best strength: {best['config']['strength']:g} (average accuracy " \
            f"{best['average_accuracy']:.3f}" in text
     # With two strengths the best is at an end of the grid, and the command says so.
@@ -79,6 +88,7 @@ def test_run_sweeps_strength_and_reports_best(tmp_path, capsys):
     (["run", "--estimator", "magic"], "Unknown estimator.*magic"),
     (["run", "--strength", "1e2,abc"], "comma-separated numbers.*'1e2,abc'"),
     (["run", "--strength", "-1"], "--strength >= 0"),
+    (["run", "--tie", "-0.1"], "--tie >= 0. Received: -0.1"),
     (["demo", "--tasks", "0"], "--tasks >= 1. Received: 0"),
     (["demo", "--hidden", "400,x"], "--hidden as comma-separated integers"),
 ])
@@ -122,6 +132,37 @@ def test_usage_errors_return_codes(capsys):
 ])
 def test_grid_edge_note(grid, best, expected):
     assert grid_edge_note(grid, best) == expected
+
+
+@pytest.mark.parametrize("accuracies,tie,best,tied", [
+    # The Class-IL sweep of the report: 0.001 apart is no best strength.
+    ({1e2: 0.196, 1e3: 0.197, 1e4: 0.195}, 0.025, None, [1e2, 1e3, 1e4]),
+    ({1e2: 0.60, 1e3: 0.72, 1e4: 0.65}, 0.012, 1e3, [1e3]),
+    ({1e2: 0.70, 1e3: 0.72, 1e4: 0.50}, 0.012, 1e3, [1e3]),   # 0.02 > 0.012
+    ({1e2: 0.71, 1e3: 0.72, 1e4: 0.50}, 0.012, None, [1e2, 1e3]),
+    ({1e2: 0.71, 1e3: 0.72}, 0.0, 1e3, [1e3]),                 # tie=0: any difference
+    ({1e2: 0.72, 1e3: 0.72}, 0.0, None, [1e2, 1e3]),
+    ({500.0: 0.4}, 0.05, 500.0, [500.0]),
+])
+def test_a_strength_is_called_best_only_beyond_the_tie(accuracies, tie, best, tied):
+    assert cli.choose_strength(accuracies, tie) == (best, tied)
+
+
+def test_sampling_margin_is_two_standard_errors_of_the_test_accuracy():
+    assert cli.sampling_margin(0.2, 1000) == pytest.approx(2 * (0.2 * 0.8 / 1000) ** 0.5)
+    assert cli.sampling_margin(0.2, 1000) == pytest.approx(0.0253, abs=1e-4)
+    assert cli.sampling_margin(0.78, 5000) == pytest.approx(0.0117, abs=1e-4)
+    assert cli.sampling_margin(1.0, 100) == 0.0
+
+
+def test_run_with_a_tie_calls_no_strength_best_and_suggests_no_grid(tmp_path, capsys):
+    argv = ["run", "--sequence", "split", "--scenario", "class", "--tasks", "2",
+            "--strength", "1,10", "--no-baseline", "--tie", "1.0", "--out", str(tmp_path),
+            *TINY[2:]]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "No strength is clearly best: 1, 10 are within 1.000 of the top" in text
+    assert "Best strength" not in text and "Try --strength" not in text
 
 
 def test_little_gain_note_names_the_scenario_and_stays_quiet_otherwise():
