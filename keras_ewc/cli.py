@@ -204,8 +204,9 @@ def _demo(args) -> int:
                                  seed=args.seed)
     print(f"keras-ewc demo: {len(sequence)} permuted Fashion-MNIST tasks (bundled subset, "
           f"{len(sequence[0].y_train)} training images a task), Domain-IL, "
-          f"MLP {args.hidden}, {args.epochs or 1} epoch(s) a task"
-          + ("" if args.epochs else f" of {args.steps} batches") + ".")
+          f"MLP {args.hidden}; "
+          + training_text(args.epochs, args.steps, args.batch_size,
+                          len(sequence[0].y_train)) + ".")
     print("Plain fine-tuning first, then EWC (exact Fisher, strength "
           f"{args.strength:g}).", flush=True)
     methods = [("fine-tuning", None), (f"EWC (λ={args.strength:g})", args.strength)]
@@ -224,6 +225,27 @@ def _demo(args) -> int:
     print("Wrote " + ", ".join(written))
     print(f"Total time {time.perf_counter() - start:.0f} s.")
     return 0
+
+
+def training_text(epochs: int | None, steps: int, batch_size: int, examples: int) -> str:
+    """What training each task gets, in batches and in passes over its examples.
+
+    Example:
+
+    >>> from keras_ewc.cli import training_text
+    >>> training_text(None, 400, 128, 6000)
+    'each task trained for 400 batches of 128 (8.5 passes over its 6,000 images)'
+    >>> training_text(2, 400, 128, 6000)
+    'each task trained for 2 passes over its 6,000 images (batches of 128)'
+    """
+    if epochs:
+        passes = "1 pass" if epochs == 1 else f"{epochs} passes"
+        return (f"each task trained for {passes} over its {examples:,} images "
+                f"(batches of {batch_size})")
+    passes = steps * batch_size / examples
+    shown = f"{passes:.1f}" if passes >= 0.1 else f"{passes:.2g}"
+    return (f"each task trained for {steps} batches of {batch_size} "
+            f"({shown} passes over its {examples:,} images)")
 
 
 def check_arguments(args) -> None:

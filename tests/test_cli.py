@@ -26,6 +26,8 @@ def test_demo_prints_table_and_writes_files(tmp_path, capsys):
     assert main(["demo", *TINY, "--strength", "10", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "2 permuted Fashion-MNIST tasks (bundled subset, 6000 training images a task)" in text
+    # What training does, in batches and passes: 3 batches of 32 are 96 of 6,000 images.
+    assert "each task trained for 3 batches of 32 (0.016 passes over its 6,000 images)." in text
     lines = text.splitlines()
     header = next(line for line in lines if line.startswith("method"))
     assert header.split() == ["method", "task", "1", "task", "2", "avg", "acc", "BWT",

@@ -93,6 +93,7 @@ def test_table_footnote_defines_the_metrics_and_negative_forgetting():
     assert res.forgetting == pytest.approx(-0.05) and res.backward_transfer == pytest.approx(0.05)
     plain, noted = results_table([res]), results_table([res], footnote=True)
     assert noted.startswith(plain + "\n") and "-0.050" in plain.splitlines()[1]
-    note = noted.splitlines()[-1]
+    note = " ".join(noted.splitlines()[2:])  # wrapped at 90 columns
+    assert max(len(line) for line in noted.splitlines()) <= 90
     assert "forgetting: mean drop from each earlier task's best accuracy to its final one; " \
            "negative when" in note and "BWT:" in note

@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import json
 import math
+import textwrap
 from typing import Any
 
 import numpy as np
@@ -181,7 +182,7 @@ def results_table(results: list[ContinualResults], footnote: bool = False) -> st
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip()
              for line in [header] + rows]
     if footnote:
-        lines.append(METRICS_FOOTNOTE)
+        lines.append(textwrap.fill(METRICS_FOOTNOTE, width=90))
     return "\n".join(lines)
 
 
