@@ -160,3 +160,17 @@ def test_demo_output_in_the_readme_is_in_the_commands_format():
         assert label in ("fine-tuning", "EWC (λ=1000)") and len(values) == 8
         # The average accuracy is the mean of the five final accuracies (to rounding).
         assert values[5] == pytest.approx(np.mean(values[:5]), abs=0.0015), line
+
+
+def test_readme_offers_a_fast_subset_by_a_declared_marker():
+    import configparser
+
+    blocks = re.findall(r"```bash\n(.*?)\n```", README, re.S)
+    fast = [b for b in blocks if "-m " in b and "pytest" in b]
+    assert fast == ['python -m pytest -m "not slow"']
+    ini = configparser.ConfigParser()
+    ini.read(ROOT / "pytest.ini")
+    markers = ini["pytest"]["markers"]
+    assert re.search(r"^\s*slow:", markers, re.M)
+    # Whole-suite command first in CI: the fast one is not behind the test marker.
+    assert README.index("<!-- test command -->") < README.index(fast[0])
