@@ -1,4 +1,5 @@
-"""Doctests of keras_ewc run in a temporary directory, so files they write vanish.
+"""Doctests of keras_ewc run in a temporary directory, so files they write vanish; the
+tests listed in tests/slow_tests.txt are marked slow.
 
 A doctest's working directory, `TMPDIR` and `tempfile.gettempdir()` are its `tmp_path`, so
 relative paths and any temporary file land there; pytest.ini's
@@ -7,6 +8,7 @@ relative paths and any temporary file land there; pytest.ini's
 """
 
 import os
+import pathlib
 import tempfile
 
 import pytest
@@ -21,3 +23,28 @@ def _doctests_in_tmp_path(request, tmp_path, monkeypatch):
         monkeypatch.setenv("TMPDIR", str(tmp_path))
         monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     yield
+
+
+ROOT = pathlib.Path(__file__).resolve().parent
+# Module fixtures that run a whole process (two-replica clusters) or every README snippet
+# once: each test that uses one waits for it, so all of them are slow.
+SLOW_FIXTURES = {("tests/test_distribute.py", "checks"),
+                 ("tests/test_kronecker_distribute.py", "distributed"),
+                 ("tests/test_readme.py", "session")}
+
+
+def slow_test_ids() -> set:
+    """The node ids in tests/slow_tests.txt (see its header for how they were chosen)."""
+    text = (ROOT / "tests" / "slow_tests.txt").read_text(encoding="utf-8")
+    return {line.strip() for line in text.splitlines()
+            if line.strip() and not line.startswith("#")}
+
+
+def pytest_collection_modifyitems(config, items):
+    listed = slow_test_ids()
+    for item in items:
+        path = item.nodeid.split("::", 1)[0]
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if (item.nodeid in listed or item.nodeid.split("[", 1)[0] in listed
+                or any(path == p and f in fixtures for p, f in SLOW_FIXTURES)):
+            item.add_marker(pytest.mark.slow)
