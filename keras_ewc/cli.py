@@ -302,9 +302,10 @@ def _run(args) -> int:
     print()
     if best is not None:
         chosen = next(r for r in ewc if r.config["strength"] == best)
+        margin = (f"; the others are more than {tie:.3f} below" if len(accuracies) > 1
+                  else "")
         print(f"Best strength: {best:g} (average accuracy {chosen.average_accuracy:.3f}, "
-              f"forgetting {chosen.forgetting:.3f}; the next is {tie:.3f} or more "
-              "below).")
+              f"forgetting {chosen.forgetting:.3f}{margin}).")
         edge = grid_edge_note(strengths, best)
         if edge:
             print(edge)

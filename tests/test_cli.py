@@ -72,6 +72,7 @@ def test_run_sweeps_strength_and_reports_best(tmp_path, capsys):
         return
     assert f"Best strength: {best['config']['strength']:g} (average accuracy " \
            f"{best['average_accuracy']:.3f}" in text
+    assert f"; the others are more than {tie:.3f} below)." in text
     # With two strengths the best is at an end of the grid, and the command says so.
     if best["config"]["strength"] == 100.0:
         assert "largest of the grid: a larger one may be better. Try --strength " \
@@ -187,6 +188,9 @@ def test_run_in_class_il_explains_a_small_gain(tmp_path, capsys):
     note = little_gain_note("class", gain)
     assert (note in text) if note else ("EWC gained" not in text)
     assert "Only one strength was tried. Try --strength 0.1,1,10." in text
+    # One strength: called best without a claim about others.
+    assert re.search(r"Best strength: 1 \(average accuracy [\d.]+, forgetting -?[\d.]+\)\.",
+                     text), text
 
 
 def _options(parser):
