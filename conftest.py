@@ -1,6 +1,15 @@
-"""Doctests of keras_ewc run in a temporary directory, so files they write vanish."""
+"""Doctests of keras_ewc run in a temporary directory, so files they write vanish; the
+tests listed in tests/slow_tests.txt are marked slow.
+
+A doctest's working directory, `TMPDIR` and `tempfile.gettempdir()` are its `tmp_path`, so
+relative paths and any temporary file land there; pytest.ini's
+`tmp_path_retention_policy = failed` removes every `tmp_path` when the suite passes
+(tests/test_suite_files.py checks it).
+"""
 
 import os
+import pathlib
+import tempfile
 
 import pytest
 
@@ -11,4 +20,31 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 def _doctests_in_tmp_path(request, tmp_path, monkeypatch):
     if isinstance(request.node, pytest.DoctestItem):
         monkeypatch.chdir(tmp_path)
+        monkeypatch.setenv("TMPDIR", str(tmp_path))
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     yield
+
+
+ROOT = pathlib.Path(__file__).resolve().parent
+# Module fixtures that run a whole process (two-replica clusters) or every README snippet
+# once: each test that uses one waits for it, so all of them are slow.
+SLOW_FIXTURES = {("tests/test_distribute.py", "checks"),
+                 ("tests/test_kronecker_distribute.py", "distributed"),
+                 ("tests/test_readme.py", "session")}
+
+
+def slow_test_ids() -> set:
+    """The node ids in tests/slow_tests.txt (see its header for how they were chosen)."""
+    text = (ROOT / "tests" / "slow_tests.txt").read_text(encoding="utf-8")
+    return {line.strip() for line in text.splitlines()
+            if line.strip() and not line.startswith("#")}
+
+
+def pytest_collection_modifyitems(config, items):
+    listed = slow_test_ids()
+    for item in items:
+        path = item.nodeid.split("::", 1)[0]
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if (item.nodeid in listed or item.nodeid.split("[", 1)[0] in listed
+                or any(path == p and f in fixtures for p, f in SLOW_FIXTURES)):
+            item.add_marker(pytest.mark.slow)

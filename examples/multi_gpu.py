@@ -3,8 +3,9 @@
 Three tasks share one teacher but see the inputs through different permutations. The
 model learns them one after the other, consolidating after each; every replica trains
 on its share of each global batch and computes the Fisher on its share of the data.
-After each task the script prints the accuracy on every task seen so far (tasks
-numbered from 1); it writes no files.
+It learns them once by plain fine-tuning (the baseline: strength 0) and once with EWC,
+prints after each task the accuracy on every task seen so far (tasks numbered from 1),
+then both side by side in a table; it writes no files.
 
     python examples/multi_gpu.py [--tasks 3] [--strength 10]
 """
@@ -21,8 +22,9 @@ def parse_args(argv=None):
     parser.add_argument("--tasks", type=int, default=3, help="number of permuted tasks")
     parser.add_argument("--strength", type=float, default=10.0, help="EWC strength λ")
     parser.add_argument("--epochs", type=int, default=5, help="training epochs a task")
-    parser.add_argument("--tf-logs", action="store_true",
-                        help="show TensorFlow's start-up logs (hidden by default)")
+    # No default shown: the flag is absent unless given (hidden logs are the default).
+    parser.add_argument("--tf-logs", action="store_true", default=argparse.SUPPRESS,
+                        help="show TensorFlow's start-up logs, which are hidden otherwise")
     return parser.parse_args(argv)
 
 
@@ -52,34 +54,55 @@ def permuted_tasks(count, n=4000, d=32, classes=4, seed=0):
     return tasks
 
 
+def learn(strategy, tasks, strength, epochs, label):
+    """Trains the tasks in turn with `strength` (0: plain fine-tuning, no penalty) and
+    returns their `ContinualResults` (accuracy on every task after each one)."""
+    import keras
+
+    import keras_ewc
+    from keras_ewc import continual
+
+    keras.utils.set_random_seed(0)  # the same initial weights and batches for both
+    with strategy.scope():
+        net = keras.Sequential([keras.Input((32,)), keras.layers.Dense(128, activation="relu"),
+                                keras.layers.Dense(4)])
+        model = keras_ewc.EWCModel(net, strength=strength)
+        model.compile(keras.optimizers.Adam(3e-3),
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      metrics=["accuracy"])
+    nan = float("nan")
+    matrix = []
+    for t, ((x, y), _) in enumerate(tasks):
+        model.fit(x, y, batch_size=64 * strategy.num_replicas_in_sync, epochs=epochs,
+                  verbose=0)
+        if strength:
+            model.consolidate(x[:1000], verbose=0)
+        accuracies = [model.evaluate(xt, yt, verbose=0, return_dict=True)["accuracy"]
+                      for _, (xt, yt) in tasks[: t + 1]]
+        print(f"{label}, after task {t + 1}: "
+              + "  ".join(f"task {i + 1} {a:.3f}" for i, a in enumerate(accuracies)),
+              flush=True)
+        matrix.append(accuracies + [nan] * (len(tasks) - t - 1))
+    return continual.ContinualResults(matrix, label=label)
+
+
 def main(argv=None):
     args = parse_args(argv)
     # Imported after the arguments are read, so that --help answers at once; keras_ewc
     # first, so that TensorFlow starts quietly (--tf-logs shows its logs).
-    import keras_ewc
+    from keras_ewc import continual
 
     strategy = make_strategy()  # before Keras touches a device
-    import keras
-
-    keras.utils.set_random_seed(0)
     print(f"{strategy.num_replicas_in_sync} replicas: "
           f"{[d for d in strategy.extended.worker_devices]}")
     tasks = permuted_tasks(args.tasks)
-    with strategy.scope():
-        net = keras.Sequential([keras.Input((32,)), keras.layers.Dense(128, activation="relu"),
-                                keras.layers.Dense(4)])
-        model = keras_ewc.EWCModel(net, strength=args.strength)
-        model.compile(keras.optimizers.Adam(3e-3),
-                      keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                      metrics=["accuracy"])
-    for t, ((x, y), _) in enumerate(tasks):
-        model.fit(x, y, batch_size=64 * strategy.num_replicas_in_sync, epochs=args.epochs,
-                  verbose=0)
-        model.consolidate(x[:1000], verbose=0)
-        accuracies = [model.evaluate(xt, yt, verbose=0, return_dict=True)["accuracy"]
-                      for _, (xt, yt) in tasks[: t + 1]]
-        print(f"after task {t + 1}: " + "  ".join(f"task {i + 1} {a:.3f}"
-                                                   for i, a in enumerate(accuracies)))
+    # Fine-tuning first, as a baseline: on its own, EWC's final accuracies on the
+    # earlier tasks say nothing about what it kept.
+    results = [learn(strategy, tasks, 0.0, args.epochs, "fine-tuning"),
+               learn(strategy, tasks, args.strength, args.epochs,
+                     f"EWC (λ={args.strength:g})")]
+    print()
+    print(continual.results_table(results, footnote=True))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,18 @@ import argparse
 import os
 
 
+def widths(text):
+    """`"400,400"` -> `[400, 400]`: comma-separated, as `keras-ewc --hidden` takes them."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated widths >= 1, e.g. 400,400. Received: {text!r}")
+    return values
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -30,13 +42,15 @@ def parse_args(argv=None):
                         help="Fisher estimator: exact, sampled, empirical or batched")
     parser.add_argument("--fisher-examples", type=int, default=300,
                         help="examples of each task used for the Fisher")
-    parser.add_argument("--hidden", type=int, nargs="+", default=[400, 400],
-                        help="hidden layer widths of the MLP")
+    parser.add_argument("--hidden", type=widths, default="400,400",
+                        help="hidden layer widths of the MLP, comma-separated (as for "
+                             "keras-ewc)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and data order")
     parser.add_argument("--out", default=os.path.join("keras-ewc-out", "permuted_mnist"),
                         help="directory for results.json, results.csv and accuracy.png")
-    parser.add_argument("--tf-logs", action="store_true",
-                        help="show TensorFlow's start-up logs (hidden by default)")
+    # No default shown: the flag is absent unless given (hidden logs are the default).
+    parser.add_argument("--tf-logs", action="store_true", default=argparse.SUPPRESS,
+                        help="show TensorFlow's start-up logs, which are hidden otherwise")
     return parser.parse_args(argv)
 
 
@@ -65,7 +79,7 @@ def main(argv=None):
         results.append(continual.train_sequence(
             model, sequence, steps_per_task=args.steps, estimator=args.estimator,
             fisher_examples=args.fisher_examples, seed=args.seed, label=label))
-    print(continual.results_table(results))
+    print(continual.results_table(results, footnote=True))
     os.makedirs(args.out, exist_ok=True)
     continual.save_results(results, json_path=os.path.join(args.out, "results.json"),
                            csv_path=os.path.join(args.out, "results.csv"))

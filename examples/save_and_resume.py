@@ -36,8 +36,9 @@ def parse_args(argv=None):
     parser.add_argument("workdir", nargs="?", default=None,
                         help="the work directory, given without --out (overrides --out)")
     parser.add_argument("--epochs", type=int, default=8, help="training epochs a task")
-    parser.add_argument("--tf-logs", action="store_true",
-                        help="show TensorFlow's start-up logs (hidden by default)")
+    # No default shown: the flag is absent unless given (hidden logs are the default).
+    parser.add_argument("--tf-logs", action="store_true", default=argparse.SUPPRESS,
+                        help="show TensorFlow's start-up logs, which are hidden otherwise")
     # The second process: learns task B from the saved file (not for users).
     parser.add_argument("--task-b", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -143,7 +144,8 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     learn_task_a(args.out, args.epochs)
     subprocess.run([sys.executable, os.path.abspath(__file__), "--task-b", "--out", args.out,
-                    "--epochs", str(args.epochs)] + (["--tf-logs"] if args.tf_logs else []),
+                    "--epochs", str(args.epochs)]
+                   + (["--tf-logs"] if getattr(args, "tf_logs", False) else []),
                    check=True)
     print(json.dumps(serve(args.out)))
 

@@ -19,6 +19,18 @@ import argparse
 import os
 
 
+def widths(text):
+    """`"400,400"` -> `[400, 400]`: comma-separated, as `keras-ewc --hidden` takes them."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated widths >= 1, e.g. 400,400. Received: {text!r}")
+    return values
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -33,13 +45,15 @@ def parse_args(argv=None):
                         help="Fisher estimator: exact, sampled, empirical or batched")
     parser.add_argument("--fisher-examples", type=int, default=1000,
                         help="examples of each task used for the Fisher")
-    parser.add_argument("--hidden", type=int, nargs="+", default=[400, 400],
-                        help="hidden layer widths of the MLP")
+    parser.add_argument("--hidden", type=widths, default="400,400",
+                        help="hidden layer widths of the MLP, comma-separated (as for "
+                             "keras-ewc)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and data order")
     parser.add_argument("--out", default=os.path.join("keras-ewc-out", "split_mnist"),
                         help="directory for one sub-directory of results a scenario")
-    parser.add_argument("--tf-logs", action="store_true",
-                        help="show TensorFlow's start-up logs (hidden by default)")
+    # No default shown: the flag is absent unless given (hidden logs are the default).
+    parser.add_argument("--tf-logs", action="store_true", default=argparse.SUPPRESS,
+                        help="show TensorFlow's start-up logs, which are hidden otherwise")
     return parser.parse_args(argv)
 
 
@@ -59,7 +73,7 @@ def run(sequence, strength, args, label):
     return continual.train_sequence(model, sequence, steps_per_task=args.steps,
                                     estimator=args.estimator,
                                     fisher_examples=args.fisher_examples, seed=args.seed,
-                                    label=label, verbose=0)
+                                    label=label, verbose=1)
 
 
 def main(argv=None):
@@ -75,7 +89,7 @@ def main(argv=None):
         print(f"\n{sequence.title}")
         results = [run(sequence, None, args, "fine-tuning"),
                    run(sequence, args.strength, args, f"EWC λ={args.strength:g}")]
-        print(continual.results_table(results))
+        print(continual.results_table(results, footnote=True))
         gain = results[1].average_accuracy - results[0].average_accuracy
         print(little_gain_note(scenario, gain)
               or f"EWC gained {100 * gain:+.1f} points of average accuracy.")

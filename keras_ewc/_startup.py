@@ -35,14 +35,20 @@ def tf_logs_requested(argv: list[str] | None = None) -> bool:
     return LOGS_FLAG in argv or os.environ.get(LOGS_ENV, "") not in ("", "0")
 
 
-def is_entry_point() -> bool:
-    """Whether this process runs the `keras-ewc` command or an example of this repository."""
+def is_command() -> bool:
+    """Whether this process runs the `keras-ewc` command (or `python -m keras_ewc.cli`)."""
     main = sys.argv[0] if sys.argv else ""
     if os.path.basename(main) in ("keras-ewc", "keras-ewc.exe"):
         return True
     orig = list(getattr(sys, "orig_argv", []))
-    if "-m" in orig[:-1] and orig[orig.index("-m") + 1] in ("keras_ewc.cli", "keras_ewc"):
+    return "-m" in orig[:-1] and orig[orig.index("-m") + 1] in ("keras_ewc.cli", "keras_ewc")
+
+
+def is_entry_point() -> bool:
+    """Whether this process runs the `keras-ewc` command or an example of this repository."""
+    if is_command():
         return True
+    main = sys.argv[0] if sys.argv else ""
     if not main or main in ("-c", "-m"):
         return False
     # An example of a keras-ewc checkout: <checkout>/examples/<script>.py next to

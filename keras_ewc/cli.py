@@ -9,6 +9,9 @@ import time
 
 DEMO_STRENGTH = 1000.0
 ESTIMATORS = ("exact", "sampled", "empirical", "batched")
+# keras_ewc.continual.SEQUENCES, repeated here so that the command checks --sequence
+# before TensorFlow loads (tests/test_cli.py holds the two equal).
+SEQUENCES = ("permuted", "split", "rotated")
 
 
 def _ewc_class():
@@ -109,8 +112,9 @@ def _build_parser() -> argparse.ArgumentParser:
         help="sweep the EWC strength on a task sequence and report the best",
         description="Trains fine-tuning and EWC at each strength on one task sequence, "
                     "prints a table and reports the strength with the best average "
-                    "accuracy; when it is at an end of the grid, suggests the next "
-                    "strengths to try.")
+                    "accuracy when it beats the others by more than --tie; when that "
+                    "strength is at an end of the grid, suggests the next strengths "
+                    "to try.")
     common(run, tasks=5, steps=500, hidden="400,400", fisher=1000)
     run.add_argument("--scenario", default=None,
                      help="task, domain or class (default: task for split, else domain)")
@@ -123,6 +127,11 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--strength", default="1e2,1e3,1e4",
                      help="comma-separated EWC strengths to sweep")
     run.add_argument("--no-baseline", action="store_true", help="skip plain fine-tuning")
+    run.add_argument("--tie", type=float, default=None,
+                     help="differences in average accuracy up to this count as ties: no "
+                          "strength is called best, no wider grid suggested (default: two "
+                          "standard errors of the test sampling: 0.01 to 0.03 on the bundled "
+                          "data)")
     return parser
 
 
@@ -173,7 +182,7 @@ def _run_methods(args, sequence, methods, estimator, out_dir, title):
               f"({res.config['seconds']:.0f} s)", flush=True)
     print()
     print(title)
-    print(results_table(results))
+    print(results_table(results, footnote=True))
     os.makedirs(out_dir, exist_ok=True)
     json_path = os.path.join(out_dir, "results.json")
     csv_path = os.path.join(out_dir, "results.csv")
@@ -190,14 +199,14 @@ def _run_methods(args, sequence, methods, estimator, out_dir, title):
 def _demo(args) -> int:
     from keras_ewc.continual import load_bundled, permuted_sequence
 
-    _check_common(args)
     start = time.perf_counter()
     sequence = permuted_sequence(load_bundled(), num_tasks=args.tasks, scenario="domain",
                                  seed=args.seed)
     print(f"keras-ewc demo: {len(sequence)} permuted Fashion-MNIST tasks (bundled subset, "
           f"{len(sequence[0].y_train)} training images a task), Domain-IL, "
-          f"MLP {args.hidden}, {args.epochs or 1} epoch(s) a task"
-          + ("" if args.epochs else f" of {args.steps} batches") + ".")
+          f"MLP {args.hidden}; "
+          + training_text(args.epochs, args.steps, args.batch_size,
+                          len(sequence[0].y_train)) + ".")
     print("Plain fine-tuning first, then EWC (exact Fisher, strength "
           f"{args.strength:g}).", flush=True)
     methods = [("fine-tuning", None), (f"EWC (λ={args.strength:g})", args.strength)]
@@ -218,7 +227,30 @@ def _demo(args) -> int:
     return 0
 
 
-def _check_common(args) -> None:
+def training_text(epochs: int | None, steps: int, batch_size: int, examples: int) -> str:
+    """What training each task gets, in batches and in passes over its examples.
+
+    Example:
+
+    >>> from keras_ewc.cli import training_text
+    >>> training_text(None, 400, 128, 6000)
+    'each task trained for 400 batches of 128 (8.5 passes over its 6,000 images)'
+    >>> training_text(2, 400, 128, 6000)
+    'each task trained for 2 passes over its 6,000 images (batches of 128)'
+    """
+    if epochs:
+        passes = "1 pass" if epochs == 1 else f"{epochs} passes"
+        return (f"each task trained for {passes} over its {examples:,} images "
+                f"(batches of {batch_size})")
+    passes = steps * batch_size / examples
+    shown = f"{passes:.1f}" if passes >= 0.1 else f"{passes:.2g}"
+    return (f"each task trained for {steps} batches of {batch_size} "
+            f"({shown} passes over its {examples:,} images)")
+
+
+def check_arguments(args) -> None:
+    """Checks the parsed arguments that need no data and no TensorFlow, so that a mistake
+    is answered at once (the dataset and the scenario are checked when they are used)."""
     _positive(args.tasks, "tasks")
     _positive(args.steps, "steps")
     _positive(args.epochs, "epochs")
@@ -227,24 +259,28 @@ def _check_common(args) -> None:
     _ints(args.hidden, "--hidden")
     if not args.lr > 0:
         raise ValueError(f"Expected --lr > 0. Received: {args.lr}")
-
-
-def _run(args) -> int:
-    from keras_ewc.continual import SEQUENCES, load_dataset, make_sequence
-    from keras_ewc.continual.tasks import display_name, normalize_scenario
-
-    _check_common(args)
+    if args.command != "run":
+        return
     if args.sequence not in SEQUENCES:
         raise ValueError(
             f"Unknown sequence. Expected one of {list(SEQUENCES)}. "
             f"Received: --sequence {args.sequence}"
         )
-    scenario = None if args.scenario is None else normalize_scenario(args.scenario)
     if args.estimator not in ESTIMATORS:
         raise ValueError(
             f"Unknown estimator. Expected one of {list(ESTIMATORS)}. "
             f"Received: --estimator {args.estimator}"
         )
+    _floats(args.strength, "--strength")
+    if args.tie is not None and not args.tie >= 0:
+        raise ValueError(f"Expected --tie >= 0. Received: {args.tie}")
+
+
+def _run(args) -> int:
+    from keras_ewc.continual import load_dataset, make_sequence
+    from keras_ewc.continual.tasks import display_name, normalize_scenario
+
+    scenario = None if args.scenario is None else normalize_scenario(args.scenario)
     strengths = _floats(args.strength, "--strength")
     data = load_dataset(args.dataset)
     sequence = make_sequence(args.sequence, data, args.tasks, scenario, seed=args.seed)
@@ -258,16 +294,32 @@ def _run(args) -> int:
     results, written = _run_methods(args, sequence, methods, args.estimator,
                                     args.out or os.path.join("keras-ewc-out", "run"), title)
     ewc = [r for r in results if r.config.get("method") == "ewc"]
-    best = max(ewc, key=lambda r: r.average_accuracy)
+    accuracies = {r.config["strength"]: r.average_accuracy for r in ewc}
+    best_accuracy = max(accuracies.values())
+    num_test = sum(len(task.y_test) for task in sequence)
+    tie = args.tie if args.tie is not None else sampling_margin(best_accuracy, num_test)
+    best, tied = choose_strength(accuracies, tie)
     print()
-    print(f"Best strength: {best.config['strength']:g} (average accuracy "
-          f"{best.average_accuracy:.3f}, forgetting {best.forgetting:.3f}).")
-    edge = grid_edge_note(strengths, best.config["strength"])
-    if edge:
-        print(edge)
+    if best is not None:
+        chosen = next(r for r in ewc if r.config["strength"] == best)
+        margin = (f"; the others are more than {tie:.3f} below" if len(accuracies) > 1
+                  else "")
+        print(f"Best strength: {best:g} (average accuracy {chosen.average_accuracy:.3f}, "
+              f"forgetting {chosen.forgetting:.3f}{margin}).")
+        edge = grid_edge_note(strengths, best)
+        if edge:
+            print(edge)
+    elif len(tied) > 1:
+        print(f"No strength is clearly best: {', '.join(f'{s:g}' for s in tied)} are within "
+              f"{tie:.3f} of the top average accuracy {best_accuracy:.3f}"
+              + ("" if args.tie is not None else
+                 f" (two standard errors of an accuracy measured on {num_test:,} test "
+                 "examples; one seed cannot measure the training noise: compare other "
+                 "--seed values, or set --tie)")
+              + ".")
     if not args.no_baseline:
-        note = little_gain_note(sequence.scenario, best.average_accuracy
-                                - results[0].average_accuracy)
+        note = little_gain_note(sequence.scenario,
+                                best_accuracy - results[0].average_accuracy)
         if note:
             print(note)
     print("Wrote " + ", ".join(written))
@@ -280,6 +332,51 @@ def _strength_text(value: float) -> str:
         mantissa, exponent = f"{value:.6e}".split("e")
         return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
     return f"{value:g}"
+
+
+def sampling_margin(accuracy: float, num_test: int) -> float:
+    """Two standard errors of an accuracy measured on `num_test` test examples.
+
+    The spread of the test sampling alone, `2·√(p(1 − p)/n)`: differences between two
+    strengths below it are not told apart by these test sets. (Training noise, measured
+    only across seeds, comes on top.)
+
+    Example:
+
+    >>> from keras_ewc.cli import sampling_margin
+    >>> round(sampling_margin(0.5, 10_000), 4)
+    0.01
+    """
+    p = min(max(float(accuracy), 0.0), 1.0)
+    return 2.0 * (p * (1.0 - p) / max(int(num_test), 1)) ** 0.5
+
+
+def choose_strength(accuracies: dict, tie: float) -> tuple:
+    """Picks the best strength only when it beats every other one by more than `tie`.
+
+    Args:
+        accuracies: `{strength: average accuracy}`.
+        tie: differences of at most this much count as ties (a measured spread: across
+            seeds, or of the test sampling, see `sampling_margin`).
+
+    Returns:
+        `(best, tied)`: `best` the strength whose average accuracy exceeds every other
+        one's by more than `tie`, or None; `tied` the strengths within `tie` of the top
+        (with `best` alone when there is one), in the grid's order.
+
+    Example:
+
+    >>> from keras_ewc.cli import choose_strength
+    >>> choose_strength({100.0: 0.196, 1000.0: 0.197, 1e4: 0.190}, tie=0.01)
+    (None, [100.0, 1000.0, 10000.0])
+    >>> choose_strength({100.0: 0.60, 1000.0: 0.72, 1e4: 0.65}, tie=0.01)
+    (1000.0, [1000.0])
+    """
+    if tie < 0:
+        raise ValueError(f"Expected tie >= 0. Received: tie={tie}")
+    top = max(accuracies.values())
+    tied = [s for s in sorted(accuracies) if top - accuracies[s] <= tie]
+    return (tied[0], tied) if len(tied) == 1 else (None, tied)
 
 
 def grid_edge_note(strengths: list[float], best: float) -> str | None:
@@ -364,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     Example:
 
     >>> from keras_ewc.cli import main
-    >>> main(["demo", "--tasks", "2", "--steps", "50", "--out", "/tmp/demo"])  # doctest: +SKIP
+    >>> main(["demo", "--tasks", "2", "--steps", "50", "--out", "demo-out"])  # doctest: +SKIP
     0
     """
     parser = _build_parser()
@@ -374,6 +471,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     if args.command is None:
         parser.print_help()
+        return 2
+    try:
+        check_arguments(args)
+    except ValueError as e:
+        print(f"keras-ewc: error: {e}", file=sys.stderr)
         return 2
     from keras_ewc import _startup
 

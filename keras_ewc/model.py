@@ -466,8 +466,10 @@ class EWCModel(keras.Model):
         Returns:
             The Fisher diagonal of this task, a list aligned with
             `regularised_variables`; with `structure="kronecker"`, a dict mapping each
-            factored layer's path to `(A, G)` and each other variable's path to its
-            Fisher diagonal.
+            factored layer's key (its path relative to the wrapped model, as in
+            `regularizer.layer_keys` and `keras_ewc.kronecker_factors`) to `(A, G)`,
+            and each other variable's key (as in `regularizer.keys`, e.g. `"4:gamma"`)
+            to its Fisher diagonal.
         """
         # A re-entrant lock a state: concurrent calls are serialised, not refused.
         with self.regularizer._state_lock:
@@ -521,8 +523,11 @@ class EWCModel(keras.Model):
             rest = diagonal.fisher_diagonal(self.network, data, variables=reg.rest,
                                             **common)
         reg.consolidate(factors, rest)
+        # The state's keys, relative to the wrapped model: layer keys for the factored
+        # layers (as `kronecker_factors` gives them), variable keys for the others.
+        keys = {id(v): k for v, k in zip(reg.targets, reg.keys)}
         result = dict(zip(reg.layer_keys, factors))
-        result.update({v.path: f for v, f in zip(reg.rest, rest)})
+        result.update({keys[id(v)]: f for v, f in zip(reg.rest, rest)})
         return result
 
     # --- configuration -------------------------------------------------------------
@@ -655,10 +660,10 @@ class EWCModel(keras.Model):
 
         Example:
 
-        >>> import keras, numpy as np, tensorflow as tf, tempfile, keras_ewc
+        >>> import keras, numpy as np, tensorflow as tf, keras_ewc
         >>> net = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
         >>> model = keras_ewc.EWCModel(net, strength=5.0)
-        >>> path = tempfile.mkdtemp() + "/served"
+        >>> path = "served"
         >>> model.export(path)
         >>> served = tf.saved_model.load(path)
         >>> [tuple(a.shape) for a in served.ewc_anchors]
@@ -697,11 +702,11 @@ class EWCModel(keras.Model):
 
         Example:
 
-        >>> import keras, tempfile, keras_ewc
+        >>> import keras, keras_ewc
         >>> def net():
         ...     return keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
         >>> model = keras_ewc.EWCModel(net(), strength=5.0)
-        >>> path = tempfile.mkdtemp() + "/served"
+        >>> path = "served"
         >>> model.export(path)
         >>> again = keras_ewc.EWCModel.from_saved_model(path, net())
         >>> again.strength, int(again.regularizer.tasks.numpy())

@@ -26,6 +26,8 @@ def test_demo_prints_table_and_writes_files(tmp_path, capsys):
     assert main(["demo", *TINY, "--strength", "10", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "2 permuted Fashion-MNIST tasks (bundled subset, 6000 training images a task)" in text
+    # What training does, in batches and passes: 3 batches of 32 are 96 of 6,000 images.
+    assert "each task trained for 3 batches of 32 (0.016 passes over its 6,000 images)." in text
     lines = text.splitlines()
     header = next(line for line in lines if line.startswith("method"))
     assert header.split() == ["method", "task", "1", "task", "2", "avg", "acc", "BWT",
@@ -59,8 +61,18 @@ def test_run_sweeps_strength_and_reports_best(tmp_path, capsys):
     data = json.loads((out / "results.json").read_text())
     assert [d["config"]["strength"] for d in data] == [1.0, 100.0]
     best = max(data, key=lambda d: d["average_accuracy"])
+    accuracies = {d["config"]["strength"]: d["average_accuracy"] for d in data}
+    # Two split tasks of the bundled subset: 2 x 500 test images.
+    tie = cli.sampling_margin(best["average_accuracy"], 1000)
+    if cli.choose_strength(accuracies, tie)[0] is None:
+        assert "Best strength" not in text and "Try --strength" not in text
+        assert "No strength is clearly best: 1, 100 are within " \
+               f"{tie:.3f} of the top average accuracy {best['average_accuracy']:.3f} " \
+               "(two standard errors of an accuracy measured on 1,000 test examples" in text
+        return
     assert f"Best strength: {best['config']['strength']:g} (average accuracy " \
            f"{best['average_accuracy']:.3f}" in text
+    assert f"; the others are more than {tie:.3f} below)." in text
     # With two strengths the best is at an end of the grid, and the command says so.
     if best["config"]["strength"] == 100.0:
         assert "largest of the grid: a larger one may be better. Try --strength " \
@@ -79,6 +91,7 @@ def test_run_sweeps_strength_and_reports_best(tmp_path, capsys):
     (["run", "--estimator", "magic"], "Unknown estimator.*magic"),
     (["run", "--strength", "1e2,abc"], "comma-separated numbers.*'1e2,abc'"),
     (["run", "--strength", "-1"], "--strength >= 0"),
+    (["run", "--tie", "-0.1"], "--tie >= 0. Received: -0.1"),
     (["demo", "--tasks", "0"], "--tasks >= 1. Received: 0"),
     (["demo", "--hidden", "400,x"], "--hidden as comma-separated integers"),
 ])
@@ -124,6 +137,37 @@ def test_grid_edge_note(grid, best, expected):
     assert grid_edge_note(grid, best) == expected
 
 
+@pytest.mark.parametrize("accuracies,tie,best,tied", [
+    # The Class-IL sweep of the report: 0.001 apart is no best strength.
+    ({1e2: 0.196, 1e3: 0.197, 1e4: 0.195}, 0.025, None, [1e2, 1e3, 1e4]),
+    ({1e2: 0.60, 1e3: 0.72, 1e4: 0.65}, 0.012, 1e3, [1e3]),
+    ({1e2: 0.70, 1e3: 0.72, 1e4: 0.50}, 0.012, 1e3, [1e3]),   # 0.02 > 0.012
+    ({1e2: 0.71, 1e3: 0.72, 1e4: 0.50}, 0.012, None, [1e2, 1e3]),
+    ({1e2: 0.71, 1e3: 0.72}, 0.0, 1e3, [1e3]),                 # tie=0: any difference
+    ({1e2: 0.72, 1e3: 0.72}, 0.0, None, [1e2, 1e3]),
+    ({500.0: 0.4}, 0.05, 500.0, [500.0]),
+])
+def test_a_strength_is_called_best_only_beyond_the_tie(accuracies, tie, best, tied):
+    assert cli.choose_strength(accuracies, tie) == (best, tied)
+
+
+def test_sampling_margin_is_two_standard_errors_of_the_test_accuracy():
+    assert cli.sampling_margin(0.2, 1000) == pytest.approx(2 * (0.2 * 0.8 / 1000) ** 0.5)
+    assert cli.sampling_margin(0.2, 1000) == pytest.approx(0.0253, abs=1e-4)
+    assert cli.sampling_margin(0.78, 5000) == pytest.approx(0.0117, abs=1e-4)
+    assert cli.sampling_margin(1.0, 100) == 0.0
+
+
+def test_run_with_a_tie_calls_no_strength_best_and_suggests_no_grid(tmp_path, capsys):
+    argv = ["run", "--sequence", "split", "--scenario", "class", "--tasks", "2",
+            "--strength", "1,10", "--no-baseline", "--tie", "1.0", "--out", str(tmp_path),
+            *TINY[2:]]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "No strength is clearly best: 1, 10 are within 1.000 of the top" in text
+    assert "Best strength" not in text and "Try --strength" not in text
+
+
 def test_little_gain_note_names_the_scenario_and_stays_quiet_otherwise():
     assert little_gain_note("task", 0.0) is None
     assert little_gain_note("domain", 0.05) is None
@@ -144,6 +188,9 @@ def test_run_in_class_il_explains_a_small_gain(tmp_path, capsys):
     note = little_gain_note("class", gain)
     assert (note in text) if note else ("EWC gained" not in text)
     assert "Only one strength was tried. Try --strength 0.1,1,10." in text
+    # One strength: called best without a claim about others.
+    assert re.search(r"Best strength: 1 \(average accuracy [\d.]+, forgetting -?[\d.]+\)\.",
+                     text), text
 
 
 def _options(parser):
@@ -228,7 +275,58 @@ def test_command_starts_quietly_unless_tf_logs_are_asked_for(tmp_path):
     assert quiet.returncode == 0, quiet.stderr
     assert not STARTUP.search(quiet.stderr), quiet.stderr
     assert "keras-ewc demo: 1 permuted" in quiet.stdout
-    # The same start with --tf-logs shows TensorFlow's lines: the quiet run hid real ones.
-    loud = _command("--tf-logs", "demo", "--help", env=env)
-    assert loud.returncode == 0
+    # The same run with --tf-logs shows TensorFlow's lines: the quiet run hid real ones.
+    loud = _command("--tf-logs", "demo", "--tasks", "1", "--steps", "2", "--hidden", "8",
+                    "--fisher-examples", "8", "--quiet", "--out", str(tmp_path), env=env)
+    assert loud.returncode == 0, loud.stderr
     assert STARTUP.search(loud.stderr), loud.stderr
+
+
+def _imported_modules(importtime_stderr):
+    # `python -X importtime` writes "import time: self | cumulative | module" a module.
+    return {line.rsplit("|", 1)[1].strip() for line in importtime_stderr.splitlines()
+            if line.startswith("import time:") and "|" in line}
+
+
+@pytest.mark.parametrize("args,code,shown", [
+    (["--help"], 0, "usage: keras-ewc"),
+    (["demo", "--help"], 0, "--strength"),
+    (["run", "--help"], 0, "--estimator"),
+    (["demo", "--tasks", "0"], 2, "--tasks >= 1. Received: 0"),
+    (["run", "--estimator", "magic"], 2, "Unknown estimator"),
+    (["run", "--sequence", "shuffled"], 2, "Unknown sequence"),
+    (["run", "--strength", "1e2,abc"], 2, "comma-separated numbers"),
+    (["demo", "--tasks", "x"], 2, "invalid int value"),
+    (["frobnicate"], 2, "invalid choice"),
+])
+def test_help_and_argument_errors_answer_before_tensorflow_loads(args, code, shown):
+    result = _command(*args, env={"PYTHONPROFILEIMPORTTIME": "1"})  # = -X importtime
+    assert result.returncode == code, result.stderr
+    assert shown in result.stdout + result.stderr
+    modules = _imported_modules(result.stderr)
+    assert "keras_ewc.cli" in modules or "keras_ewc" in modules  # the probe sees imports
+    assert not {"tensorflow", "keras", "numpy"} & modules, sorted(modules)
+
+
+def test_a_plain_import_still_registers_the_model_for_load_model():
+    # Outside the command, `import keras_ewc` imports its public names at once:
+    # keras.models.load_model finds EWCModel only once its module has registered it.
+    code = ("import keras, keras_ewc, sys; "
+            "print('tensorflow' in sys.modules, "
+            "keras.saving.get_registered_object('keras_ewc>EWCModel') is keras_ewc.EWCModel, "
+            "sorted(n for n in dir(keras_ewc) if not n.startswith('_')))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "PYTHONPATH": ROOT})
+    assert result.returncode == 0, result.stderr
+    loaded, registered, names = result.stdout.strip().split(" ", 2)
+    assert (loaded, registered) == ("True", "True")
+    for name in ("EWCModel", "EWCRegularizer", "continual", "fisher_diagonal",
+                 "kronecker_factors"):
+        assert repr(name) in names
+    assert "importlib" not in names
+
+
+def test_the_command_knows_the_sequences_of_keras_ewc_continual():
+    from keras_ewc.continual import SEQUENCES
+
+    assert cli.SEQUENCES == SEQUENCES

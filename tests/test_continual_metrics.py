@@ -67,7 +67,10 @@ def test_results_json_roundtrip_and_csv(tmp_path):
     with open(tmp_path / "r.csv") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["label", "after_task", "a", "b", "c"]
-    assert rows[2] == ["ewc", "1", "0.700000", "0.800000", ""]
+    # Row i is after task i, numbered from 1 as in the table's header and the plots.
+    assert rows[1] == ["ewc", "1", "0.900000", "", ""]
+    assert rows[2] == ["ewc", "2", "0.700000", "0.800000", ""]
+    assert [r[1] for r in rows[1:]] == ["1", "2", "3"]
 
 
 def test_save_results_and_table(tmp_path):
@@ -78,7 +81,19 @@ def test_save_results_and_table(tmp_path):
     data = json.loads((tmp_path / "all.json").read_text())
     assert [d["label"] for d in data] == ["finetune", "x"]
     lines = (tmp_path / "all.csv").read_text().splitlines()
-    assert len(lines) == 1 + 3 + 2 and lines[-1].startswith("x,1,0.500000,0.500000")
+    assert len(lines) == 1 + 3 + 2 and lines[-1].startswith("x,2,0.500000,0.500000")
     table = results_table([a])
     assert table.splitlines()[1].split() == ["finetune", "0.600", "0.850", "0.950", "0.800",
                                              "-0.125", "0.125"]
+
+
+def test_table_footnote_defines_the_metrics_and_negative_forgetting():
+    # Task 1 ends above its best earlier accuracy: forgetting -0.05, BWT +0.05.
+    res = ContinualResults([[0.80, NAN], [0.85, 0.90]], label="ewc")
+    assert res.forgetting == pytest.approx(-0.05) and res.backward_transfer == pytest.approx(0.05)
+    plain, noted = results_table([res]), results_table([res], footnote=True)
+    assert noted.startswith(plain + "\n") and "-0.050" in plain.splitlines()[1]
+    note = " ".join(noted.splitlines()[2:])  # wrapped at 90 columns
+    assert max(len(line) for line in noted.splitlines()) <= 90
+    assert "forgetting: mean drop from each earlier task's best accuracy to its final one; " \
+           "negative when" in note and "BWT:" in note

@@ -50,6 +50,41 @@ def test_help_only_helps(name, tmp_path):
             assert "(default: " in block, f"{name}: {option} shows no default"
     if name != "multi_gpu.py":  # it writes no files
         assert any(b.startswith("--out OUT") and "keras-ewc-out" in b for b in blocks)
+    # A flag shows no "(default: False)" after its help, e.g. "(hidden by default)".
+    assert "(default: False)" not in " ".join(blocks)
+    hidden = [b for b in blocks if b.startswith("--hidden")]
+    if name in ("permuted_mnist.py", "split_mnist.py"):  # keras-ewc's syntax
+        assert "comma-separated" in hidden[0] and "(default: 400,400)" in hidden[0], hidden
+
+
+@pytest.mark.parametrize("name", ["permuted_mnist.py", "split_mnist.py"])
+def test_hidden_widths_are_comma_separated_as_for_the_command(name, tmp_path):
+    # The old space-separated form and a bad width are usage errors, answered at once.
+    for args, message in [(["--hidden", "8", "8"], "unrecognized arguments: 8"),
+                          (["--hidden", "8,x"], "expected comma-separated widths >= 1"),
+                          (["--hidden", "0"], "expected comma-separated widths >= 1")]:
+        result = run_example(name, *args, cwd=tmp_path)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert "tensorflow" not in result.stderr.lower()
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_tiny_split_run_shows_progress_for_every_task(tmp_path):
+    out = tmp_path / "out"
+    result = run_example("split_mnist.py", "--scenario", "task", "--steps", "2",
+                         "--hidden", "8,8", "--fisher-examples", "8", "--out", str(out),
+                         cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    # A line a task and method while it trains (to a pipe: plain lines, no \r).
+    for label in ("fine-tuning", "EWC λ=10000"):
+        lines = [line for line in result.stdout.splitlines() if label in line
+                 and "task" in line.lower()]
+        assert len(lines) >= 5, result.stdout
+    assert "\r" not in result.stdout
+    assert sorted(os.listdir(out / "task")) == ["accuracy.png", "results.csv", "results.json"]
+    data = json.loads((out / "task" / "results.json").read_text())
+    assert [d["label"] for d in data] == ["fine-tuning", "EWC λ=10000"]
 
 
 def test_tiny_permuted_run_writes_only_under_out_and_starts_quietly(tmp_path):

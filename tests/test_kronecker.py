@@ -1,5 +1,8 @@
 """Kronecker EWC: penalty, gradient and merges against explicit dense algebra."""
 
+import os
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -419,3 +422,69 @@ def test_a_strength_that_overflows_float32_is_refused_and_the_state_kept():
     model.fit(x, y, epochs=1, verbose=0)
     assert np.isfinite(float(model.penalty()))
     assert all(np.isfinite(w.numpy()).all() for w in model.network.weights)
+
+
+def _doc_block():
+    text = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             "docs", "kronecker.md"), encoding="utf-8").read()
+    block = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    shown = re.search(r"It prints `(.*?)`", text).group(1)
+    return block, shown
+
+
+def test_docs_snippet_runs_and_one_key_scheme_names_the_layers_everywhere(capsys):
+    block, shown = _doc_block()
+    namespace = {"__name__": "__kronecker_doc__"}
+    exec(compile(block, "docs/kronecker.md", "exec"), namespace)
+    assert capsys.readouterr().out.strip() == shown
+    model = namespace["model"]
+    keys = model.regularizer.layer_keys
+    assert keys == ["hidden", "out"]
+    assert list(namespace["factors"]) == list(namespace["same"]) == keys
+    # The wrapper's factors are the network's, with the likelihood from the wrapper's loss.
+    for key in keys:
+        _close(namespace["factors"][key][0], namespace["same"][key][0])
+        _close(namespace["factors"][key][1], namespace["same"][key][1])
+    # consolidate's dict: the same layer keys, and the state's variable keys for the rest.
+    x, y = namespace["tasks"][0]
+    out = model.consolidate((x, y), verbose=0)
+    assert list(out) == keys
+
+
+def test_consolidate_keys_diagonal_variables_as_the_state_does():
+    # Auto-numbered names: two models first, so this one is "sequential_2" / "dense_2".
+    for _ in range(2):
+        keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    net = keras.Sequential([keras.Input((4,)), keras.layers.Dense(5, activation="relu"),
+                            keras.layers.Dense(3), keras.layers.LayerNormalization()])
+    model = keras_ewc.EWCModel(net, strength=1.0, structure="kronecker")
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
+    y = np.arange(32) % 3
+    model.fit(x, y, epochs=1, verbose=0)
+    out = model.consolidate((x, y), verbose=0)
+    reg = model.regularizer
+    assert all("/" not in k and not k.startswith("sequential") for k in reg.layer_keys)
+    assert list(out) == reg.layer_keys + ["4:gamma", "5:beta"] == reg.layer_keys + reg.keys[4:]
+    assert list(keras_ewc.kronecker_factors(model, (x, y), verbose=0)) == reg.layer_keys
+    assert list(keras_ewc.kronecker_factors(net, (x, y), likelihood="categorical",
+                                            verbose=0)) == reg.layer_keys
+
+
+def test_uncompiled_network_needs_a_likelihood_as_for_the_diagonal():
+    net = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    x = np.ones((8, 4), "float32")
+    for fn in (keras_ewc.kronecker_factors, keras_ewc.fisher_diagonal):
+        with pytest.raises(ValueError, match="Could not infer the likelihood.*Pass likelihood="):
+            fn(net, x, verbose=0)
+
+
+def test_progress_line_says_what_is_computed(capsys):
+    net = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    x = np.ones((8, 4), "float32")
+    keras_ewc.kronecker_factors(net, x, likelihood="categorical", verbose=1)
+    keras_ewc.fisher_diagonal(net, x, likelihood="categorical", estimator="exact", verbose=1)
+    lines = capsys.readouterr().out.splitlines()
+    # One batch (of an array: the count of batches is not known in advance).
+    assert re.match(r"Kronecker factors A, G \(exact\): 1 batch - examples: 8 - ", lines[0])
+    assert re.match(r"Fisher diagonal \(exact\): 1 batch - examples: 8 - ", lines[1])

@@ -30,11 +30,11 @@ def test_wheel_carries_code_data_licence_and_command(tmp_path):
     assert "absent from the `packages` configuration" not in log
     assert "Building wheel for keras-ewc (pyproject.toml)" in log  # PEP 517, not legacy
     (wheel,) = os.listdir(tmp_path / "dist")
-    assert wheel == "keras_ewc-0.1.0-py3-none-any.whl"
+    assert wheel == "keras_ewc-0.2.0-py3-none-any.whl"
     with zipfile.ZipFile(tmp_path / "dist" / wheel) as z:
         names = set(z.namelist())
-        metadata = z.read("keras_ewc-0.1.0.dist-info/METADATA").decode()
-        entry_points = z.read("keras_ewc-0.1.0.dist-info/entry_points.txt").decode()
+        metadata = z.read("keras_ewc-0.2.0.dist-info/METADATA").decode()
+        entry_points = z.read("keras_ewc-0.2.0.dist-info/entry_points.txt").decode()
     sources = {os.path.relpath(os.path.join(d, f), src).replace(os.sep, "/")
                for d, _, files in os.walk(src / "keras_ewc") for f in files}
     assert sources <= names, sorted(sources - names)
@@ -72,3 +72,18 @@ def test_deprecation_warnings_from_keras_ewc_fail_the_suite():
         warnings.warn_explicit("elsewhere", DeprecationWarning, "other/y.py", 1,
                                module="other.y")
     assert [str(w.message) for w in caught] == []
+
+
+def test_one_version_in_pyproject_the_package_and_the_changelog():
+    import tomllib
+
+    import keras_ewc
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        version = tomllib.load(f)["project"]["version"]
+    assert keras_ewc.__version__ == version
+    with open(os.path.join(ROOT, "CHANGELOG.md"), encoding="utf-8") as f:
+        headings = [line for line in f if line.startswith("## ")]
+    # Newest first: what is not released yet, then this version.
+    assert headings[0].strip() == "## Unreleased"
+    assert headings[1].startswith(f"## {version} ")

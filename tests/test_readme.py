@@ -78,14 +78,46 @@ def test_quickstart_prints_the_output_shown_in_the_readme(session):
 
 def test_saving_and_distribute_snippets_did_what_they_say(session):
     namespace, _, where = session
-    assert {"learner.keras", "learner.weights.h5", "ckpt"} <= set(os.listdir(where))
-    assert os.path.exists(os.path.join(where, "ckpt", "c.index"))
+    # Everything the snippets write is in their scratch folder, which git ignores.
+    assert os.listdir(where) == ["keras-ewc-out"]
+    assert "/keras-ewc-out/" in (ROOT / ".gitignore").read_text().split()
+    scratch = os.path.join(where, "keras-ewc-out", "readme")
+    assert {"learner.keras", "learner.weights.h5", "ckpt", "served"} <= set(
+        os.listdir(scratch))
+    assert os.path.exists(os.path.join(scratch, "ckpt", "c.index"))
     # The saved learner carries task A's consolidated state.
-    saved = keras.models.load_model(os.path.join(where, "learner.keras"))
+    saved = keras.models.load_model(os.path.join(scratch, "learner.keras"))
     assert int(saved.regularizer.tasks.numpy()) == 1
     assert float(np.sum([np.sum(p) for p in saved.regularizer.precision])) > 0
     model = namespace["model"]  # the distribute snippet's model, consolidated once
     assert int(model.regularizer.tasks.numpy()) == 1 and float(model.strength) == 100.0
+
+
+def test_serving_snippet_serves_and_learns_on_from_the_saved_model(session):
+    namespace, _, _ = session
+    served, learner = namespace["served"], namespace["learner"]
+    assert tuple(namespace["logits"].shape) == (5, 3)
+    assert int(served.ewc_tasks[0].numpy()) == 1
+    # The model rebuilt from the SavedModel has its state (fit does not change it).
+    assert int(learner.regularizer.tasks.numpy()) == 1
+    for mine, theirs in [(learner.regularizer.precision, served.ewc_precision),
+                         (learner.regularizer.anchors, served.ewc_anchors)]:
+        assert len(mine) == len(theirs) == 4
+        for a, b in zip(mine, theirs):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert sum(float(np.sum(p)) for p in learner.regularizer.precision) > 0
+
+
+def test_readme_states_the_format_version_the_code_writes_and_reads():
+    from keras_ewc import saving
+
+    section = README.split("\n## Saving", 1)[1].split("\n## ", 1)[0]
+    stated = int(re.search(r"carry a format version\s+\(now (\d+);", section).group(1))
+    assert stated == saving.FORMAT_VERSION
+    for version in range(1, stated + 1):  # "this format version and every earlier one"
+        saving.check_format_version({"format_version": version})
+    with pytest.raises(ValueError, match="upgrade keras_ewc"):
+        saving.check_format_version({"format_version": stated + 1})
 
 
 def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
@@ -128,3 +160,17 @@ def test_demo_output_in_the_readme_is_in_the_commands_format():
         assert label in ("fine-tuning", "EWC (λ=1000)") and len(values) == 8
         # The average accuracy is the mean of the five final accuracies (to rounding).
         assert values[5] == pytest.approx(np.mean(values[:5]), abs=0.0015), line
+
+
+def test_readme_offers_a_fast_subset_by_a_declared_marker():
+    import configparser
+
+    blocks = re.findall(r"```bash\n(.*?)\n```", README, re.S)
+    fast = [b for b in blocks if "pytest" in b and ' -m "' in b]  # a marker expression
+    assert fast == ['python -m pytest -m "not slow"']
+    ini = configparser.ConfigParser()
+    ini.read(ROOT / "pytest.ini")
+    markers = ini["pytest"]["markers"]
+    assert re.search(r"^\s*slow:", markers, re.M)
+    # Whole-suite command first in CI: the fast one is not behind the test marker.
+    assert README.index("<!-- test command -->") < README.index(fast[0])

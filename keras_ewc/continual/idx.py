@@ -38,9 +38,9 @@ def read_idx(path: str) -> np.ndarray:
 
     Example:
 
-    >>> import numpy as np, tempfile, os
+    >>> import numpy as np
     >>> from keras_ewc.continual.idx import read_idx, write_idx
-    >>> path = os.path.join(tempfile.mkdtemp(), "labels-idx1-ubyte")
+    >>> path = "labels-idx1-ubyte"
     >>> write_idx(path, np.array([3, 1, 4], dtype=np.uint8))
     >>> read_idx(path).tolist()
     [3, 1, 4]
@@ -80,9 +80,9 @@ def write_idx(path: str, array: np.ndarray) -> None:
 
     Example:
 
-    >>> import numpy as np, tempfile, os
+    >>> import numpy as np
     >>> from keras_ewc.continual.idx import write_idx
-    >>> write_idx(os.path.join(tempfile.mkdtemp(), "x.gz"), np.zeros((2, 3), np.uint8))
+    >>> write_idx("x.gz", np.zeros((2, 3), np.uint8))
     """
     array = np.asarray(array)
     codes = {v.newbyteorder("="): k for k, v in _DTYPES.items()}

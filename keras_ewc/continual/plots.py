@@ -41,11 +41,11 @@ def plot_results(results: ContinualResults | list[ContinualResults], path: str,
 
     Example:
 
-    >>> import os, tempfile
+    >>> import os
     >>> from keras_ewc.continual import ContinualResults
     >>> from keras_ewc.continual.plots import plot_results
     >>> res = ContinualResults([[0.9, float("nan")], [0.6, 0.8]], label="finetune")
-    >>> path = plot_results(res, os.path.join(tempfile.mkdtemp(), "r.png"))
+    >>> path = plot_results(res, "r.png")
     >>> os.path.getsize(path) > 0
     True
     """

@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import json
 import math
+import textwrap
 from typing import Any
 
 import numpy as np
@@ -98,7 +99,8 @@ class ContinualResults:
             return cls.from_dict(json.load(f))
 
     def to_csv(self, path: str) -> None:
-        """Writes the matrix as CSV: one row per task trained, one column per task."""
+        """Writes the matrix as CSV: one row per task trained (`after_task` from 1, as in
+        `results_table` and the plots), one column per task."""
         with open(path, "w", newline="", encoding="utf-8") as f:
             write_matrix_rows(csv.writer(f), self, header=True)
 
@@ -106,15 +108,18 @@ class ContinualResults:
 def write_matrix_rows(writer, results: ContinualResults, header: bool) -> None:
     if header:
         writer.writerow(["label", "after_task"] + results.task_names)
+    # Tasks are numbered from 1, as in the table and the plots (0.1.0 wrote from 0).
     for i, row in enumerate(results.matrix):
-        writer.writerow([results.label, i] + ["" if math.isnan(v) else f"{v:.6f}" for v in row])
+        writer.writerow([results.label, i + 1]
+                        + ["" if math.isnan(v) else f"{v:.6f}" for v in row])
 
 
 def save_results(results: list[ContinualResults], json_path: str | None = None,
                  csv_path: str | None = None) -> None:
     """Writes several runs to one JSON file (a list) and/or one CSV file.
 
-    The CSV has one line per (run, task trained): `label, after_task, <accuracy per task>`.
+    The CSV has one line per (run, task trained): `label, after_task, <accuracy per task>`,
+    `after_task` numbered from 1 as in `results_table` and the plots.
 
     Args:
         results: the runs.
@@ -123,12 +128,11 @@ def save_results(results: list[ContinualResults], json_path: str | None = None,
 
     Example:
 
-    >>> import os, tempfile
     >>> from keras_ewc.continual import ContinualResults, save_results
-    >>> path = os.path.join(tempfile.mkdtemp(), "r.csv")
+    >>> path = "r.csv"
     >>> save_results([ContinualResults([[0.5]], label="a")], csv_path=path)
     >>> open(path).read().splitlines()[1]
-    'a,0,0.500000'
+    'a,1,0.500000'
     """
     if json_path is not None:
         with open(json_path, "w", encoding="utf-8") as f:
@@ -141,10 +145,21 @@ def save_results(results: list[ContinualResults], json_path: str | None = None,
                 write_matrix_rows(writer, r, header=(k == 0))
 
 
-def results_table(results: list[ContinualResults]) -> str:
+METRICS_FOOTNOTE = (
+    "avg acc: mean final accuracy over the tasks. BWT: mean change of each earlier task's "
+    "accuracy from just after it was learned to the end (negative: it was forgotten). "
+    "forgetting: mean drop from each earlier task's best accuracy to its final one; "
+    "negative when earlier tasks ended above their best earlier accuracy (later tasks "
+    "helped them)."
+)
+
+
+def results_table(results: list[ContinualResults], footnote: bool = False) -> str:
     """A plain-text table: one line per run, final accuracy per task and the metrics.
 
     Tasks are numbered 1..T in the header, as in the plots; `task_names` says what each is.
+    With `footnote=True`, a line after the table defines the metrics (`METRICS_FOOTNOTE`),
+    negative forgetting included.
 
     Example:
 
@@ -166,6 +181,8 @@ def results_table(results: list[ContinualResults]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip()
              for line in [header] + rows]
+    if footnote:
+        lines.append(textwrap.fill(METRICS_FOOTNOTE, width=90))
     return "\n".join(lines)
 
 

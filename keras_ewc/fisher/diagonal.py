@@ -312,10 +312,11 @@ class _Loop:
         self.num_outputs = None
         self.probe = None
 
-    def run(self, dataset, verbose, first=None) -> _Progress:
-        """Adds every batch of `dataset`, with a progress line (returned, to be finished
-        once the result is checked); `first()` runs after the first non-empty batch."""
-        progress = _Progress(dataset, verbose)
+    def run(self, dataset, verbose, first=None, what="Fisher diagonal") -> _Progress:
+        """Adds every batch of `dataset`, with a progress line that says `what` is
+        computed (returned, to be finished once the result is checked); `first()` runs
+        after the first non-empty batch."""
+        progress = _Progress(dataset, verbose, f"{what} ({self.estimator})")
         try:
             for batch in dataset:
                 if self.add(batch) and self.batches == 1 and first is not None:
@@ -832,8 +833,9 @@ class _Progress:
     (a log file, a pipe, a notebook's captured output) one line is printed at the end.
     """
 
-    def __init__(self, dataset, verbose):
+    def __init__(self, dataset, verbose, what="Fisher diagonal"):
         self.enabled = verbose not in (0, False)
+        self.what = what
         cardinality = int(dataset.cardinality())
         self.target = cardinality if cardinality > 0 else None
         self.terminal = bool(getattr(sys.stdout, "isatty", lambda: False)())
@@ -841,7 +843,8 @@ class _Progress:
 
     def _line(self, batches, examples):
         done = f"{batches}/{self.target}" if self.target else f"{batches}"
-        return f"Fisher: {done} batches - examples: {examples}"
+        unit = "batch" if (self.target or batches) == 1 else "batches"
+        return f"{self.what}: {done} {unit} - examples: {examples}"
 
     def update(self, batches, examples):
         if not (self.enabled and self.terminal):

@@ -39,6 +39,7 @@ from __future__ import annotations
 import random
 from typing import Sequence
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -79,6 +80,18 @@ def factored_layers(model, variables: Sequence | None = None) -> list:
     return found
 
 
+def wrapped_network(model):
+    """The model an `EWCModel` wraps (its `network`), else `model` itself.
+
+    Recognised by its attributes, since this engine knows nothing above it: a Keras model
+    with a `regularizer` and a Keras model as `network`.
+    """
+    network = getattr(model, "network", None)
+    if hasattr(model, "regularizer") and isinstance(network, keras.Model):
+        return network
+    return model
+
+
 def layer_key(layer, model=None) -> str:
     """A layer's path in `model` (Keras' `layer.path` without the model's own name).
 
@@ -114,11 +127,15 @@ def kronecker_factors(
     out: use `keras_ewc.fisher_diagonal(..., variables=rest)` for their variables.
 
     Args:
-        model: a built Keras model with one output (see `fisher_diagonal`).
+        model: a built Keras model with one output (see `fisher_diagonal`), or an
+            `EWCModel`: then the factors are those of the model it wraps, keyed as its
+            state is (relative to the wrapped model).
         data: a `tf.data.Dataset` of batches, an array of inputs, or `(x, y)`.
         estimator: `"exact"` (default), `"sampled"` or `"empirical"`.
         likelihood: `"categorical"`, `"bernoulli"`, `"gaussian"`, a `Likelihood`, or
-            None to infer it from the compiled loss.
+            None to infer it from the compiled loss of `model`, as `fisher_diagonal`
+            does: a network that is not compiled itself (only its `EWCModel` is) needs
+            `likelihood=`, or pass the compiled `EWCModel`.
         samples: labels drawn per example by `"sampled"` (default 1).
         batch_size: examples a batch (bounds the memory); default as in
             `fisher_diagonal`.
@@ -135,8 +152,10 @@ def kronecker_factors(
     as for `fisher_diagonal` (`keras_ewc.fisher.checks`).
 
     Returns:
-        `{layer path: (A, G)}` (paths relative to `model`, e.g. `"dense_1"` or
-        `"block/dense"`), float32 tensors of shapes `[in (+1), in (+1)]` and
+        `{layer key: (A, G)}`, the key being the layer's path relative to the model
+        (to the wrapped model for an `EWCModel`), e.g. `"dense_1"` or `"block/dense"`:
+        the keys of `EWCModel.consolidate`'s result and of the Kronecker state
+        (`regularizer.layer_keys`). Float32 tensors of shapes `[in (+1), in (+1)]` and
         `[out, out]` (`in` is kernel_size × channels for a conv).
 
     Example:
@@ -148,6 +167,12 @@ def kronecker_factors(
     >>> {k: (tuple(a.shape), tuple(g.shape)) for k, (a, g) in factors.items()}
     {'d': ((5, 5), (3, 3))}
     """
+    network = wrapped_network(model)
+    if network is not model:
+        # The wrapper's compiled loss gives the likelihood; the keys are relative to the
+        # wrapped model, as the state's are.
+        likelihood = lik_module.get(likelihood, model)
+        model = network
     layers = factored_layers(model, variables)
     values = compute_factors(model, layers, data, estimator=estimator,
                              likelihood=likelihood, samples=samples,
@@ -190,7 +215,7 @@ def compute_factors(model, layers, data, estimator="exact", likelihood=None, sam
     dataset = diagonal.loop_data(data, batch_size, steps, auto)
     loop = diagonal._Loop(model, [], lik, estimator, samples, seed, strategy, auto=auto,
                           sums=factor_sums_spec(layers))
-    progress = loop.run(dataset, verbose)
+    progress = loop.run(dataset, verbose, what="Kronecker factors A, G")
     totals, num_examples, _ = loop.finish()
     progress.finish(loop.batches, loop.examples)
     factors = []
