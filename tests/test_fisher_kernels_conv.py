@@ -149,16 +149,16 @@ def test_fisher_diagonal_takes_the_kernels():
     oracle.assert_close(fisher, oracle.categorical_exact(model, model.trainable_variables, x))
 
 
-def test_channels_first_takes_the_reference_path_and_stays_exact():
-    """channels_first is refused (on CPU TensorFlow, Keras adds the bias along the last
-    spatial axis when it is as long as the channels, as here): the reference path
-    differentiates the layer as it runs."""
+def test_channels_first_takes_the_layer_local_path_and_stays_exact():
+    """channels_first is refused by the kernels (on CPU TensorFlow, Keras adds the bias
+    along the last spatial axis when it is as long as the channels, as here): the
+    layer-local path differentiates the layer as it runs."""
     model = _seq((2, 7, 6), L.SeparableConv2D(3, 3, strides=2, padding="same",
                                               data_format="channels_first", name="sep"),
                  L.DepthwiseConv2D(2, data_format="channels_first", name="dw"))
     x = _x((2, 7, 6))
     fisher, paths = _sums(model, x)
-    assert {p for k, p in paths.items() if "/dense/" not in k} == {"reference"}, paths
+    assert {p for k, p in paths.items() if "/dense/" not in k} == {"layer-local"}, paths
     oracle.assert_close(fisher, oracle.categorical_exact(model, model.trainable_variables, x))
 
 

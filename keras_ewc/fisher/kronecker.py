@@ -305,9 +305,9 @@ def factor_sums(model, layers, terms_fn, inputs, extra) -> list:
     extra)` returns the terms already scaled by √weight (`diagonal.Sums`' contract)."""
     batch_size = tf.nest.flatten(inputs)[0].shape[0]
     tape, recorder, terms, columns, total = fast.record(model, layers, terms_fn, inputs, extra)
+    leaks = fast.leaked(tape, total, [v for _, _, params in layers for v in params.values()])
     for layer, _, params in layers:
-        leaks = tape.gradient(total, list(params.values()))
-        if any(g is not None for g in leaks) or batch_size is None:
+        if any(id(v) in leaks for v in params.values()) or batch_size is None:
             raise ValueError(
                 f"Layer {layer_key(layer, model)} has no Kronecker factors: its weights are read "
                 "outside its own call (shared or tied weights), or it is called where its "
