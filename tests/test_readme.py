@@ -108,6 +108,22 @@ def test_serving_snippet_serves_and_learns_on_from_the_saved_model(session):
     assert sum(float(np.sum(p)) for p in learner.regularizer.precision) > 0
 
 
+def test_kernel_snippet_registers_an_exact_kernel(session):
+    """The README's kernel for its own layer is taken, and gives the oracle's Fisher."""
+    import oracle
+    from keras_ewc.fisher import fisher_diagonal
+
+    namespace, _, _ = session
+    scaled = namespace["scaled"]
+    scaled.layers[0].w.assign(np.linspace(0.5, 1.5, 20).astype("float32"))
+    x = np.random.default_rng(0).normal(size=(6, 20)).astype("float32")
+    fisher, paths = fisher_diagonal(scaled, x, likelihood="categorical", verbose=0,
+                                    return_paths=True)
+    assert set(paths.values()) == {"fast"}
+    oracle.assert_close(fisher, oracle.categorical_exact(
+        scaled, scaled.trainable_variables, x))
+
+
 def test_readme_states_the_format_version_the_code_writes_and_reads():
     from keras_ewc import saving
 
