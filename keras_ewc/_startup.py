@@ -40,8 +40,18 @@ def is_command() -> bool:
     main = sys.argv[0] if sys.argv else ""
     if os.path.basename(main) in ("keras-ewc", "keras-ewc.exe"):
         return True
-    orig = list(getattr(sys, "orig_argv", []))
-    return "-m" in orig[:-1] and orig[orig.index("-m") + 1] in ("keras_ewc.cli", "keras_ewc")
+    # `python [options] -m keras_ewc.cli ...`: the `-m` must come before any script
+    # (`python train.py -m keras_ewc` runs train.py, whose own arguments these are).
+    orig = list(getattr(sys, "orig_argv", []))[1:]
+    i = 0
+    while i < len(orig):
+        arg = orig[i]
+        if arg == "-m":
+            return i + 1 < len(orig) and orig[i + 1] in ("keras_ewc.cli", "keras_ewc")
+        if arg == "-c" or not arg.startswith("-"):
+            return False  # a program string or a script comes first
+        i += 2 if arg in ("-W", "-X") else 1  # options that take a value
+    return False
 
 
 def is_entry_point() -> bool:

@@ -189,15 +189,21 @@ class EWCModel(keras.Model):
         _private.swap_layer(self, old, new)
         super().__setattr__("network", new)
         try:
-            if reg.built:
-                self._sync_state()
-            elif new.built and new.weights:
-                self._build_state()
+            # The warning for dropped variables is held until the swap is complete: a
+            # warning turned into an error (`-W error`) must not interrupt it half-way.
+            with warnings.catch_warnings(record=True) as held:
+                warnings.simplefilter("always")
+                if reg.built:
+                    self._sync_state()
+                elif new.built and new.weights:
+                    self._build_state()
         except BaseException:
             _private.swap_layer(self, new, old)
             super().__setattr__("network", old)
             self._signature = self._model_signature() if reg.built else None
             raise
+        for w in held:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         # The traced steps call the old network: Keras traces them again when None.
         self.train_function = self.test_function = self.predict_function = None
 

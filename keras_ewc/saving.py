@@ -303,11 +303,17 @@ def all_or_nothing(model, load, filepath):
         check_weights_file(model, filepath)
     variables = _variables_of(model)
     saved = [np.array(v.numpy(), copy=True) for v in variables]
+    # Hyperparameters a regularizer holds as Python values (the Kronecker γ) go back too.
+    reg = getattr(model, "regularizer", None)
+    held = dict(getattr(reg, "__dict__", {}))
+    plain = {k: held[k] for k in ("_gamma", "_strength_set", "_gamma_set") if k in held}
     try:
         return load()
     except Exception as error:
         for v, value in zip(variables, saved):
             v.assign(value)
+        if plain:
+            reg.__dict__.update(plain)
         raise type(error)(
             f"Could not load {str(filepath)!r} into this {type(model).__name__}; nothing "
             f"was loaded (every weight and the EWC state are as before). Cause: {error}"

@@ -239,6 +239,18 @@ def test_entry_points_are_recognised_and_a_plain_import_is_not(monkeypatch, tmp_
     assert _startup.is_entry_point()
 
 
+def test_only_a_leading_dash_m_makes_the_command(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    for orig, expected in [(["python", "-m", "keras_ewc.cli", "demo"], True),
+                           (["python", "-W", "ignore", "-X", "importtime", "-m", "keras_ewc"],
+                            True),
+                           (["python", "train.py", "-m", "keras_ewc"], False),
+                           (["python", "-c", "pass", "-m", "keras_ewc.cli"], False),
+                           (["python", "-m", "pytest", "-m", "keras_ewc"], False)]:
+        monkeypatch.setattr(sys, "orig_argv", orig, raising=False)
+        assert _startup.is_command() is expected, orig
+
+
 def test_tf_logs_requested(monkeypatch):
     monkeypatch.delenv(_startup.LOGS_ENV, raising=False)
     assert not _startup.tf_logs_requested(["keras-ewc", "demo"])

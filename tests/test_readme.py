@@ -111,6 +111,7 @@ def test_serving_snippet_serves_and_learns_on_from_the_saved_model(session):
 def test_kernel_snippet_registers_an_exact_kernel(session):
     """The README's kernel for its own layer is taken, and gives the oracle's Fisher."""
     import oracle
+
     from keras_ewc.fisher import fisher_diagonal
 
     namespace, _, _ = session

@@ -286,6 +286,24 @@ def test_a_replaced_network_is_wrapped_alone_and_its_file_round_trips(tmp_path):
                                                           rel=1e-5)
 
 
+def test_a_warning_turned_into_an_error_comes_after_the_replacement_is_complete():
+    # Under `-W error` the "dropped" warning is raised, but only once the new network
+    # and the state agree (before, it could interrupt the swap after the state had
+    # been rebound to the new network, and the rollback left the two apart).
+    model = trained(net())
+    old = model.network
+    new = keras.Sequential([keras.Input((4,)), old.get_layer("h"),
+                            keras.layers.Dense(4, name="head2")])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match="dropped"):
+            model.network = new
+    assert model.network is new
+    assert {id(v) for v in model.regularised_variables} == {
+        id(v) for v in new.trainable_variables}
+    assert np.isfinite(float(model.penalty()))
+
+
 @pytest.mark.parametrize("case", ["not_a_layer", "unbuilt", "nothing_to_regularise",
                                   "kronecker"])
 def test_a_refused_network_replacement_leaves_the_model_as_it_was(case, tmp_path):

@@ -198,6 +198,25 @@ def test_kronecker_load_weights_restores_strength_and_gamma(tmp_path, mode):
     assert (older.strength, older.gamma) == (3.0, 0.9)
 
 
+@pytest.mark.parametrize("mode", ["separate", "online"])
+def test_a_failed_kronecker_load_puts_gamma_back_too(tmp_path, mode, monkeypatch):
+    # The Kronecker γ is a Python value, not a variable: a load that fails after the
+    # state was read (here, in the optimizer) must restore it with the variables.
+    model = consolidated("kronecker", mode, gamma=0.5, strength=5.0)
+    model.save_weights(tmp_path / "m.weights.h5")
+    other = consolidated("kronecker", mode, gamma=0.9, strength=1.0)
+    penalty = float(other.penalty())
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk error while reading the optimizer")
+
+    monkeypatch.setattr(type(other.optimizer), "load_own_variables", broken)
+    with pytest.raises(ValueError, match=r"nothing was loaded[\s\S]*disk error"):
+        other.load_weights(tmp_path / "m.weights.h5")
+    assert (other.strength, other.gamma) == (1.0, 0.9)
+    np.testing.assert_allclose(float(other.penalty()), penalty, rtol=1e-6)
+
+
 # --- item 9: penalty() is the penalty of the next step ---------------------------------
 
 

@@ -87,7 +87,7 @@ def wrapped_network(model):
     with a `regularizer` and a Keras model as `network`.
     """
     network = getattr(model, "network", None)
-    if hasattr(model, "regularizer") and isinstance(network, keras.Model):
+    if hasattr(model, "regularizer") and isinstance(network, keras.layers.Layer):
         return network
     return model
 
