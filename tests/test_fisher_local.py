@@ -213,6 +213,42 @@ def test_a_layer_called_on_rows_that_are_not_examples_falls_back():
     oracle.assert_close(fisher, oracle.categorical_exact(model, model.trainable_variables, x))
 
 
+class RaggedTwin(L.Layer):
+    """Returns its scaled input twice: as a tensor and as a ragged tensor."""
+
+    def build(self, input_shape):
+        self.w = self.add_weight(shape=input_shape[-1:], initializer="ones", name="w")
+
+    def call(self, x):
+        y = x * self.w
+        return y, tf.RaggedTensor.from_tensor(y * y)
+
+
+class RaggedNet(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.twin = RaggedTwin(name="twin")
+        self.out = L.Dense(CLASSES, name="out")
+
+    def call(self, x):
+        y, ragged = self.twin(x)
+        return self.out(y + ragged.to_tensor())
+
+
+def test_a_ragged_output_sends_the_layer_to_the_whole_network_path():
+    # What flows through a ragged output cannot be watched as one tensor; the layer
+    # goes to the reference path (before: layer-local, its Fisher missing that part).
+    keras.utils.set_random_seed(7)
+    model = RaggedNet()
+    x = np.random.default_rng(7).normal(size=(N, 4)).astype("float32")
+    model(x[:1])
+    model.twin.w.assign(np.linspace(0.5, 1.5, 4).astype("float32"))
+    fisher, paths = fisher_diagonal(model, x, likelihood="categorical", verbose=0,
+                                    return_paths=True)
+    assert paths[model.twin.w.path] == "reference"
+    oracle.assert_close(fisher, oracle.categorical_exact(model, model.trainable_variables, x))
+
+
 def _loops(fn, x):
     graph = fn.get_concrete_function(tf.constant(x), None).graph
     return any("While" in op.type for op in graph.get_operations())

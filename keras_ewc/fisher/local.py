@@ -137,6 +137,12 @@ def wrap(recorder, entry: Calls, original):
                 recorder.tape.watch(t)
                 entry.outputs.append(t)
                 indices.append(i)
+            elif tf.is_tensor(t) and not isinstance(t, tf.Tensor):
+                # A ragged or sparse output cannot be watched as one tensor: what flows
+                # through it would be missed, so the whole-network path takes the layer.
+                entry.failed = True
+        if not indices:
+            entry.failed = True  # nothing differentiable to back-propagate to
         entry.calls.append((flat, tf.nest.map_structure(lambda _: 0, (args, kwargs)),
                             indices))
         return out
