@@ -481,12 +481,19 @@ def load_saved_model(cls, filepath, model, **kwargs):
                   for i in range(0, len(arrays[KRONECKER]), 3)],)
     else:
         state = ()
-    # The state checks everything before it assigns anything; the weights' shapes are
-    # checked above, so once the state is in, nothing can fail half-way.
-    reg.assign_state(*state, arrays[PRECISION], arrays[ANCHORS], arrays[OFFSET][0],
-                     int(arrays[TASKS][0]))
+    # The saved weights go in first, so that the state's strength bound is checked at
+    # the weights the penalty will see; the state checks everything before it assigns
+    # anything, and if it refuses, the network gets its own weights back.
+    before = [np.array(w.numpy(), copy=True) for w in weights]
     for w, a in zip(weights, saved):
         w.assign(a)
+    try:
+        reg.assign_state(*state, arrays[PRECISION], arrays[ANCHORS], arrays[OFFSET][0],
+                         int(arrays[TASKS][0]))
+    except BaseException:
+        for w, a in zip(weights, before):
+            w.assign(a)
+        raise
     return ewc
 
 
