@@ -596,7 +596,10 @@ def checked_sum_squared(layer, kernel, params, records, grads) -> dict:
             tf.reduce_all(tf.math.is_finite(value)) | tf.logical_not(given_finite))
         check = tf.debugging.Assert(ok, [
             f"{KERNEL_CONTRACT}: {who}: {what} holds negative, NaN or Inf values; "
-            "expected finite sums of squares >= 0. Fix `sum_squared`."])
+            "expected finite sums of squares >= 0. Fix `sum_squared`; or, if the kernel "
+            "is right, the per-example gradients overflow float32 (an untrained or "
+            "diverged model whose outputs explode): check the model's outputs on "
+            "this data."])
         with tf.control_dependencies([check]):
             checked[name] = tf.identity(value)
     return checked
