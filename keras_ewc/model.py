@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from typing import Callable, Sequence
 
@@ -792,7 +793,13 @@ def variable_keys(network, variables) -> list:
     missing = [v.path for v in variables if id(v) not in index]
     if missing:
         raise ValueError(f"These variables are not weights of the wrapped model: {missing}")
-    return [f"{index[id(v)]}:{v.name}" for v in variables]
+    return [f"{index[id(v)]}:{stable_name(v.name)}" for v in variables]
+
+
+def stable_name(name: str) -> str:
+    """A variable's name as keys hold it: Keras numbers unnamed weights per process
+    (`variable`, `variable_18`: ConvNeXt's layer scales), so those are all `variable`."""
+    return "variable" if re.fullmatch(r"variable(_\d+)?", name) else name
 
 
 def variable_for_keys(network, keys) -> list:
@@ -802,7 +809,7 @@ def variable_for_keys(network, keys) -> list:
     for key in keys:
         head, _, name = str(key).partition(":")
         i = int(head) if head.isdigit() else -1
-        if 0 <= i < len(weights) and weights[i].name == name:
+        if 0 <= i < len(weights) and stable_name(weights[i].name) == stable_name(name):
             found.append(weights[i])
         else:
             have = (f"weight {i} is {weights[i].name!r} ({weights[i].path})"

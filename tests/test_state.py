@@ -286,6 +286,31 @@ def test_a_replaced_network_is_wrapped_alone_and_its_file_round_trips(tmp_path):
                                                           rel=1e-5)
 
 
+@keras.saving.register_keras_serializable(package="keras_ewc_tests")
+class UnnamedScale(keras.layers.Layer):
+    """A weight made without a name, as ConvNeXt's layer scale is: Keras numbers it
+    `variable_N`, N counting the process's unnamed weights."""
+
+    def build(self, input_shape):
+        self.w = self.add_weight(shape=input_shape[-1:], initializer="ones")
+
+    def call(self, x):
+        return x * self.w
+
+
+def test_unnamed_weights_keep_their_keys_across_instances(tmp_path):
+    def make():
+        return keras.Sequential([keras.Input((4,)), UnnamedScale(),
+                                 keras.layers.Dense(4)])
+
+    model = trained(make())
+    assert model.regularizer.keys[0] == "0:variable"  # not the process's variable_N
+    model.save(tmp_path / "m.keras")
+    again = keras.models.load_model(tmp_path / "m.keras")  # new weights: other numbers
+    assert again.network.layers[0].w.name != model.network.layers[0].w.name
+    assert float(again.penalty()) == pytest.approx(float(model.penalty()), rel=1e-6)
+
+
 def test_a_warning_turned_into_an_error_comes_after_the_replacement_is_complete():
     # Under `-W error` the "dropped" warning is raised, but only once the new network
     # and the state agree (before, it could interrupt the swap after the state had

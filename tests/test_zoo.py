@@ -162,7 +162,8 @@ def test_model_fits_consolidates_and_round_trips(name, structure, tmp_path):
     # Untrained deep networks (EfficientNet, ResNet at 32×32) have Fishers up to 1e25.
     # A strength whose SGD steps stay stable (lr · λ · max P ≤ 0.1), at most 1e3; the
     # setter's overflow bound must accept it.
-    largest = max(float(np.max(p)) for p in model.regularizer.precision)
+    # (A Kronecker state whose layers are all factored has no diagonal precision.)
+    largest = max((float(np.max(p)) for p in model.regularizer.precision), default=0.0)
     model.strength = min(1e3, 0.1 / (1e-3 * max(largest, 1e-30)))
     assert float(model.penalty()) == 0.0  # at the anchors
     history = model.fit(xb, yb, batch_size=4, epochs=1, verbose=0)
