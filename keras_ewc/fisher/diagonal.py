@@ -168,7 +168,8 @@ def fisher_diagonal(
     auto = batch_size is None and estimator != "batched" and not distribute.is_distributed(
         strategy)
     dataset = loop_data(data, batch_size, steps, auto)
-    loop = _Loop(model, variables, lik, estimator, samples, seed, strategy, auto=auto)
+    loop = _loop_class()(model, variables, lik, estimator, samples, seed, strategy,
+                         auto=auto)
     progress = loop.run(dataset, verbose, first=lambda: _check_paths(loop.paths, fallback))
     fisher = loop.result()
     progress.finish(loop.batches, loop.examples)
@@ -178,6 +179,15 @@ def fisher_diagonal(
 
 
 FALLBACKS = ("allow", "warn", "error")
+
+
+def _loop_class():
+    """The loop of the Keras backend: the JAX engine's on JAX, else the TensorFlow one."""
+    if keras.backend.backend() == "jax":
+        from keras_ewc.backend.jax import fisher as jax_fisher
+
+        return jax_fisher.make_loop_class()
+    return _Loop
 
 
 def _check_paths(paths, fallback):
@@ -452,8 +462,7 @@ class _Loop:
         if self.state is None or self.batches == 0:
             raise ValueError(_NO_EXAMPLES)
         totals, misc = self.state
-        finite = tf.stack([tf.reduce_all(tf.math.is_finite(t)) for t in totals])
-        misc, finite = misc.numpy(), finite.numpy()
+        misc, finite = self._read_back(totals, misc)
         low, high, nan = misc[7:]
         if nan or -low < 0 or high == np.inf:
             raise ValueError(
@@ -477,6 +486,12 @@ class _Loop:
         if denominator <= 0:
             raise ValueError(_NO_EXAMPLES)
         return totals, denominator, [bool(ok) for ok in finite]
+
+
+    def _read_back(self, totals, misc) -> tuple:
+        """`(misc as a float64 array, [whether each sum is finite])`: one read-back."""
+        finite = tf.stack([tf.reduce_all(tf.math.is_finite(t)) for t in totals])
+        return misc.numpy(), finite.numpy()
 
 
 class _Step:
@@ -694,6 +709,12 @@ def _combine(misc, flags):
     return tf.concat([misc[:1] + flags[:1], tf.maximum(misc[1:], flags[1:])], 0)
 
 
+def _combine_np(misc, flags):
+    """`_combine` on the host, in float64 (the JAX loop's read-back-free state)."""
+    misc, flags = np.asarray(misc, np.float64), np.asarray(flags, np.float64)
+    return np.concatenate([misc[:1] + flags[:1], np.maximum(misc[1:], flags[1:])])
+
+
 def _pad(t, size, batch_size):
     """`t` with rows `size..batch_size` filled with copies of its first row, static size."""
     t = tf.convert_to_tensor(t)
@@ -706,8 +727,8 @@ def _weighted_terms(lik, estimator):
 
     def terms(outputs, extra):
         target = extra[1] if len(extra) > 1 else None
-        values = tf.cast(lik.terms(estimator, outputs, target), tf.float32)
-        return values * tf.sqrt(tf.cast(extra[0], tf.float32))[:, None]
+        values = keras.ops.cast(lik.terms(estimator, outputs, target), "float32")
+        return values * keras.ops.sqrt(keras.ops.cast(extra[0], "float32"))[:, None]
 
     return terms
 

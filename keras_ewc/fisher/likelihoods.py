@@ -14,21 +14,27 @@ whose squared per-example gradients sum to the Fisher of one estimator:
 
 from __future__ import annotations
 
+import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
 _EPS = 1e-7
 
 LIKELIHOODS = ("categorical", "bernoulli", "gaussian")
 
 
+def _rank(t) -> int | None:
+    shape = getattr(t, "shape", None)
+    return None if shape is None or getattr(shape, "rank", 0) is None else len(shape)
+
+
 def _flat(outputs):
     """Outputs as `[B, K]`."""
-    outputs = tf.cast(outputs, tf.float32)
-    if outputs.shape.rank == 1:
+    outputs = ops.cast(outputs, "float32")
+    if _rank(outputs) == 1:
         return outputs[:, None]
-    if outputs.shape.rank > 2:
-        return tf.reshape(outputs, [tf.shape(outputs)[0], -1])
+    if _rank(outputs) > 2:
+        return ops.reshape(outputs, (ops.shape(outputs)[0], -1))
     return outputs
 
 
@@ -127,17 +133,24 @@ class Likelihood:
 
 
 def _summary(y):
-    y = tf.cast(tf.reshape(y, [-1]), tf.float64)
-    finite = tf.math.is_finite(y)
-    clean = tf.where(finite, y, tf.zeros_like(y))
-    empty = tf.equal(tf.size(y), 0)
-    low = tf.where(empty, tf.constant(-np.inf, tf.float64), -tf.reduce_min(clean))
-    high = tf.where(empty, tf.constant(-np.inf, tf.float64), tf.reduce_max(clean))
-    return tf.stack([
-        low, high,
-        tf.cast(tf.reduce_any(tf.not_equal(clean, tf.round(clean))), tf.float64),
-        tf.cast(tf.reduce_any(tf.logical_not(finite)), tf.float64),
+    # float64 where the backend has it; JAX without x64 computes in float32, exact for
+    # integer labels below 2**24 (the summary holds label values, not counts).
+    dtype = "float64" if keras.backend.backend() != "jax" else "float32"
+    y = ops.cast(ops.reshape(y, (-1,)), dtype)
+    finite = ops.isfinite(y)
+    clean = ops.where(finite, y, ops.zeros_like(y))
+    if y.shape[0] == 0:  # (an empty dynamic size reduces to the same ±inf)
+        return ops.convert_to_tensor([-np.inf, -np.inf, 0.0, 0.0], dtype)
+    return ops.stack([
+        -ops.min(clean), ops.max(clean),
+        ops.cast(ops.any(ops.not_equal(clean, ops.round(clean))), dtype),
+        ops.cast(ops.any(ops.logical_not(finite)), dtype),
     ])
+
+
+def _sigmoid_cross_entropy(labels, logits):
+    """−[y log σ(z) + (1 − y) log(1 − σ(z))], stable for large |z| (as TensorFlow's)."""
+    return ops.relu(logits) - logits * labels + ops.log1p(ops.exp(-ops.abs(logits)))
 
 
 class Categorical(Likelihood):
@@ -146,16 +159,16 @@ class Categorical(Likelihood):
     name = "categorical"
 
     def log_probs(self, outputs):
-        outputs = tf.cast(outputs, tf.float32)
+        outputs = ops.cast(outputs, "float32")
         if self.from_logits:
-            return tf.nn.log_softmax(outputs, axis=-1)
-        probs = outputs / tf.reduce_sum(outputs, axis=-1, keepdims=True)
-        return tf.math.log(tf.clip_by_value(probs, _EPS, 1.0))
+            return ops.log_softmax(outputs, axis=-1)
+        probs = outputs / ops.sum(outputs, axis=-1, keepdims=True)
+        return ops.log(ops.clip(probs, _EPS, 1.0))
 
     def exact_terms(self, outputs):
         # Σ_c p_c (∇ log p_c)² = Σ_c (∇ [sg(√p_c) log p_c])²: one term a class, u_c.
         log_p = self.log_probs(outputs)
-        root = tf.stop_gradient(tf.sqrt(tf.exp(log_p)))
+        root = ops.stop_gradient(ops.sqrt(ops.exp(log_p)))
         terms = root * log_p
         classes = terms.shape[-1]
         if classes is None or classes < 2:
@@ -165,39 +178,39 @@ class Categorical(Likelihood):
         # complement of √p: C − 1 terms, one backward pass fewer. Q is the Householder
         # reflection H = I − 2 v vᵀ / vᵀv, v = √p + e_C (H √p = −e_C), less its last
         # column; |v| ≥ 1, so it is well conditioned.
-        v = root + tf.one_hot(classes - 1, classes)
-        scale = 2.0 * tf.reduce_sum(terms * v, -1, keepdims=True) / tf.reduce_sum(
+        v = root + ops.one_hot(classes - 1, classes)
+        scale = 2.0 * ops.sum(terms * v, -1, keepdims=True) / ops.sum(
             v * v, -1, keepdims=True)
         return terms[:, :-1] - v[:, :-1] * scale
 
     def nll(self, outputs, y):
         log_p = self.log_probs(outputs)
-        y = tf.convert_to_tensor(y)
+        y = ops.convert_to_tensor(y)
         if _is_one_hot(y, log_p):
-            return -tf.reduce_sum(tf.cast(y, tf.float32) * log_p, axis=-1)
+            return -ops.sum(ops.cast(y, "float32") * log_p, axis=-1)
         # A one-hot product, not a gather: a label out of range gives 0 instead of
         # failing inside a traced loop, which reports bad labels once, at its end.
-        y = tf.one_hot(tf.reshape(tf.cast(y, tf.int32), [-1]), tf.shape(log_p)[-1])
-        return -tf.reduce_sum(y * log_p, axis=-1)
+        y = ops.one_hot(ops.reshape(ops.cast(y, "int32"), (-1,)), int(log_p.shape[-1]))
+        return -ops.sum(y * log_p, axis=-1)
 
     def noise_shape(self, outputs, k):
         return [int(outputs.shape[0]), k, int(outputs.shape[-1])]
 
     def sample(self, outputs, noise):
         # Gumbel-max: argmax(log p + G) is a draw from p; noise is uniform in (0, 1).
-        log_p = tf.stop_gradient(self.log_probs(outputs))
-        u = tf.clip_by_value(tf.cast(noise, tf.float32), 1e-12, 1.0 - 1e-7)
-        gumbel = -tf.math.log(-tf.math.log(u))
-        return tf.argmax(log_p[:, None, :] + gumbel, axis=-1, output_type=tf.int32)
+        log_p = ops.stop_gradient(self.log_probs(outputs))
+        u = ops.clip(ops.cast(noise, "float32"), 1e-12, 1.0 - 1e-7)
+        gumbel = -ops.log(-ops.log(u))
+        return ops.cast(ops.argmax(log_p[:, None, :] + gumbel, axis=-1), "int32")
 
     def nll_of_samples(self, outputs, labels):
         """`[B, k]` negative log-likelihoods of `[B, k]` sampled labels."""
         log_p = self.log_probs(outputs)
-        return -tf.gather(log_p, labels, axis=-1, batch_dims=1)
+        return -ops.take_along_axis(log_p, ops.cast(labels, "int32"), axis=-1)
 
     def label_summary(self, y, num_outputs):
-        y = tf.convert_to_tensor(y)
-        if y.shape.rank is not None and y.shape.rank > 1 and y.shape[-1] == num_outputs:
+        y = ops.convert_to_tensor(y)
+        if _rank(y) is not None and _rank(y) > 1 and y.shape[-1] == num_outputs:
             return None  # one-hot (or soft) labels
         return _summary(y)
 
@@ -226,33 +239,31 @@ class Bernoulli(Likelihood):
         outputs = _flat(outputs)
         if self.from_logits:
             return outputs
-        p = tf.clip_by_value(outputs, _EPS, 1.0 - _EPS)
-        return tf.math.log(p) - tf.math.log1p(-p)
+        p = ops.clip(outputs, _EPS, 1.0 - _EPS)
+        return ops.log(p) - ops.log1p(-p)
 
     def exact_terms(self, outputs):
         # E_y (∇ log p(y))² = σ(1-σ) (∇z)² for each output; the outputs are independent
         # and each score has zero mean, so cross terms vanish.
         z = self.logits(outputs)
-        s = tf.sigmoid(z)
-        return tf.stop_gradient(tf.sqrt(s * (1.0 - s))) * z
+        s = ops.sigmoid(z)
+        return ops.stop_gradient(ops.sqrt(s * (1.0 - s))) * z
 
     def nll(self, outputs, y):
         z = self.logits(outputs)
-        y = tf.reshape(tf.cast(y, tf.float32), tf.shape(z))
-        return tf.reduce_sum(tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=z), -1)
+        y = ops.reshape(ops.cast(y, "float32"), (-1,) + tuple(z.shape[1:]))
+        return ops.sum(_sigmoid_cross_entropy(y, z), -1)
 
     def noise_shape(self, outputs, k):
         return [int(outputs.shape[0]), k, self.num_outputs(outputs)]
 
     def sample(self, outputs, noise):
-        z = tf.stop_gradient(self.logits(outputs))
-        return tf.cast(tf.cast(noise, tf.float32) < tf.sigmoid(z)[:, None, :], tf.float32)
+        z = ops.stop_gradient(self.logits(outputs))
+        return ops.cast(ops.cast(noise, "float32") < ops.sigmoid(z)[:, None, :], "float32")
 
     def nll_of_samples(self, outputs, labels):
         z = self.logits(outputs)[:, None, :]
-        return tf.reduce_sum(
-            tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=z + 0 * labels), -1
-        )
+        return ops.sum(_sigmoid_cross_entropy(labels, z + 0 * labels), -1)
 
     def label_summary(self, y, num_outputs):
         return _summary(y)
@@ -280,25 +291,25 @@ class Gaussian(Likelihood):
 
     def nll(self, outputs, y):
         f = _flat(outputs)
-        y = tf.reshape(tf.cast(y, tf.float32), tf.shape(f))
-        return 0.5 * tf.reduce_sum(tf.square(y - f), axis=-1)
+        y = ops.reshape(ops.cast(y, "float32"), (-1,) + tuple(f.shape[1:]))
+        return 0.5 * ops.sum(ops.square(y - f), axis=-1)
 
     def noise_shape(self, outputs, k):
         return [int(outputs.shape[0]), k, self.num_outputs(outputs)]
 
     def sample(self, outputs, noise):
         # noise is uniform in (0, 1): map it to a standard normal.
-        u = tf.clip_by_value(tf.cast(noise, tf.float32), 1e-7, 1.0 - 1e-7)
-        eps = tf.math.sqrt(2.0) * tf.math.erfinv(2.0 * u - 1.0)
-        return tf.stop_gradient(_flat(outputs))[:, None, :] + eps
+        u = ops.clip(ops.cast(noise, "float32"), 1e-7, 1.0 - 1e-7)
+        eps = float(np.sqrt(2.0)) * ops.erfinv(2.0 * u - 1.0)
+        return ops.stop_gradient(_flat(outputs))[:, None, :] + eps
 
     def nll_of_samples(self, outputs, labels):
         f = _flat(outputs)[:, None, :]
-        return 0.5 * tf.reduce_sum(tf.square(labels - f), axis=-1)
+        return 0.5 * ops.sum(ops.square(labels - f), axis=-1)
 
 
 def _is_one_hot(y, log_p) -> bool:
-    return y.shape.rank == log_p.shape.rank and y.shape.rank > 1 and (
+    return _rank(y) == _rank(log_p) and _rank(y) > 1 and (
         y.shape[-1] == log_p.shape[-1] and y.shape[-1] != 1
     )
 

@@ -1,0 +1,603 @@
+"""The Fisher engine on JAX: sums of squared per-example gradients from one batched pass.
+
+The same method as the TensorFlow engine (`keras_ewc.fisher.fast`), in JAX's terms:
+
+- the model runs through a `keras.StatelessScope` that maps every weight to a value
+  passed into the jitted step (a cached step that read the variables themselves would
+  freeze them as constants: a second consolidation after training must see the new
+  weights);
+- each layer a kernel covers runs the kernel's `forward` (its maths in `keras.ops`, the
+  same code as on TensorFlow), and a zero "probe" is added to its pre-activation output
+  z; one `jax.vjp` with respect to the probes gives every example's gradient at every z,
+  vectorised over the T term columns (`jax.vmap` of the pullback), and the kernel turns
+  inputs and gradients into Σ_n Σ_t (∂ terms[n, t] / ∂ v)²;
+- each other layer that owns requested variables goes layer-local: a probe on its
+  outputs, and the layer alone re-run per example (`jax.vmap`) to pull those gradients
+  back to its own variables, in chunks of examples bounded by memory;
+- what is left (a weight read outside its layer's calls: tied weights) takes the
+  reference path, the whole network per example.
+
+Which layer reads which variable is seen through the scope (`_ReadScope`): JAX gives
+zeros, never None, for an unused gradient, so a read outside a layer's recorded calls is
+found by watching reads, not by looking for a gradient.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+
+from keras_ewc import _private
+from keras_ewc.fisher import engine, kernels
+from keras_ewc.fisher import local as local_module
+from keras_ewc.fisher.kernels import _common
+
+# Most float32 elements one chunk of per-example gradients may hold (as the kernels').
+BUDGET = _common.BUDGET
+
+
+class _ReadScope(keras.StatelessScope):
+    """A `StatelessScope` that tells `on_read` which variable each read is of.
+
+    `StatelessScope.get_current_value` is the documented way a variable's value is
+    looked up inside the scope (`Variable.value`); the engine's test pins that reads
+    reach it.
+    """
+
+    def __init__(self, mapping, on_read=None):
+        super().__init__(state_mapping=mapping)
+        self.on_read = on_read
+
+    def get_current_value(self, variable):
+        if self.on_read is not None:
+            self.on_read(variable)
+        return super().get_current_value(variable)
+
+
+def _is_array(t) -> bool:
+    return isinstance(t, (jax.Array, np.ndarray)) or hasattr(t, "aval")
+
+
+class _Recorder:
+    """Replaces the `call` of the kernel and layer-local layers during one forward pass.
+
+    With `probes=None` it only collects the probes' shapes (and which calls could not be
+    recorded); with probes, it adds probe i to the i-th recorded output.
+    """
+
+    def __init__(self, kernel_layers, local_layers, batch_size, probes=None):
+        self.kernel_layers = kernel_layers
+        self.local_layers = local_layers
+        self.batch_size = batch_size
+        self.probes = probes
+        self.shapes = []
+        self.kernel_calls = {id(layer): [] for layer, _, _ in kernel_layers}
+        self.local_calls = {id(layer): [] for layer, _ in local_layers}
+        self.failed = set()  # layer-local layers with a call whose rows are not examples
+        self.inside = []  # ids of the layers whose recorded call is running
+        self.owner = {}
+        for layer, _, params in kernel_layers:
+            self.owner.update({id(v): id(layer) for v in params.values()})
+        for layer, variables in local_layers:
+            self.owner.update({id(v): id(layer) for v in variables})
+        self.leaked = set()  # variables read outside their layer's recorded calls
+
+    def on_read(self, variable):
+        owner = self.owner.get(id(variable))
+        if owner is not None and owner not in self.inside:
+            self.leaked.add(id(variable))
+
+    def _probe(self, z):
+        index = len(self.shapes)
+        self.shapes.append(jax.ShapeDtypeStruct(z.shape, jnp.float32))
+        if self.probes is None:
+            return z
+        return z + self.probes[index].astype(z.dtype)
+
+    def _per_example(self, t) -> bool:
+        return _is_array(t) and len(t.shape) >= 1 and t.shape[0] == self.batch_size
+
+    def __enter__(self):
+        for layer, kernel, _ in self.kernel_layers:
+            _private.set_instance_call(layer, self._kernel_call(layer, kernel, layer.call))
+        for layer, _ in self.local_layers:
+            _private.set_instance_call(layer, self._local_call(layer, layer.call))
+        return self
+
+    def __exit__(self, *exc):
+        for layer, _, _ in self.kernel_layers:
+            _private.restore_instance_call(layer)
+        for layer, _ in self.local_layers:
+            _private.restore_instance_call(layer)
+        return False
+
+    def _kernel_call(self, layer, kernel, original):
+        def call(*args, **kwargs):
+            if not (args and self._per_example(args[0])):
+                return original(*args, **kwargs)  # its reads count as leaks
+            self.inside.append(id(layer))
+            try:
+                result = kernel.forward(layer, args, kwargs)
+                if result is None:
+                    self.inside.pop()
+                    return original(*args, **kwargs)
+                record, z, finish = result
+                index = len(self.shapes)
+                z = self._probe(z)
+                self.kernel_calls[id(layer)].append((record, index))
+                return finish(z)
+            finally:
+                if self.inside and self.inside[-1] == id(layer):
+                    self.inside.pop()
+
+        return call
+
+    def _local_call(self, layer, original):
+        def call(*args, **kwargs):
+            leaves, tree = jax.tree_util.tree_flatten((args, kwargs))
+            arrays = [t for t in leaves if _is_array(t)]
+            if not arrays or not self._per_example(arrays[0]):
+                self.failed.add(id(layer))
+                return original(*args, **kwargs)
+            self.inside.append(id(layer))
+            try:
+                out = original(*args, **kwargs)
+            finally:
+                self.inside.pop()
+            out_leaves, out_tree = jax.tree_util.tree_flatten(out)
+            indices = []
+            for i, y in enumerate(out_leaves):
+                if not (_is_array(y) and jnp.issubdtype(y.dtype, jnp.floating)):
+                    continue
+                if not self._per_example(y):
+                    self.failed.add(id(layer))
+                    continue
+                indices.append((i, len(self.shapes)))
+                out_leaves[i] = self._probe(y)
+            self.local_calls[id(layer)].append((leaves, tree, indices))
+            return jax.tree_util.tree_unflatten(out_tree, out_leaves)
+
+        return call
+
+
+def plan(model, variables):
+    """`(kernel_layers, local_layers)` as on TensorFlow, without layers run inside a
+    recurrent layer's loop (a JAX loop body is a nested trace: its values cannot be
+    recorded from outside)."""
+    from keras_ewc.fisher import fast
+
+    in_loop = set()
+    for layer in _private.flatten_layers(model):
+        if isinstance(layer, keras.layers.RNN):
+            in_loop.update(id(inner) for inner in _private.flatten_layers(layer)
+                           if inner is not layer)
+    kernel_layers = [entry for entry in fast.plan(model, variables)
+                     if id(entry[0]) not in in_loop]
+    local_layers = local_module.plan(model, variables, kernel_layers)
+    return kernel_layers, local_layers
+
+
+def sum_squared_grads(model, weights, values, variables, kernel_layers, local_layers,
+                      terms_fn, inputs, extra, paths=None):
+    """Per-variable Σ_n Σ_t (∂ terms[n, t] / ∂ v)² for one batch, inside a JAX trace.
+
+    `weights` are every variable the model reads, `values` their values (traced
+    arrays); `variables` (a subset of `weights`) those to compute sums for. `paths`, a
+    dict, receives each variable's path by its key.
+    """
+    local_module.check_stateless(model, variables)
+    batch_size = jax.tree_util.tree_leaves(inputs)[0].shape[0]
+    mapping = list(zip(weights, values))
+    value_of = {id(w): v for w, v in zip(weights, values)}
+
+    def forward(probes):
+        recorder = _Recorder(kernel_layers, local_layers, batch_size, probes)
+        with _ReadScope(mapping, recorder.on_read), recorder:
+            outputs = model(inputs, training=False)
+        terms = keras.ops.cast(terms_fn(outputs, extra), "float32")
+        terms = jnp.reshape(terms, (terms.shape[0], -1))
+        return terms, recorder
+
+    # A first pass finds the probes' shapes and what could not be recorded (its
+    # computation is unused: XLA removes it).
+    _, seen = forward(None)
+    leaked = seen.leaked
+    kernel_kept = []
+    for layer, kernel, params in kernel_layers:
+        kept = {k: v for k, v in params.items() if id(v) not in leaked}
+        if kept:
+            kernel_kept.append((layer, kernel, kept))
+    local_kept = []
+    for layer, own in local_layers:
+        if id(layer) in seen.failed:
+            continue
+        own = [v for v in own if id(v) not in leaked]
+        if own:
+            local_kept.append((layer, own))
+
+    sums = {}
+    if seen.shapes:
+        probes = [jnp.zeros(s.shape, s.dtype) for s in seen.shapes]
+
+        def probed(probes):
+            terms, recorder = forward(probes)
+            records = {key: [r for r, _ in calls]
+                       for key, calls in recorder.kernel_calls.items()}
+            return terms, (records, recorder.kernel_calls, recorder.local_calls)
+
+        terms, pullback, (records, kernel_calls, local_calls) = jax.vjp(
+            probed, probes, has_aux=True)
+        grads = column_grads(pullback, terms.shape)
+        for layer, kernel, params in kernel_kept:
+            calls = kernel_calls[id(layer)]
+            found = {}
+            if calls:
+                found = _checked(layer, kernel, params, records[id(layer)],
+                                 [grads[i] for _, i in calls])
+            for name, v in params.items():
+                value = found.get(name)
+                sums[id(v)] = (jnp.zeros(v.shape, jnp.float32) if value is None
+                               else jnp.reshape(value.astype(jnp.float32), v.shape))
+        for layer, own in local_kept:
+            calls = local_calls[id(layer)]
+            sums.update(_local_sums(layer, own, calls, grads, mapping, value_of,
+                                    batch_size))
+    rest = [v for v in variables if id(v) not in sums]
+    if paths is not None:
+        local_ids = {id(v) for _, own in local_kept for v in own}
+        for v in variables:
+            paths[engine.variable_key(v)] = (
+                "reference" if id(v) not in sums else
+                local_module.NAME if id(v) in local_ids else "fast")
+    if rest:
+        sums.update(reference_sums(model, rest, terms_fn, inputs, extra, mapping,
+                                   value_of, batch_size))
+    return [sums[id(v)] for v in variables]
+
+
+def column_grads(pullback, shape):
+    """`[T, *probe.shape]` for each probe: the gradient of each term column."""
+    count = shape[1]
+    if count == 1:
+        return [g[None] for g in pullback(jnp.ones(shape, jnp.float32))[0]]
+    cotangents = jnp.broadcast_to(jnp.eye(count, dtype=jnp.float32)[:, None, :],
+                                  (count,) + tuple(shape))
+    return list(jax.vmap(lambda c: pullback(c)[0])(cotangents))
+
+
+def _checked(layer, kernel, params, records, grads):
+    """The kernel's sums, with the static half of the kernel contract (keys, shapes,
+    float dtype) checked as on TensorFlow (`checks.checked_sum_squared`)."""
+    who = (f"the Fisher kernel {type(kernel).__name__} registered for layer "
+           f"{layer.name!r} ({type(layer).__name__})")
+    try:
+        values = kernel.sum_squared(layer, records, grads)
+    except Exception as error:
+        raise ValueError(
+            f"{who} raised {type(error).__name__} in `sum_squared`: {error}. Fix the "
+            "kernel (see keras_ewc.fisher.Kernel for its contract)."
+        ) from error
+    if not isinstance(values, dict):
+        raise ValueError(f"Expected {who} to return a dict {{variable name: tensor}} from "
+                         f"`sum_squared`. Received a {type(values).__name__}.")
+    known = dict(kernel.params(layer))
+    unknown = [k for k in values if k not in known]
+    missing = [k for k in params if k not in values]
+    if unknown or missing:
+        raise ValueError(
+            f"Expected {who} to return sums keyed by its variables' names "
+            f"{sorted(known)} (from `params`). Received keys {sorted(map(str, values))}: "
+            f"unknown {unknown}, missing {missing}. Fix the keys in `sum_squared`.")
+    out = {}
+    for name, value in values.items():
+        value = jnp.asarray(value)
+        shape = tuple(known[name].shape)
+        if not jnp.issubdtype(value.dtype, jnp.floating):
+            raise ValueError(f"{who}: its sum for variable {name!r} has dtype {value.dtype}; "
+                             "expected a float tensor (squared gradients).")
+        if int(np.prod(value.shape)) != int(np.prod(shape)) or (
+                len(value.shape) == len(shape) and tuple(value.shape) != shape):
+            raise ValueError(f"{who}: its sum for variable {name!r} has shape "
+                             f"{tuple(value.shape)}; expected {shape}, the variable's shape.")
+        out[name] = value
+    return out
+
+
+def _chunk_size(per_example: int, batch_size: int) -> int:
+    return max(1, min(batch_size, BUDGET // max(1, per_example)))
+
+
+def _over_chunks(fn, batch_size, per_example, *tensors):
+    """Σ over chunks of examples of `fn(*chunk)` (each tensor split along axis 1 when it
+    is a `[T, B, ...]` cotangent, else axis 0), memory-bounded, as one `lax.map`."""
+    size = _chunk_size(per_example, batch_size)
+    if size >= batch_size:
+        return fn(*tensors)
+    count = -(-batch_size // size)
+    padded = count * size
+
+    def split(t, axis):
+        pad = [(0, 0)] * t.ndim
+        pad[axis] = (0, padded - batch_size)
+        t = jnp.pad(t, pad)  # zero cotangents: the padding adds nothing
+        t = jnp.reshape(t, t.shape[:axis] + (count, size) + t.shape[axis + 1:])
+        return jnp.moveaxis(t, axis, 0)
+
+    parts = [split(t, axis) for t, axis in tensors]
+    partial = jax.lax.map(lambda args: fn(*[(a, ax) for a, (_, ax) in zip(args, tensors)]),
+                          parts)
+    return jax.tree_util.tree_map(lambda s: jnp.sum(s, axis=0), partial)
+
+
+def _per_example_squares(apply, params, example_leaves, cotangents, batch_size):
+    """Σ_n Σ_t (pullback of `apply` at example n with cotangent t)², for each param.
+
+    `apply(params, leaves)` maps params and one example's leaves (leading axis 1) to a
+    list of outputs; `example_leaves` are `[B, ...]` arrays; `cotangents` one
+    `[T, B, ...]` array per output.
+    """
+    per_example = sum(int(np.prod(p.shape)) for p in params) * int(cotangents[0].shape[0])
+
+    def chunk(*pairs):
+        leaves = [t for t, _ in pairs[: len(example_leaves)]]
+        cots = [t for t, _ in pairs[len(example_leaves):]]
+
+        def one(leaves_n, cots_n):
+            leaves_n = [t[None] for t in leaves_n]
+            _, pullback = jax.vjp(lambda p: apply(p, leaves_n), params)
+            per_term = jax.vmap(lambda c: pullback([x[None] for x in c])[0])(cots_n)
+            return [jnp.sum(jnp.square(g.astype(jnp.float32)), axis=0) for g in per_term]
+
+        per_n = jax.vmap(one, in_axes=(0, 1))(leaves, cots)
+        return [jnp.sum(s, axis=0) for s in per_n]
+
+    tensors = [(t, 0) for t in example_leaves] + [(c, 1) for c in cotangents]
+    return _over_chunks(chunk, batch_size, per_example, *tensors)
+
+
+def _local_sums(layer, own, calls, grads, mapping, value_of, batch_size):
+    """Layer-local sums: `layer` alone, re-run per example, for each of its calls."""
+    # Which leaves of each call are per-example arrays (vmapped), which are fixed.
+    plans = []
+    example_leaves, cotangents = [], []
+    for leaves, tree, indices in calls:
+        slots = []
+        for i, t in enumerate(leaves):
+            if _is_array(t) and len(t.shape) >= 1 and t.shape[0] == batch_size:
+                slots.append(("example", len(example_leaves)))
+                example_leaves.append(t)
+            else:
+                slots.append(("fixed", t))
+        plans.append((tree, slots, [i for i, _ in indices]))
+        cotangents.extend(grads[j] for _, j in indices)
+    others = [(w, v) for w, v in mapping if all(w is not o for o in own)]
+
+    def apply(params, leaves_n):
+        outs = []
+        with _ReadScope(others + list(zip(own, params))):
+            for tree, slots, wanted in plans:
+                leaves = [leaves_n[v] if kind == "example" else v for kind, v in slots]
+                args, kwargs = jax.tree_util.tree_unflatten(tree, leaves)
+                out_leaves = jax.tree_util.tree_leaves(layer.call(*args, **kwargs))
+                outs.extend(out_leaves[i].astype(jnp.float32) for i in wanted)
+        return outs
+
+    params = [value_of[id(v)] for v in own]
+    squares = _per_example_squares(apply, params, example_leaves, cotangents, batch_size)
+    return {id(v): s for v, s in zip(own, squares)}
+
+
+def reference_sums(model, variables, terms_fn, inputs, extra, mapping, value_of,
+                   batch_size):
+    """The whole network per example, for `variables` (exact for any layer)."""
+    others = [(w, v) for w, v in mapping if all(w is not o for o in variables)]
+    x_leaves, x_tree = jax.tree_util.tree_flatten(inputs)
+    e_leaves, e_tree = jax.tree_util.tree_flatten(extra)
+    count = len(x_leaves)
+
+    def apply(params, leaves_n):
+        with _ReadScope(others + list(zip(variables, params))):
+            outputs = model(jax.tree_util.tree_unflatten(x_tree, leaves_n[:count]),
+                            training=False)
+        extra_n = jax.tree_util.tree_unflatten(e_tree, leaves_n[count:])
+        terms = keras.ops.cast(terms_fn(outputs, extra_n), "float32")
+        return [jnp.reshape(terms, (1, -1))]
+
+    params = [value_of[id(v)] for v in variables]
+    # The number of terms, from the shapes alone.
+    probe = jax.eval_shape(apply, params, [t[:1] for t in x_leaves + e_leaves])
+    count_t = probe[0].shape[1]
+    cotangent = jnp.broadcast_to(jnp.eye(count_t, dtype=jnp.float32)[:, None, :],
+                                 (count_t, batch_size, count_t))
+    squares = _per_example_squares(apply, params, x_leaves + e_leaves, [cotangent],
+                                   batch_size)
+    return {id(v): s for v, s in zip(variables, squares)}
+
+
+def batched_sums(model, weights, values, variables, lik, inputs, extra):
+    """The `"batched"` estimator: the squared gradient of the batch's weighted mean loss."""
+    weight, y = extra
+    value_of = {id(w): v for w, v in zip(weights, values)}
+    others = [(w, v) for w, v in zip(weights, values) if all(w is not o for o in variables)]
+
+    def loss(params):
+        with _ReadScope(others + list(zip(variables, params))):
+            outputs = model(inputs, training=False)
+        nll = keras.ops.cast(lik.nll(outputs, y), "float32")
+        total = jnp.sum(weight)
+        return jnp.where(total > 0, jnp.sum(weight * nll) / jnp.where(total > 0, total, 1.0),
+                         0.0)
+
+    grads = jax.grad(loss)([value_of[id(v)] for v in variables])
+    return [jnp.square(g.astype(jnp.float32)) for g in grads]
+
+
+# --- the loop ---------------------------------------------------------------------------
+#
+# The TensorFlow loop (`keras_ewc.fisher.diagonal._Loop`) reads the data, checks it and
+# keeps the progress line; on JAX only the step differs. The batch is made ready on the
+# host (padding to the step's static batch size with weight-0 rows; the checks' flags in
+# float64, so that the weight total, a counter, is not truncated to float32 when JAX runs
+# without x64), and one jitted function a (model, variables, estimator, likelihood, batch
+# size) adds the batch's sums; the weights go in as arguments.
+
+_JAX_STEPS = __import__("weakref").WeakKeyDictionary()
+
+
+def _misc_of_batch(lik, estimator, num_outputs, x, y, w, size):
+    from keras_ewc.fisher import diagonal
+
+    weights = np.array([-np.inf, -np.inf, 0.0])
+    if w is not None:
+        w64 = np.asarray(w, np.float64).reshape(size)
+        nan = np.isnan(w64)
+        weights = np.array([-np.min(np.where(nan, np.inf, w64)),
+                            np.max(np.where(nan, -np.inf, w64)), float(nan.any())])
+        w = np.where(np.isfinite(w64) & (w64 >= 0), w64, 0.0)
+    else:
+        w = np.ones([size])
+    bad_inputs = any(not np.all(np.isfinite(t)) for t in jax.tree_util.tree_leaves(x)
+                     if np.issubdtype(np.asarray(t).dtype, np.floating))
+    bad_labels = False
+    summary = np.array([-np.inf, -np.inf, 0.0, 0.0])
+    if estimator in diagonal._NEEDS_LABELS:
+        bad_labels = any(not np.all(np.isfinite(t)) for t in jax.tree_util.tree_leaves(y)
+                         if np.issubdtype(np.asarray(t).dtype, np.floating))
+        found = lik.label_summary(y, num_outputs)
+        if found is not None:
+            summary = np.asarray(found, np.float64)
+    flags = np.concatenate([[float(np.sum(w)), float(bad_inputs), float(bad_labels)],
+                            summary, weights])
+    if estimator == "batched":
+        flags[0] = float(flags[0] > 0)
+    return w.astype(np.float32), flags
+
+
+def _pad(t, size, batch_size):
+    t = np.asarray(t)
+    if size == batch_size:
+        return t
+    return np.concatenate([t, np.repeat(t[:1], batch_size - size, axis=0)], axis=0)
+
+
+class Step:
+    """The jitted step for one (model, variables, estimator, likelihood, batch size)."""
+
+    def __init__(self, model, variables, lik, estimator, noise, batch_size):
+        import weakref
+
+        from keras_ewc.fisher import diagonal
+
+        self.batch_size = batch_size
+        self.paths = {}
+        self.estimator = estimator
+        self.lik = lik
+        self.noise = noise
+        model_ref = weakref.ref(model)
+        variables = list(variables)
+        terms_fn = diagonal._weighted_terms(lik, estimator)
+        paths = self.paths
+        self.weights = _weights_of(model, variables)
+        weights = self.weights
+
+        def step(values, totals, inputs, w, target, key):
+            model = model_ref()
+            if estimator == "sampled":
+                target = jax.random.uniform(key, (batch_size,) + tuple(noise),
+                                            minval=0.0, maxval=1.0)
+            extra = (w,) if target is None else (w, target)
+            if estimator == "batched":
+                sums = batched_sums(model, weights, values, variables, lik, inputs, extra)
+                paths.update({engine.variable_key(v): "batched" for v in variables})
+            else:
+                kernel_layers, local_layers = plan(model, variables)
+                sums = sum_squared_grads(model, weights, values, variables, kernel_layers,
+                                         local_layers, terms_fn, inputs, extra, paths)
+            return [a + b.astype(jnp.float32) for a, b in zip(totals, sums)]
+
+        self.jitted = jax.jit(step)
+
+    def accepts(self, batch) -> bool:
+        return True  # jit traces again for another input signature
+
+    def function(self, state, batch, seed):
+        from keras_ewc.fisher import diagonal
+
+        totals, misc = state
+        x, y, w = keras.utils.unpack_x_y_sample_weight(batch)
+        to_np = lambda t: None if t is None else np.asarray(t)  # noqa: E731
+        x, y, w = (jax.tree_util.tree_map(to_np, t) for t in (x, y, w))
+        size = int(jax.tree_util.tree_leaves(x)[0].shape[0])
+        weight, flags = _misc_of_batch(self.lik, self.estimator, self.num_outputs, x, y, w,
+                                       size)
+        batch_size = self.batch_size
+        x = jax.tree_util.tree_map(lambda t: _pad(t, size, batch_size), x)
+        weight = np.concatenate([weight, np.zeros([batch_size - size], np.float32)])
+        target = None
+        if self.estimator in diagonal._NEEDS_LABELS:
+            target = jax.tree_util.tree_map(lambda t: _pad(t, size, batch_size), y)
+        seed = np.asarray(seed).astype(np.int64)
+        key = jax.random.fold_in(jax.random.PRNGKey(int(seed[0]) % (2**32)),
+                                 int(seed[1]) % (2**31))
+        values = [v.value for v in self.weights]
+        totals = self.jitted(values, totals, x, weight, target, key)
+        return totals, diagonal._combine_np(misc, flags)
+
+
+def _weights_of(model, variables) -> list:
+    """Every variable the model reads (its weights), then any requested one it lacks."""
+    seen, out = set(), []
+    for v in list(getattr(model, "weights", [])) + list(variables):
+        if id(v) not in seen:
+            seen.add(id(v))
+            out.append(v)
+    return out
+
+
+def make_loop_class():
+    """The JAX loop: `diagonal._Loop` with the step above (made lazily: the loop class
+    lives in `keras_ewc.fisher.diagonal`, which imports this module only on JAX)."""
+    from keras_ewc.fisher import diagonal
+
+    class Loop(diagonal._Loop):
+        def _build(self, batch, size):
+            import weakref  # noqa: F401
+
+            probe = self.probe
+            self.num_outputs = self.lik.num_outputs(probe)
+            noise = None
+            if self.estimator == "sampled":
+                noise = tuple(self.lik.noise_shape(probe, self.samples)[1:])
+            if self.sums is not None:
+                raise NotImplementedError(
+                    "Kronecker factors are not computed on the JAX backend yet. Use the "
+                    "TensorFlow backend (KERAS_BACKEND=tensorflow) for "
+                    "structure='kronecker' and kronecker_factors.")
+            if self.distributed:
+                raise ValueError(
+                    "Expected strategy=None on the JAX backend: `tf.distribute` strategies "
+                    "run TensorFlow only. Received a strategy with several replicas.")
+            if self.state is None:
+                self.state = ([jnp.zeros(tuple(v.shape), jnp.float32) for v in self.variables],
+                              np.array(diagonal._EMPTY_MISC, np.float64))
+            if self.auto:
+                size = min(diagonal.AUTO_BATCH_SIZE,
+                           max(diagonal.MIN_AUTO_BATCH_SIZE, 1 << (int(size) - 1).bit_length()))
+            key = (tuple(id(v) for v in self.variables), self.estimator,
+                   diagonal._lik_key(self.lik), noise, int(size), kernels.version())
+            steps = _JAX_STEPS.setdefault(self.model, {})
+            step = steps.get(key)
+            if step is None:
+                step = steps[key] = Step(self.model, self.variables, self.lik,
+                                         self.estimator, noise, int(size))
+            step.num_outputs = self.num_outputs
+            self.step = step
+            self.paths = step.paths
+
+        def _read_back(self, totals, misc):
+            finite = [bool(jnp.all(jnp.isfinite(t))) for t in totals]
+            return np.asarray(misc, np.float64), finite
+
+    return Loop

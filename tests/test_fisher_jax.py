@@ -1,0 +1,181 @@
+"""The Fisher engine on the JAX backend, against a brute-force JAX oracle.
+
+Runs only under `KERAS_BACKEND=jax` (see README: the suite's JAX pass). Tolerance: each
+variable's Fisher agrees with the oracle (float64 sums, one example and one class at a
+time) to 1e-5 of the variable's largest entry.
+"""
+
+import keras
+import numpy as np
+import pytest
+
+pytestmark = [
+    pytest.mark.jax_only,
+    pytest.mark.skipif(keras.backend.backend() != "jax", reason="the JAX engine's tests"),
+]
+
+import keras_ewc  # noqa: E402
+
+from tests import oracle_jax  # noqa: E402
+
+RTOL = 1e-5
+
+
+class Scale(keras.layers.Layer):
+    """A layer no kernel covers: it takes the layer-local path."""
+
+    def build(self, input_shape):
+        self.w = self.add_weight(shape=input_shape[-1:], initializer="random_normal")
+
+    def call(self, x):
+        return x * self.w + 0.1 * keras.ops.square(x) * self.w
+
+
+class TiedOutput(keras.layers.Layer):
+    """Logits from another layer's kernel: a weight read in two places."""
+
+    def __init__(self, dense, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = dense
+
+    def call(self, h):
+        return keras.ops.matmul(h, self.dense.kernel)
+
+
+def _close(fisher, expected):
+    assert len(fisher) == len(expected)
+    for f, e in zip(fisher, expected):
+        f = np.asarray(f, np.float64)
+        assert f.shape == e.shape
+        scale = max(float(np.max(np.abs(e))), 1e-12)
+        np.testing.assert_allclose(f, e, rtol=0, atol=RTOL * scale)
+
+
+def _data(n=37, features=6, classes=4, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(n, features)).astype("float32"),
+            rng.integers(0, classes, n).astype("int32"))
+
+
+def _mlp(features=6, classes=4):
+    inputs = keras.Input((features,))
+    h = keras.layers.Dense(8, activation="tanh")(inputs)
+    h = Scale()(h)
+    h = keras.layers.LayerNormalization()(h)
+    outputs = keras.layers.Dense(classes)(h)
+    return keras.Model(inputs, outputs)
+
+
+@pytest.mark.parametrize("estimator", ["exact", "empirical"])
+def test_mlp_with_a_custom_layer_matches_the_oracle(estimator):
+    net = _mlp()
+    x, y = _data()
+    # 37 examples in batches of 16: the last batch is padded with weight-0 rows.
+    fisher, paths = keras_ewc.fisher_diagonal(
+        net, (x, y), estimator=estimator, likelihood="categorical", batch_size=16,
+        verbose=0, return_paths=True)
+    _close(fisher, oracle_jax.categorical(net, x, y if estimator == "empirical" else None))
+    assert paths["scale/variable"] == "layer-local"
+    assert set(paths.values()) <= {"fast", "layer-local"}
+
+
+def test_a_tied_weight_takes_the_reference_path_and_stays_exact():
+    inputs = keras.Input((6,))
+    dense = keras.layers.Dense(5, activation="tanh")
+    h = dense(inputs)
+    h = keras.layers.Dense(6, activation="tanh")(h)
+    outputs = TiedOutput(dense)(h)  # [B, 6] @ [6, 5]: logits over 5 classes
+    net = keras.Model(inputs, outputs)
+    x, y = _data(n=20, classes=5)
+    fisher, paths = keras_ewc.fisher_diagonal(
+        net, (x, y), estimator="exact", likelihood="categorical", verbose=0,
+        return_paths=True)
+    assert paths[dense.kernel.path] == "reference"
+    _close(fisher, oracle_jax.categorical(net, x))
+
+
+def test_a_second_call_after_training_sees_the_new_weights():
+    # A jitted step that read the variables would keep the first weights as constants.
+    net = _mlp()
+    x, y = _data()
+    first = keras_ewc.fisher_diagonal(net, x, likelihood="categorical", verbose=0)
+    for v in net.trainable_variables:
+        v.assign(np.asarray(v.value) * 1.5 + 0.1)
+    second = keras_ewc.fisher_diagonal(net, x, likelihood="categorical", verbose=0)
+    _close(second, oracle_jax.categorical(net, x))
+    assert not np.allclose(np.asarray(first[0]), np.asarray(second[0]))
+
+
+def test_sample_weights_weight_the_mean():
+    net = _mlp()
+    x, y = _data(n=24)
+    w = np.linspace(0.0, 2.0, 24).astype("float32")
+    fisher = keras_ewc.fisher_diagonal(net, (x, y, w), estimator="empirical",
+                                       likelihood="categorical", batch_size=10, verbose=0)
+    _close(fisher, oracle_jax.categorical(net, x, y, weights=w))
+
+
+def test_a_cnn_with_inference_batch_norm_matches_the_oracle():
+    net = keras.Sequential([
+        keras.Input((8, 8, 2)),
+        keras.layers.Conv2D(3, 3, padding="same"),
+        keras.layers.BatchNormalization(),
+        keras.layers.ReLU(),
+        keras.layers.Flatten(),
+        keras.layers.Dense(3),
+    ])
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(12, 8, 8, 2)).astype("float32")
+    fisher = keras_ewc.fisher_diagonal(net, x, likelihood="categorical", verbose=0)
+    _close(fisher, oracle_jax.categorical(net, x))
+
+
+def test_sampled_is_deterministic_for_a_seed_and_batched_is_the_squared_batch_gradient():
+    net = _mlp()
+    x, y = _data(n=16)
+    a = keras_ewc.fisher_diagonal(net, x, estimator="sampled", likelihood="categorical",
+                                  seed=7, samples=3, verbose=0)
+    b = keras_ewc.fisher_diagonal(net, x, estimator="sampled", likelihood="categorical",
+                                  seed=7, samples=3, verbose=0)
+    c = keras_ewc.fisher_diagonal(net, x, estimator="sampled", likelihood="categorical",
+                                  seed=8, samples=3, verbose=0)
+    np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))
+    assert not np.allclose(np.asarray(a[0]), np.asarray(c[0]))
+    import jax
+
+    batched = keras_ewc.fisher_diagonal(net, (x, y), estimator="batched",
+                                        likelihood="categorical", batch_size=16, verbose=0)
+    values = [v.value for v in net.trainable_variables]
+    fixed = [v.value for v in net.non_trainable_variables]
+
+    def loss(vals):
+        out, _ = net.stateless_call(vals, fixed, x, training=False)
+        logp = jax.nn.log_softmax(out)
+        return -jax.numpy.mean(logp[np.arange(16), y])
+
+    expected = [np.square(np.asarray(g, np.float64)) for g in jax.grad(loss)(values)]
+    _close(batched, expected)
+
+
+def test_bad_data_is_refused_after_the_loop():
+    net = _mlp()
+    x, y = _data(n=8)
+    x[3, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        keras_ewc.fisher_diagonal(net, x, likelihood="categorical", verbose=0)
+    x, y = _data(n=8)
+    y[2] = 7
+    with pytest.raises(ValueError, match=r"labels in \[0, 4\)"):
+        keras_ewc.fisher_diagonal(net, (x, y), estimator="empirical",
+                                  likelihood="categorical", verbose=0)
+
+
+def test_tf_distribute_strategies_are_refused_on_jax():
+    class Several:
+        num_replicas_in_sync = 2
+
+    net = _mlp()
+    x, _ = _data(n=8)
+    with pytest.raises(ValueError, match="strategy"):
+        keras_ewc.fisher_diagonal(net, x, likelihood="categorical", verbose=0,
+                                  strategy=Several())
