@@ -29,7 +29,7 @@ def categorical(model, x, y=None, from_logits=True, weights=None):
         lp = np.asarray(log_p(trainable, x[n]), np.float64)
         classes = range(lp.shape[0]) if y is None else [int(y[n])]
         for c in classes:
-            g = jax.grad(lambda v, c=c: log_p(v, x[n])[c])(trainable)
+            g = jax.grad(lambda v, c=c, xn=x[n]: log_p(v, xn)[c])(trainable)
             p = np.exp(lp[c]) if y is None else 1.0
             for t, gi in zip(totals, g):
                 t += weights[n] * p * np.square(np.asarray(gi, np.float64))

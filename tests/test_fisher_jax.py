@@ -15,7 +15,6 @@ pytestmark = [
 ]
 
 import keras_ewc  # noqa: E402
-
 from tests import oracle_jax  # noqa: E402
 
 RTOL = 1e-5

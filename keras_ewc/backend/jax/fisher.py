@@ -364,7 +364,7 @@ def _local_sums(layer, own, calls, grads, mapping, value_of, batch_size):
     example_leaves, cotangents = [], []
     for leaves, tree, indices in calls:
         slots = []
-        for i, t in enumerate(leaves):
+        for t in leaves:
             if _is_array(t) and len(t.shape) >= 1 and t.shape[0] == batch_size:
                 slots.append(("example", len(example_leaves)))
                 example_leaves.append(t)
