@@ -1,16 +1,20 @@
-"""Helpers shared by the kernels."""
+"""Helpers shared by the kernels, in `keras.ops` (any backend)."""
 
 from __future__ import annotations
 
-import tensorflow as tf
+import keras
 
 # Most float32 elements a kernel materialises at once (per-example gradients): 64 MiB.
 BUDGET = 1 << 24
 
 
 def stop(variable):
-    """A variable's value, cut from the tape: gradients are taken at outputs instead."""
-    return tf.stop_gradient(tf.convert_to_tensor(variable))
+    """A variable's value, cut from differentiation: gradients are taken at outputs instead.
+
+    The value is read as the backend reads it: on JAX inside a `keras.StatelessScope`,
+    the scope's value (the weights passed to a traced step), not the variable's own.
+    """
+    return keras.ops.stop_gradient(keras.ops.convert_to_tensor(variable))
 
 
 def kernel_and_bias(layer) -> dict:
@@ -27,24 +31,33 @@ def activation(layer):
 
 
 def f32(t):
-    return tf.cast(t, tf.float32)
+    return keras.ops.cast(t, "float32")
+
+
+def size(shape) -> int:
+    """The number of elements of a static shape."""
+    count = 1
+    for d in shape:
+        count *= int(d)
+    return count
 
 
 def over_examples(fn, per_example_size, batch_axes, *tensors):
     """Σ over chunks of examples of `fn(*chunk)`, materialising ≤ `BUDGET` elements.
 
     `batch_axes[i]` is the example axis of `tensors[i]`; `per_example_size` is how many
-    elements `fn` materialises for one example. The batch size must be static.
+    elements `fn` materialises for one example. The batch size must be static: the
+    chunks are Python slices, unrolled when traced (on any backend).
     """
-    size = int(tensors[0].shape[batch_axes[0]])
+    count = int(tensors[0].shape[batch_axes[0]])
     chunk = max(1, BUDGET // max(1, int(per_example_size)))
-    if size <= chunk:
+    if count <= chunk:
         return fn(*tensors)
     total = None
-    for start in range(0, size, chunk):
+    for start in range(0, count, chunk):
         parts = []
         for t, axis in zip(tensors, batch_axes):
-            index = [slice(None)] * t.shape.rank
+            index = [slice(None)] * len(t.shape)
             index[axis] = slice(start, start + chunk)
             parts.append(t[tuple(index)])
         value = fn(*parts)
@@ -57,16 +70,16 @@ def broadcast_sum_squared(grads, shape):
 
     The variable broadcasts against the trailing axes of `z` (a bias); its per-example
     gradient sums `g` over every other axis, and over the layer's calls, before squaring.
-    `grads` lists `[T, B, *z]` tensors.
+    `grads` lists `[T, B, *z]` tensors (B static).
     """
     shape = [int(d) for d in shape]
     total = None
     for g in grads:
         g = f32(g)
-        rank = g.shape.rank - 2
+        rank = len(g.shape) - 2
         axes = list(range(2, 2 + rank - len(shape)))
         axes += [2 + rank - len(shape) + i for i, d in enumerate(shape) if d == 1]
-        per_example = tf.reduce_sum(g, axis=axes) if axes else g
-        per_example = tf.reshape(per_example, [tf.shape(g)[0], -1] + shape)
+        per_example = keras.ops.sum(g, axis=axes) if axes else g
+        per_example = keras.ops.reshape(per_example, [-1, int(g.shape[1])] + shape)
         total = per_example if total is None else total + per_example
-    return tf.reduce_sum(tf.square(total), axis=[0, 1])
+    return keras.ops.sum(keras.ops.square(total), axis=[0, 1])

@@ -23,12 +23,14 @@ class Kernel:
     - `forward(layer, args, kwargs) -> (record, z, finish)` or None (not covered for
       this call: the layer's own `call` runs): whatever `sum_squared` needs from the
       inputs, the pre-activation output `z` (`[B, ...]`), and the function mapping `z`
-      to the layer's output. Read variables through `tf.stop_gradient`, so that the
-      tape sees them only where they are used outside the layer.
+      to the layer's output. Write it in `keras.ops`, so that it runs on every
+      backend, and read variables through `keras.ops.stop_gradient`, so that
+      differentiation sees them only where they are used outside the layer.
     - `sum_squared(layer, records, grads) -> dict[name, tensor]`: `records` and `grads`
       list the layer's calls in the forward pass; `grads[c]` is `[T, B, *z.shape[1:]]`,
       the gradients of the T term columns at call c's `z`. Row n of a gradient is
-      example n's own. The batch size B is static.
+      example n's own. The batch size B and the number of terms T are static
+      (Python loops and slices over them are fine on every backend).
     - `supports(layer) -> bool` (optional): whether this instance's configuration is
       covered (default: every instance).
     """
@@ -72,7 +74,7 @@ def register_kernel(*layer_classes: type, methods: tuple = ()):
 
     Example:
 
-    >>> import keras, tensorflow as tf
+    >>> import keras
     >>> from keras_ewc.fisher import Kernel, register_kernel
     >>> class Scale(keras.layers.Layer):  # y = x * w, elementwise
     ...     def build(self, input_shape):
@@ -85,11 +87,11 @@ def register_kernel(*layer_classes: type, methods: tuple = ()):
     ...         return {"w": layer.w}
     ...     def forward(self, layer, args, kwargs):
     ...         x = args[0]
-    ...         return x, x * tf.stop_gradient(layer.w), lambda z: z
+    ...         return x, x * keras.ops.stop_gradient(layer.w), lambda z: z
     ...     def sum_squared(self, layer, records, grads):
     ...         # Example n's gradient of w is Σ_calls x[n] g[t, n]: sum calls, square.
     ...         per_example = sum(x[None] * g for x, g in zip(records, grads))
-    ...         return {"w": tf.reduce_sum(tf.square(per_example), axis=[0, 1])}
+    ...         return {"w": keras.ops.sum(keras.ops.square(per_example), axis=[0, 1])}
     """
     if not layer_classes:
         raise ValueError("Expected at least one Keras layer class. Received none.")

@@ -1,7 +1,7 @@
 """Conv1D/2D/3D: `z[p] = Σ_k patch[p, k] W[k] + b`, any strides, padding, dilation, groups.
 
 Example n's gradient of W is Σ_p patch[n, p] ⊗ g[n, p] over output positions p: the
-patches of the input are gathered once (`tf.image.extract_patches`), and each example's
+patches of the input are gathered once (`_backend_ops.extract_patches`), and each example's
 gradient is formed by a batched matrix product, a term at a time, in chunks of examples,
 and squared — the sum over positions must come before the square.
 """
@@ -11,14 +11,15 @@ from __future__ import annotations
 import itertools
 
 import keras
-import tensorflow as tf
 
+from keras_ewc.fisher.kernels import _backend_ops
 from keras_ewc.fisher.kernels._common import (
     activation,
     broadcast_sum_squared,
     f32,
     kernel_and_bias,
     over_examples,
+    size,
     stop,
 )
 from keras_ewc.fisher.kernels._registry import Kernel, register_kernel
@@ -69,24 +70,15 @@ def patches(x, kernel_size, strides, dilation, padding):
     of the kernel reshaped to `[K * C, filters]`.
     """
     pads = [[0, 0]]
-    for size, k, s, d in zip(x.shape[1:-1], kernel_size, strides, dilation):
+    for length, k, s, d in zip(x.shape[1:-1], kernel_size, strides, dilation):
         span = (k - 1) * d + 1
         total = 0
         if padding == "same":
-            total = max((-(-int(size) // s) - 1) * s + span - int(size), 0)
+            total = max((-(-int(length) // s) - 1) * s + span - int(length), 0)
         pads.append([total // 2, total - total // 2])
-    x = tf.pad(x, pads + [[0, 0]])
-    rank = len(kernel_size)
-    if rank <= 2:
-        # tf.image.extract_patches is 2D; a 1D input is an image of height 1.
-        y = x[:, None] if rank == 1 else x
-        lift = (lambda v: [1, 1, v[0], 1]) if rank == 1 else (lambda v: [1, *v, 1])
-        y = tf.image.extract_patches(
-            y, lift(kernel_size), lift(strides), lift(dilation), "VALID"
-        )
-        return y[:, 0] if rank == 1 else y
-    if all(d == 1 for d in dilation):
-        return tf.extract_volume_patches(x, [1, *kernel_size, 1], [1, *strides, 1], "VALID")
+    x = keras.ops.pad(x, pads + [[0, 0]])
+    if len(kernel_size) <= 2 or all(d == 1 for d in dilation):
+        return _backend_ops.extract_patches(x, kernel_size, strides, dilation)
     # Dilated 3D: one strided slice per kernel offset.
     out = [(int(n) - (k - 1) * d - 1) // s + 1
            for n, k, s, d in zip(x.shape[1:-1], kernel_size, strides, dilation)]
@@ -96,7 +88,7 @@ def patches(x, kernel_size, strides, dilation, padding):
         for o, d, s, count in zip(offset, dilation, strides, out):
             index.append(slice(o * d, o * d + (count - 1) * s + 1, s))
         slices.append(x[tuple(index)])
-    return tf.concat(slices, axis=-1)
+    return keras.ops.concatenate(slices, axis=-1)
 
 
 def sum_squared(layer, records, grads) -> dict:
@@ -105,10 +97,10 @@ def sum_squared(layer, records, grads) -> dict:
     xs, gs = [], []
     for (x, padding), g in zip(records, grads):
         p = patches(f32(x), layer.kernel_size, layer.strides, layer.dilation_rate, padding)
-        xs.append(tf.reshape(p, [batch, -1, p.shape[-1]]))
-        gs.append(tf.reshape(f32(g), [g.shape[0], batch, -1, g.shape[-1]]))
+        xs.append(keras.ops.reshape(p, [batch, -1, p.shape[-1]]))
+        gs.append(keras.ops.reshape(f32(g), [g.shape[0], batch, -1, g.shape[-1]]))
     # Positions of every call are summed within an example before squaring.
-    x, g = tf.concat(xs, 1), tf.concat(gs, 2)
+    x, g = keras.ops.concatenate(xs, 1), keras.ops.concatenate(gs, 2)
 
     def chunk(x, g):
         # One term at a time: T small batched matmuls beat one broadcast over T.
@@ -116,24 +108,16 @@ def sum_squared(layer, records, grads) -> dict:
         for t in range(g.shape[0]):
             if groups == 1:
                 # [n, K * C, filters]: Σ_p patch[n, p] ⊗ g[t, n, p], a matmul an example.
-                per_example = tf.matmul(x, g[t], transpose_a=True)
+                per_example = keras.ops.einsum("npi,npo->nio", x, g[t])
             else:
-                xg = tf.reshape(x, [x.shape[0], x.shape[1], -1, groups, channels])
-                gg = tf.reshape(g[t], [g.shape[1], g.shape[2], groups, -1])
-                per_example = tf.einsum("npkgc,npgo->nkcgo", xg, gg)
-            total += tf.reduce_sum(tf.square(per_example), axis=0)
+                xg = keras.ops.reshape(x, [x.shape[0], x.shape[1], -1, groups, channels])
+                gg = keras.ops.reshape(g[t], [g.shape[1], g.shape[2], groups, -1])
+                per_example = keras.ops.einsum("npkgc,npgo->nkcgo", xg, gg)
+            total += keras.ops.sum(keras.ops.square(per_example), axis=0)
         return total
 
-    size = _size(layer.kernel.shape)
-    kernel = over_examples(chunk, size, (0, 1), x, g)
-    out = {"kernel": tf.reshape(kernel, layer.kernel.shape)}
+    kernel = over_examples(chunk, size(layer.kernel.shape), (0, 1), x, g)
+    out = {"kernel": keras.ops.reshape(kernel, layer.kernel.shape)}
     if layer.use_bias:
         out["bias"] = broadcast_sum_squared(grads, layer.bias.shape)
     return out
-
-
-def _size(shape):
-    size = 1
-    for d in shape:
-        size *= int(d)
-    return size

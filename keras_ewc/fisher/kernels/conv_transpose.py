@@ -10,7 +10,6 @@ a term and a chunk of examples at a time, so that memory stays bounded.
 from __future__ import annotations
 
 import keras
-import tensorflow as tf
 
 from keras_ewc.fisher.kernels._common import (
     activation,
@@ -18,6 +17,7 @@ from keras_ewc.fisher.kernels._common import (
     f32,
     kernel_and_bias,
     over_examples,
+    size,
     stop,
 )
 from keras_ewc.fisher.kernels._registry import Kernel, register_kernel
@@ -69,37 +69,25 @@ def kernel_sum_squared(layer, records, grads):
     terms = int(grads[0].shape[0])
     shape = [int(d) for d in layer.kernel.shape]
     cols = shape[-1]  # C: the input channels
-    rows = _size(shape) // cols  # K * filters: one patch of the output gradient
-    positions = sum(_positions(x) for x in records)
+    rows = size(shape) // cols  # K * filters: one patch of the output gradient
+    positions = sum(size(x.shape[1:-1]) for x in records)
 
     def chunk(*tensors):
         xs, gs = tensors[: len(records)], tensors[len(records):]
         n = int(xs[0].shape[0])
-        x = tf.concat([tf.reshape(f32(x), [n, -1, cols]) for x in xs], 1)
+        x = keras.ops.concatenate([keras.ops.reshape(f32(x), [n, -1, cols]) for x in xs], 1)
         total = 0.0
         for t in range(terms):
             # Patches of the output gradient, at the input's positions: [n, Q, K * F].
-            # (tf.image.extract_patches / extract_volume_patches: TensorFlow only.)
-            p = tf.concat([
-                tf.reshape(patches(f32(g[t]), layer.kernel_size, layer.strides,
-                                   layer.dilation_rate, layer.padding), [n, -1, rows])
+            p = keras.ops.concatenate([
+                keras.ops.reshape(patches(f32(g[t]), layer.kernel_size, layer.strides,
+                                          layer.dilation_rate, layer.padding), [n, -1, rows])
                 for g in gs], 1)
-            per_example = tf.matmul(p, x, transpose_a=True)  # [n, K * F, C]
-            total += tf.reduce_sum(tf.square(per_example), axis=0)
+            per_example = keras.ops.einsum("nqk,nqc->nkc", p, x)  # [n, K * F, C]
+            total += keras.ops.sum(keras.ops.square(per_example), axis=0)
         return total
 
-    size = positions * rows + rows * cols
+    per_example_size = positions * rows + rows * cols
     axes = (0,) * len(records) + (1,) * len(grads)
-    total = over_examples(chunk, size, axes, *records, *grads)
-    return tf.reshape(total, shape)
-
-
-def _size(shape):
-    count = 1
-    for d in shape:
-        count *= int(d)
-    return count
-
-
-def _positions(x):
-    return _size(x.shape[1:-1])
+    total = over_examples(chunk, per_example_size, axes, *records, *grads)
+    return keras.ops.reshape(total, shape)

@@ -8,7 +8,6 @@ so no per-example gradient is formed; otherwise positions are summed before squa
 from __future__ import annotations
 
 import keras
-import tensorflow as tf
 
 from keras_ewc.fisher.kernels._common import (
     activation,
@@ -46,23 +45,24 @@ class DenseKernel(Kernel):
 
 def kernel_sum_squared(records, grads):
     """Σ_n Σ_t (Σ_s x[n, s] ⊗ g[t, n, s])², over the calls' inputs and output grads."""
-    if len(records) == 1 and records[0].shape.rank == 2:
-        x2 = tf.square(f32(records[0]))
-        g2 = tf.reduce_sum(tf.square(f32(grads[0])), axis=0)
-        return tf.einsum("ni,no->io", x2, g2)
+    if len(records) == 1 and len(records[0].shape) == 2:
+        x2 = keras.ops.square(f32(records[0]))
+        g2 = keras.ops.sum(keras.ops.square(f32(grads[0])), axis=0)
+        return keras.ops.einsum("ni,no->io", x2, g2)
     batch = int(records[0].shape[0])
-    x = tf.concat([tf.reshape(f32(r), [batch, -1, r.shape[-1]]) for r in records], 1)
-    g = tf.concat(
-        [tf.reshape(f32(g), [g.shape[0], batch, -1, g.shape[-1]]) for g in grads], 2
+    x = keras.ops.concatenate(
+        [keras.ops.reshape(f32(r), [batch, -1, r.shape[-1]]) for r in records], 1)
+    g = keras.ops.concatenate(
+        [keras.ops.reshape(f32(g), [g.shape[0], batch, -1, g.shape[-1]]) for g in grads], 2
     )
 
     def chunk(x, g):
         # One term at a time: T small batched matmuls beat one broadcast over T.
         total = 0.0
         for t in range(g.shape[0]):
-            per_example = tf.matmul(x, g[t], transpose_a=True)  # [n, I, O]
-            total += tf.reduce_sum(tf.square(per_example), axis=0)
+            per_example = keras.ops.einsum("nsi,nso->nio", x, g[t])  # [n, I, O]
+            total += keras.ops.sum(keras.ops.square(per_example), axis=0)
         return total
 
-    size = int(x.shape[-1]) * int(g.shape[-1])
-    return over_examples(chunk, size, (0, 1), x, g)
+    per_example_size = int(x.shape[-1]) * int(g.shape[-1])
+    return over_examples(chunk, per_example_size, (0, 1), x, g)

@@ -4,15 +4,15 @@ Example n's gradient of W is Σ_p x[n, p s + k d, c] g[n, p, c, m], summed over 
 positions p (and the layer's calls) before squaring. That is itself the filter gradient
 of a depthwise convolution, with the examples folded into the channels: one call
 (`depthwise_filter_grads`) gives every example's gradient, for every term column (folded
-into the depth multiplier), without gathering patches.
+into the depth multiplier), without gathering patches. That call is the one op here
+without a `keras.ops` form (`_backend_ops.depthwise_filter_grad`).
 """
 
 from __future__ import annotations
 
 import keras
-import tensorflow as tf
 
-from keras_ewc.fisher.kernels import _common
+from keras_ewc.fisher.kernels import _backend_ops, _common
 from keras_ewc.fisher.kernels._common import (
     activation,
     broadcast_sum_squared,
@@ -64,7 +64,7 @@ class DepthwiseConvKernel(Kernel):
         kernel = depthwise_sum_squared(
             records, grads, layer.kernel_size, layer.strides, layer.dilation_rate,
             layer.padding, int(layer.kernel.shape[-1]))
-        out = {"kernel": tf.reshape(kernel, layer.kernel.shape)}
+        out = {"kernel": keras.ops.reshape(kernel, layer.kernel.shape)}
         if layer.use_bias:
             out["bias"] = broadcast_sum_squared(grads, layer.bias.shape)
         return out
@@ -113,18 +113,17 @@ def depthwise_filter_grads(x, g, kernel_size, strides, dilation, multiplier):
     spans = [(k - 1) * d + 1 for k, d in zip(kernel_size, dilation)]
     out_hw = [int(d) for d in g.shape[2:4]]
     # Examples into channels: [1, *S, B * C] and [1, *P, B * C * T * M].
-    xs = tf.reshape(tf.transpose(x, [1, 2, 0, 3]), [1, *x.shape[1:3], batch * channels])
-    gs = tf.reshape(g, [terms, batch, *out_hw, channels, multiplier])
-    gs = tf.reshape(tf.transpose(gs, [2, 3, 1, 4, 0, 5]),
-                    [1, *out_hw, batch * channels * terms * multiplier])
+    xs = keras.ops.reshape(keras.ops.transpose(x, [1, 2, 0, 3]),
+                           [1, *x.shape[1:3], batch * channels])
+    gs = keras.ops.reshape(g, [terms, batch, *out_hw, channels, multiplier])
+    gs = keras.ops.reshape(keras.ops.transpose(gs, [2, 3, 1, 4, 0, 5]),
+                           [1, *out_hw, batch * channels * terms * multiplier])
     # CPU TensorFlow ignores `dilations` in this op: take the gradient of the dense
-    # kernel spanning the dilated one and keep every d-th tap. TensorFlow-only op: a JAX
-    # engine would use `lax.conv_general_dilated` with `feature_group_count`.
-    grads = tf.nn.depthwise_conv2d_backprop_filter(
-        xs, [*spans, batch * channels, terms * multiplier], gs,
-        [1, *strides, 1], "VALID")
+    # kernel spanning the dilated one and keep every d-th tap (on every backend).
+    grads = _backend_ops.depthwise_filter_grad(
+        xs, [*spans, batch * channels, terms * multiplier], gs, strides)
     grads = grads[:: dilation[0], :: dilation[1]]
-    grads = tf.reshape(grads, [*kernel_size, batch, channels, terms, multiplier])
+    grads = keras.ops.reshape(grads, [*kernel_size, batch, channels, terms, multiplier])
     return grads[0] if rank == 1 else grads
 
 
@@ -152,6 +151,6 @@ def depthwise_sum_squared(records, grads, kernel_size, strides, dilation, paddin
                 strides, dilation, multiplier)
             part = value if part is None else part + value  # calls: sum, then square
         rank = len(kernel_size)
-        value = tf.reduce_sum(tf.square(part), axis=[rank, rank + 2])
+        value = keras.ops.sum(keras.ops.square(part), axis=[rank, rank + 2])
         total = value if total is None else total + value
     return total

@@ -11,7 +11,6 @@ from __future__ import annotations
 import string
 
 import keras
-import tensorflow as tf
 
 from keras_ewc.fisher.kernels._common import (
     activation,
@@ -66,12 +65,12 @@ def _explicit(equation, x_rank):
 
 
 def kernel_sum_squared(equation, records, grads):
-    x_spec, w_spec, z_spec = _explicit(equation, records[0].shape.rank)
+    x_spec, w_spec, z_spec = _explicit(equation, len(records[0].shape))
     n = x_spec[0]
     if len(records) == 1 and set(x_spec + z_spec) - {n} <= set(w_spec):
-        x2 = tf.square(f32(records[0]))
-        g2 = tf.reduce_sum(tf.square(f32(grads[0])), axis=0)
-        return tf.einsum(f"{x_spec},{z_spec}->{w_spec}", x2, g2)
+        x2 = keras.ops.square(f32(records[0]))
+        g2 = keras.ops.sum(keras.ops.square(f32(grads[0])), axis=0)
+        return keras.ops.einsum(f"{x_spec},{z_spec}->{w_spec}", x2, g2)
 
     per_example = f"{x_spec},{z_spec}->{n}{w_spec}"
 
@@ -80,8 +79,9 @@ def kernel_sum_squared(equation, records, grads):
         total = 0.0
         for t in range(gs[0].shape[0]):
             # Example n's gradient for term t, summed over the layer's calls.
-            g_t = sum(tf.einsum(per_example, f32(x), f32(g[t])) for x, g in zip(xs, gs))
-            total += tf.reduce_sum(tf.square(g_t), axis=0)
+            g_t = sum(keras.ops.einsum(per_example, f32(x), f32(g[t]))
+                      for x, g in zip(xs, gs))
+            total += keras.ops.sum(keras.ops.square(g_t), axis=0)
         return total
 
     size = _num_elements(w_spec, x_spec, z_spec, records[0], grads[0])

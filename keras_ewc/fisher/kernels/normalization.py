@@ -9,7 +9,6 @@ inference mode only, where x̂ uses the moving statistics and examples do not in
 from __future__ import annotations
 
 import keras
-import tensorflow as tf
 
 from keras_ewc.fisher.kernels._common import f32, stop
 from keras_ewc.fisher.kernels._registry import Kernel, register_kernel
@@ -47,11 +46,11 @@ def forward(layer, args, kwargs):
     if isinstance(layer, keras.layers.BatchNormalization):
         if kwargs.get("training") and layer.trainable:
             return None  # batch statistics couple the examples: not covered.
-        x = tf.cast(x, keras.backend.result_type(x.dtype, "float32"))
+        x = keras.ops.cast(x, keras.backend.result_type(x.dtype, "float32"))
         x_hat = keras.ops.batch_normalization(
             x,
-            tf.cast(layer.moving_mean, x.dtype),
-            tf.cast(layer.moving_variance, x.dtype),
+            keras.ops.cast(layer.moving_mean, x.dtype),
+            keras.ops.cast(layer.moving_variance, x.dtype),
             axis=layer.axis,
             epsilon=layer.epsilon,
         )
@@ -59,30 +58,31 @@ def forward(layer, args, kwargs):
         x_hat = keras.ops.layer_normalization(
             x, None, None, axis=layer.axis, epsilon=layer.epsilon
         )
-    axes = _axes(layer, x.shape.rank)
+    rank = len(x.shape)
+    axes = _axes(layer, rank)
     if 0 in axes:
         return None  # normalising over the batch couples the examples.
-    shape = [int(x.shape[a]) if a in axes else 1 for a in range(x.shape.rank)]
+    shape = [int(x.shape[a]) if a in axes else 1 for a in range(rank)]
     z = x_hat
     if layer.gamma is not None:
-        z = z * tf.reshape(tf.cast(stop(layer.gamma), z.dtype), shape)
+        z = z * keras.ops.reshape(keras.ops.cast(stop(layer.gamma), z.dtype), shape)
     if layer.beta is not None:
-        z = z + tf.reshape(tf.cast(stop(layer.beta), z.dtype), shape)
+        z = z + keras.ops.reshape(keras.ops.cast(stop(layer.beta), z.dtype), shape)
     return x_hat, z, lambda z: keras.ops.cast(z, layer.compute_dtype)
 
 
 def sum_squared(layer, records, grads) -> dict:
-    rank = records[0].shape.rank
+    rank = len(records[0].shape)
     axes = _axes(layer, rank)
     # Sum over every axis but the terms, the examples and the parameter axes.
     reduce = [a + 1 for a in range(1, rank) if a not in axes]
     gamma = beta = 0.0
     for x_hat, g in zip(records, grads):
         g = f32(g)
-        gamma += tf.reduce_sum(f32(x_hat)[None] * g, axis=reduce) if reduce else (
+        gamma += keras.ops.sum(f32(x_hat)[None] * g, axis=reduce) if reduce else (
             f32(x_hat)[None] * g
         )
-        beta += tf.reduce_sum(g, axis=reduce) if reduce else g
+        beta += keras.ops.sum(g, axis=reduce) if reduce else g
     out = {}
     if layer.gamma is not None:
         out["gamma"] = _square_sum(gamma, layer.gamma.shape)
@@ -92,5 +92,6 @@ def sum_squared(layer, records, grads) -> dict:
 
 
 def _square_sum(per_example, shape):
-    per_example = tf.reshape(per_example, [per_example.shape[0], -1] + [int(d) for d in shape])
-    return tf.reduce_sum(tf.square(per_example), axis=[0, 1])
+    per_example = keras.ops.reshape(
+        per_example, [per_example.shape[0], -1] + [int(d) for d in shape])
+    return keras.ops.sum(keras.ops.square(per_example), axis=[0, 1])
