@@ -75,6 +75,7 @@ def test_mlp_with_a_custom_layer_matches_the_oracle(estimator):
         verbose=0, return_paths=True)
     _close(fisher, oracle_jax.categorical(net, x, y if estimator == "empirical" else None))
     assert paths["scale/variable"] == "layer-local"
+    assert paths["dense/kernel"] == paths["layer_normalization/gamma"] == "fast"
     assert set(paths.values()) <= {"fast", "layer-local"}
 
 
@@ -178,3 +179,24 @@ def test_tf_distribute_strategies_are_refused_on_jax():
     with pytest.raises(ValueError, match="strategy"):
         keras_ewc.fisher_diagonal(net, x, likelihood="categorical", verbose=0,
                                   strategy=Several())
+
+
+def test_many_rows_and_many_classes():
+    # 1,024 rows in one step (a vectorised pullback over the columns crashed XLA on CPU
+    # from about 512 rows), equal to the same data in steps of 128 rows.
+    net = keras.Sequential([keras.Input((20,)), keras.layers.Dense(16, activation="relu"),
+                            keras.layers.Dense(10)])
+    x = np.random.default_rng(2).normal(size=(1024, 20)).astype("float32")
+    whole = keras_ewc.fisher_diagonal(net, x, likelihood="categorical", batch_size=1024,
+                                      verbose=0)
+    parts = keras_ewc.fisher_diagonal(net, x, likelihood="categorical", batch_size=128,
+                                      verbose=0)
+    _close(whole, [np.asarray(p, np.float64) for p in parts])
+    # More term columns than are unrolled (`LOOP_COLUMNS`): one `lax.map` over them.
+    from keras_ewc.backend.jax import fisher as jax_fisher
+
+    classes = jax_fisher.LOOP_COLUMNS + 8
+    net = keras.Sequential([keras.Input((6,)), keras.layers.Dense(classes)])
+    x, _ = _data(n=10)
+    _close(keras_ewc.fisher_diagonal(net, x, likelihood="categorical", verbose=0),
+           oracle_jax.categorical(net, x))

@@ -180,8 +180,8 @@ def plan(model, variables):
 
 
 def sum_squared_grads(model, weights, values, variables, kernel_layers, local_layers,
-                      terms_fn, inputs, extra, paths=None):
-    """Per-variable Σ_n Σ_t (∂ terms[n, t] / ∂ v)² for one batch, inside a JAX trace.
+                      terms_fn, inputs, extra, paths=None, scale=None):
+    """Per-variable Σ_n Σ_t (scale[n] ∂ terms[n, t] / ∂ v)² for one batch, in a JAX trace.
 
     `weights` are every variable the model reads, `values` their values (traced
     arrays); `variables` (a subset of `weights`) those to compute sums for. `paths`, a
@@ -229,7 +229,7 @@ def sum_squared_grads(model, weights, values, variables, kernel_layers, local_la
 
         terms, pullback, (records, kernel_calls, local_calls) = jax.vjp(
             probed, probes, has_aux=True)
-        grads = column_grads(pullback, terms.shape)
+        grads = column_grads(pullback, terms.shape, scale)
         for layer, kernel, params in kernel_kept:
             calls = kernel_calls[id(layer)]
             found = {}
@@ -253,18 +253,34 @@ def sum_squared_grads(model, weights, values, variables, kernel_layers, local_la
                 local_module.NAME if id(v) in local_ids else "fast")
     if rest:
         sums.update(reference_sums(model, rest, terms_fn, inputs, extra, mapping,
-                                   value_of, batch_size))
+                                   value_of, batch_size, scale))
     return [sums[id(v)] for v in variables]
 
 
-def column_grads(pullback, shape):
-    """`[T, *probe.shape]` for each probe: the gradient of each term column."""
+LOOP_COLUMNS = 32
+"""Up to this many term columns, one pullback a column in the traced step; beyond, one
+`lax.map` over the columns (compile time stays bounded for thousands of classes)."""
+
+
+def column_grads(pullback, shape, scale=None):
+    """`[T, *probe.shape]` for each probe: the gradient of each term column, row n
+    scaled by `scale[n]` (the examples' √weight, applied through the cotangents).
+
+    Not `jax.vmap` of the pullback: XLA on CPU (jaxlib 0.10.2) crashes with a
+    segmentation fault running it from about 512 rows when the step also takes the
+    weights as an input (tests/test_fisher_jax.py runs 1,024 rows).
+    """
     count = shape[1]
-    if count == 1:
-        return [g[None] for g in pullback(jnp.ones(shape, jnp.float32))[0]]
-    cotangents = jnp.broadcast_to(jnp.eye(count, dtype=jnp.float32)[:, None, :],
-                                  (count,) + tuple(shape))
-    return list(jax.vmap(lambda c: pullback(c)[0])(cotangents))
+    rows = jnp.ones((shape[0],), jnp.float32) if scale is None else scale
+
+    def column(t):
+        return pullback(jax.nn.one_hot(t, count, dtype=jnp.float32)[None, :]
+                        * rows[:, None])[0]
+
+    if count <= LOOP_COLUMNS:
+        per_column = [column(t) for t in range(count)]
+        return [jnp.stack(g) for g in zip(*per_column)]
+    return list(jax.lax.map(column, jnp.arange(count)))
 
 
 def _checked(layer, kernel, params, records, grads):
@@ -390,7 +406,7 @@ def _local_sums(layer, own, calls, grads, mapping, value_of, batch_size):
 
 
 def reference_sums(model, variables, terms_fn, inputs, extra, mapping, value_of,
-                   batch_size):
+                   batch_size, scale=None):
     """The whole network per example, for `variables` (exact for any layer)."""
     others = [(w, v) for w, v in mapping if all(w is not o for o in variables)]
     x_leaves, x_tree = jax.tree_util.tree_flatten(inputs)
@@ -409,8 +425,8 @@ def reference_sums(model, variables, terms_fn, inputs, extra, mapping, value_of,
     # The number of terms, from the shapes alone.
     probe = jax.eval_shape(apply, params, [t[:1] for t in x_leaves + e_leaves])
     count_t = probe[0].shape[1]
-    cotangent = jnp.broadcast_to(jnp.eye(count_t, dtype=jnp.float32)[:, None, :],
-                                 (count_t, batch_size, count_t))
+    rows = jnp.ones((batch_size,), jnp.float32) if scale is None else scale
+    cotangent = jnp.eye(count_t, dtype=jnp.float32)[:, None, :] * rows[None, :, None]
     squares = _per_example_squares(apply, params, x_leaves + e_leaves, [cotangent],
                                    batch_size)
     return {id(v): s for v, s in zip(variables, squares)}
@@ -497,7 +513,9 @@ class Step:
         self.noise = noise
         model_ref = weakref.ref(model)
         variables = list(variables)
-        terms_fn = diagonal._weighted_terms(lik, estimator)
+        def terms_fn(outputs, extra):  # unweighted: √weight scales the cotangents
+            target = extra[1] if len(extra) > 1 else None
+            return keras.ops.cast(lik.terms(estimator, outputs, target), "float32")
         paths = self.paths
         self.weights = _weights_of(model, variables)
         weights = self.weights
@@ -514,7 +532,8 @@ class Step:
             else:
                 kernel_layers, local_layers = plan(model, variables)
                 sums = sum_squared_grads(model, weights, values, variables, kernel_layers,
-                                         local_layers, terms_fn, inputs, extra, paths)
+                                         local_layers, terms_fn, inputs, extra, paths,
+                                         scale=jnp.sqrt(w))
             return [a + b.astype(jnp.float32) for a, b in zip(totals, sums)]
 
         self.jitted = jax.jit(step)
@@ -597,7 +616,7 @@ def make_loop_class():
             self.paths = step.paths
 
         def _read_back(self, totals, misc):
-            finite = [bool(jnp.all(jnp.isfinite(t))) for t in totals]
+            finite = [bool(np.all(np.isfinite(np.asarray(t)))) for t in totals]
             return np.asarray(misc, np.float64), finite
 
     return Loop
