@@ -200,3 +200,55 @@ def test_many_rows_and_many_classes():
     x, _ = _data(n=10)
     _close(keras_ewc.fisher_diagonal(net, x, likelihood="categorical", verbose=0),
            oracle_jax.categorical(net, x))
+
+
+_DATA_PARALLEL = r"""
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["KERAS_BACKEND"] = "jax"
+import jax, keras, numpy as np, keras_ewc
+assert len(jax.devices()) == 2, jax.devices()
+def net():
+    keras.utils.set_random_seed(3)
+    return keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="tanh"),
+                             keras.layers.Dense(4)])
+rng = np.random.default_rng(0)
+x = rng.normal(size=(37, 6)).astype("float32"); y = rng.integers(0, 4, 37)
+results = {}
+for name in ("one", "two"):
+    if name == "two":
+        keras.distribution.set_distribution(
+            keras.distribution.DataParallel(devices=jax.devices()))
+    model = net()
+    for estimator in ("exact", "empirical", "sampled"):
+        f = keras_ewc.fisher_diagonal(model, (x, y), estimator=estimator, seed=5,
+                                      likelihood="categorical", verbose=0, batch_size=16)
+        results[name, estimator] = [np.asarray(t, np.float64) for t in f]
+for estimator in ("exact", "empirical", "sampled"):
+    for a, b in zip(results["one", estimator], results["two", estimator]):
+        scale = float(np.max(np.abs(a)))
+        assert scale > 0
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * scale)
+# The engine splits each batch's rows over the two devices (8 rows each of 16).
+from keras_ewc.backend.jax import fisher as jax_fisher
+placed = jax_fisher._distribute((x[:16],))[0]
+assert len(placed.sharding.device_set) == 2
+assert [s.data.shape[0] for s in placed.addressable_shards] == [8, 8]
+print("DATA PARALLEL OK")
+"""
+
+
+@pytest.mark.slow
+def test_data_parallel_on_two_host_devices_equals_one_device(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "data_parallel.py"
+    script.write_text(_DATA_PARALLEL)
+    env = dict(os.environ, KERAS_BACKEND="jax",
+               PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "DATA PARALLEL OK" in done.stdout

@@ -504,7 +504,6 @@ class Step:
     def __init__(self, model, variables, lik, estimator, noise, batch_size):
         import weakref
 
-        from keras_ewc.fisher import diagonal
 
         self.batch_size = batch_size
         self.paths = {}
@@ -560,9 +559,33 @@ class Step:
         seed = np.asarray(seed).astype(np.int64)
         key = jax.random.fold_in(jax.random.PRNGKey(int(seed[0]) % (2**32)),
                                  int(seed[1]) % (2**31))
+        x, weight, target = _distribute((x, weight, target))
         values = [v.value for v in self.weights]
         totals = self.jitted(values, totals, x, weight, target, key)
         return totals, diagonal._combine_np(misc, flags)
+
+
+def _distribute(batch):
+    """The batch laid out as the Keras distribution asks (`keras.distribution.DataParallel`
+    splits its rows over the devices); the jitted step then runs on every device, and the
+    sums over the batch are all-reduced by XLA. Unchanged without a distribution."""
+    distribution = keras.distribution.distribution()
+    if distribution is None:
+        return batch
+
+    def place(t):
+        return keras.distribution.distribute_tensor(
+            t, distribution.get_data_layout(tuple(t.shape)))
+
+    return jax.tree_util.tree_map(place, batch)
+
+
+def _devices_of_the_batch() -> int:
+    """How many parts the Keras distribution cuts a batch into (1 without one)."""
+    distribution = keras.distribution.distribution()
+    if distribution is None:
+        return 1
+    return int(np.prod(distribution.device_mesh.shape))
 
 
 def _weights_of(model, variables) -> list:
@@ -604,6 +627,10 @@ def make_loop_class():
             if self.auto:
                 size = min(diagonal.AUTO_BATCH_SIZE,
                            max(diagonal.MIN_AUTO_BATCH_SIZE, 1 << (int(size) - 1).bit_length()))
+            # Under a Keras distribution the batch is split over the devices: a multiple
+            # of their number (padding rows have weight 0).
+            parts = _devices_of_the_batch()
+            size = -(-int(size) // parts) * parts
             key = (tuple(id(v) for v in self.variables), self.estimator,
                    diagonal._lik_key(self.lik), noise, int(size), kernels.version())
             steps = _JAX_STEPS.setdefault(self.model, {})
