@@ -252,3 +252,43 @@ def test_data_parallel_on_two_host_devices_equals_one_device(tmp_path):
                           env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "DATA PARALLEL OK" in done.stdout
+
+
+@pytest.mark.parametrize("estimator", ["exact", "empirical"])
+def test_kronecker_factors_match_a_numpy_oracle(estimator):
+    # Two Dense layers by hand in float64: A = Σ w ā āᵀ / Σ w (ā = [a; 1]) and
+    # G = Σ w Σ_c q_c g_c g_cᵀ / Σ w with g_c = ∂ log p_c / ∂ z, q = p (exact) or the
+    # true label's indicator (empirical).
+    net = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, activation="tanh"),
+                            keras.layers.Dense(3)])
+    rng = np.random.default_rng(4)
+    net.set_weights([rng.normal(size=w.shape).astype("float32") for w in net.get_weights()])
+    x = rng.normal(size=(19, 5)).astype("float32")
+    y = rng.integers(0, 3, 19)
+    w = rng.uniform(0.0, 2.0, 19).astype("float32")
+    factors = keras_ewc.fisher.kronecker_factors(
+        net, (x, y, w), estimator=estimator, likelihood="categorical", batch_size=8,
+        verbose=0)
+    w1, b1, w2, b2 = (np.asarray(v, np.float64) for v in net.get_weights())
+    x64, weights = x.astype(np.float64), w.astype(np.float64)
+    h = np.tanh(x64 @ w1 + b1)
+    logits = h @ w2 + b2
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    a = [np.zeros((6, 6)), np.zeros((5, 5))]
+    g = [np.zeros((4, 4)), np.zeros((3, 3))]
+    for n in range(19):
+        for i, inputs in enumerate((x64[n], h[n])):
+            bar = np.append(inputs, 1.0)
+            a[i] += weights[n] * np.outer(bar, bar)
+        q = p[n] if estimator == "exact" else np.eye(3)[y[n]]
+        for c in range(3):
+            g2 = np.eye(3)[c] - p[n]
+            g1 = (w2 @ g2) * (1 - h[n] ** 2)
+            g[0] += weights[n] * q[c] * np.outer(g1, g1)
+            g[1] += weights[n] * q[c] * np.outer(g2, g2)
+    total = weights.sum()
+    for i, key in enumerate(sorted(factors)):
+        got_a, got_g = (np.asarray(t, np.float64) for t in factors[key])
+        for got, want in ((got_a, a[i] / total), (got_g, g[i] / total)):
+            np.testing.assert_allclose(got, want, rtol=0, atol=RTOL * np.abs(want).max())

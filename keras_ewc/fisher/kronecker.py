@@ -42,6 +42,7 @@ from typing import Sequence
 import keras
 import numpy as np
 import tensorflow as tf
+from keras import ops
 
 from keras_ewc import distribute
 from keras_ewc.fisher import checks, diagonal, fast, reference
@@ -213,17 +214,17 @@ def compute_factors(model, layers, data, estimator="exact", likelihood=None, sam
     # `fisher_diagonal`): up to `AUTO_BATCH_SIZE` examples a call, within its memory bound.
     auto = batch_size is None and not distribute.is_distributed(strategy)
     dataset = diagonal.loop_data(data, batch_size, steps, auto)
-    loop = diagonal._Loop(model, [], lik, estimator, samples, seed, strategy, auto=auto,
+    loop = diagonal._loop_class()(model, [], lik, estimator, samples, seed, strategy, auto=auto,
                           sums=factor_sums_spec(layers))
     progress = loop.run(dataset, verbose, what="Kronecker factors A, G")
     totals, num_examples, _ = loop.finish()
     progress.finish(loop.batches, loop.examples)
     factors = []
     for (layer, _, _), (a_sum, g_sum, rows) in zip(layers, assemble(layers, totals)):
-        a = a_sum / tf.maximum(rows, 1.0)
+        a = a_sum / ops.maximum(rows, 1.0)
         g = g_sum / num_examples
         for name, f in (("A", a), ("G", g)):
-            if not bool(tf.reduce_all(tf.math.is_finite(f))):
+            if not bool(ops.all(ops.isfinite(f))):
                 raise ValueError(
                     f"The Kronecker factor {name} of layer {layer_key(layer, model)} is not "
                     "finite (NaN or Inf): the model's outputs or gradients overflow on this "
@@ -240,8 +241,10 @@ def factor_sums_spec(layers) -> diagonal.Sums:
     def fn(model, terms_fn, inputs, extra):
         return factor_sums(model, layers, terms_fn, inputs, extra)
 
-    return diagonal.Sums(("kronecker", tuple(id(layer) for layer, _, _ in layers)),
+    spec = diagonal.Sums(("kronecker", tuple(id(layer) for layer, _, _ in layers)),
                          factor_shapes(layers), fn)
+    spec.layers = layers  # what the JAX engine records in place of `fn`
+    return spec
 
 
 def factor_shapes(layers) -> list:
@@ -308,34 +311,46 @@ def factor_sums(model, layers, terms_fn, inputs, extra) -> list:
     leaks = fast.leaked(tape, total, [v for _, _, params in layers for v in params.values()])
     for layer, _, params in layers:
         if any(id(v) in leaks for v in params.values()) or batch_size is None:
-            raise ValueError(
-                f"Layer {layer_key(layer, model)} has no Kronecker factors: its weights are read "
-                "outside its own call (shared or tied weights), or it is called where its "
-                "inputs cannot be recorded (inside a loop, on a tensor whose first axis "
-                "is not the batch). Leave it to the diagonal with "
-                "`exclude=[...]`/`structure='diagonal'`, or call it once per example."
-            )
+            raise no_factors_error(layer, model)
     calls = [recorder.calls[id(layer)] for layer, _, _ in layers]
     zs = [z for c in calls for _, z in c]
     grads = fast.column_grads(tape, terms, columns, total, zs, reference.has_loops(model))
     del tape
-    weights = tf.cast(extra[0], tf.float32)
+    return sums_from_records(layers, [[r for r, _ in c] for c in calls], grads, extra[0],
+                             batch_size)
+
+
+def no_factors_error(layer, model) -> ValueError:
+    return ValueError(
+        f"Layer {layer_key(layer, model)} has no Kronecker factors: its weights are read "
+        "outside its own call (shared or tied weights), or it is called where its "
+        "inputs cannot be recorded (inside a loop, on a tensor whose first axis "
+        "is not the batch). Leave it to the diagonal with "
+        "`exclude=[...]`/`structure='diagonal'`, or call it once per example."
+    )
+
+
+def sums_from_records(layers, records, grads, weights, batch_size) -> list:
+    """The per-batch sums (`factor_shapes`) from each layer's recorded calls' inputs and
+    the term columns' gradients at their z (`[T, B, *z]`, in call order, already scaled
+    by √weight), on any backend. `weights` are the examples' sample weights."""
+    weights = ops.cast(weights, "float32")
     # √w on each example's input rows (the terms carry it already): A weighs it by w.
-    root = tf.sqrt(weights)
+    root = ops.sqrt(weights)
     out = []
-    for (layer, kernel, params), c in zip(layers, calls):
-        part, grads = grads[: len(c)], grads[len(c):]
-        rows = _input_rows(layer, kernel, params, [r for r, _ in c], batch_size)
-        per_example = tf.cast(tf.shape(rows)[1], tf.float32)
-        rows = tf.reshape(rows * root[:, None, None], [-1, rows.shape[-1]])
+    for (layer, kernel, params), recorded in zip(layers, records):
+        part, grads = grads[: len(recorded)], grads[len(recorded):]
+        rows = _input_rows(layer, kernel, params, recorded, batch_size)
+        per_example = float(rows.shape[1])
+        rows = ops.reshape(rows * root[:, None, None], (-1, rows.shape[-1]))
         size, out_dim = wbar_shape(params)
-        if c:
+        if recorded:
             a_sum = gram_sums(rows)
             # Every term of every example (and position, and call) is one row of G's
             # product: one [rows, out] matrix.
-            g_rows = [tf.reshape(f32(g), [-1, g.shape[-1]]) for g in part]
-            g_sum = gram_sums(g_rows[0] if len(g_rows) == 1 else tf.concat(g_rows, 0))
-            count = tf.reduce_sum(weights) * per_example
+            g_rows = [ops.reshape(f32(g), (-1, g.shape[-1])) for g in part]
+            g_sum = gram_sums(g_rows[0] if len(g_rows) == 1 else ops.concatenate(g_rows, 0))
+            count = ops.sum(weights) * per_example
         else:
             a_sum = [None] * len(gram_shapes(size))
             g_sum = [None] * len(gram_shapes(out_dim))
@@ -367,20 +382,25 @@ def gram_blocks(m) -> list:
     e = _edges(int(m.shape[-1]))
     k = len(e) - 1
     if k == 1:
-        return [_symmetric(tf.matmul(m, m, transpose_a=True))]
+        return [_symmetric(_at_b(m, m))]
     parts = [m[:, e[i]:e[i + 1]] for i in range(k)]
-    return [_symmetric(tf.matmul(parts[i], parts[i], transpose_a=True)) if i == j
-            else tf.matmul(parts[i], parts[j], transpose_a=True)
+    return [_symmetric(_at_b(parts[i], parts[i])) if i == j
+            else _at_b(parts[i], parts[j])
             for i in range(k) for j in range(i, k)]
 
 
 def _symmetric(product):
     """`mᵀ m` made exactly symmetric: one product is not, on every CPU and load (oneDNN
     may split the two triangles differently); the factors are, so the mean is kept."""
-    return 0.5 * (product + tf.transpose(product))
+    return 0.5 * (product + ops.transpose(product))
 
 
-def from_blocks(blocks, d: int) -> tf.Tensor:
+def _at_b(a, b):
+    """`aᵀ b` (an einsum: on TensorFlow one MatMul with its adjoint flag, no transpose)."""
+    return ops.einsum("ri,rj->ij", a, b)
+
+
+def from_blocks(blocks, d: int):
     """The symmetric `[d, d]` matrix whose upper blocks are `blocks` (`gram_blocks`)."""
     k = len(_edges(d)) - 1
     upper, index = {}, 0
@@ -388,9 +408,9 @@ def from_blocks(blocks, d: int) -> tf.Tensor:
         for j in range(i, k):
             upper[i, j] = blocks[index]
             index += 1
-    return tf.concat([
-        tf.concat([tf.transpose(upper[j, i]) for j in range(i)]
-                  + [upper[i, j] for j in range(i, k)], 1)
+    return ops.concatenate([
+        ops.concatenate([ops.transpose(upper[j, i]) for j in range(i)]
+                        + [upper[i, j] for j in range(i, k)], 1)
         for i in range(k)], 0)
 
 
@@ -410,25 +430,25 @@ def gram_sums(m) -> list:
     d = int(m.shape[-1])
     count = len(gram_shapes(d))
     if count == 1 or (m.shape[0] is not None and m.shape[0] < d):
-        return [_symmetric(tf.matmul(m, m, transpose_a=True))] + [None] * (count - 1)
+        return [_symmetric(_at_b(m, m))] + [None] * (count - 1)
     return [None] + gram_blocks(m)
 
 
-def from_gram_sums(sums, d: int) -> tf.Tensor:
+def from_gram_sums(sums, d: int):
     """The `[d, d]` matrix from its `gram_shapes` entries (summed over batches)."""
     if len(sums) == 1:
         return sums[0]
     return sums[0] + from_blocks(sums[1:], d)
 
 
-def gram(m) -> tf.Tensor:
+def gram(m):
     """`mᵀ m`, through `gram_sums`."""
     d = int(m.shape[-1])
-    return from_gram_sums([tf.zeros(shape) if s is None else s
+    return from_gram_sums([ops.zeros(shape) if s is None else s
                            for s, shape in zip(gram_sums(m), gram_shapes(d))], d)
 
 
-def _input_rows(layer, kernel, params, records, batch_size) -> tf.Tensor:
+def _input_rows(layer, kernel, params, records, batch_size):
     """`[B, positions, in (+1)]`: every recorded input position of every call, example
     by example, with a column of ones for a bias."""
     kernel_in = int(np.prod(params["kernel"].shape[:-1]))
@@ -440,8 +460,8 @@ def _input_rows(layer, kernel, params, records, batch_size) -> tf.Tensor:
                              padding)
         else:
             x = f32(record)
-        parts.append(tf.reshape(x, [batch_size, -1, kernel_in]))
-    x = tf.concat(parts, 1) if parts else tf.zeros([batch_size, 0, kernel_in])
+        parts.append(ops.reshape(x, (batch_size, -1, kernel_in)))
+    x = ops.concatenate(parts, 1) if parts else ops.zeros((batch_size, 0, kernel_in))
     if "bias" in params:
-        x = tf.concat([x, tf.ones(x.shape[:-1] + [1])], axis=-1)
+        x = ops.concatenate([x, ops.ones(tuple(x.shape[:-1]) + (1,))], axis=-1)
     return x

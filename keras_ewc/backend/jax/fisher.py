@@ -262,6 +262,40 @@ LOOP_COLUMNS = 32
 `lax.map` over the columns (compile time stays bounded for thousands of classes)."""
 
 
+def factor_sums(model, weights, values, layers, terms_fn, inputs, extra, scale):
+    """The Kronecker factors' per-batch sums (`keras_ewc.fisher.kronecker.factor_shapes`)
+    for the factored `layers`, from one recorded pass, inside a JAX trace."""
+    from keras_ewc.fisher import kronecker
+
+    batch_size = jax.tree_util.tree_leaves(inputs)[0].shape[0]
+    mapping = list(zip(weights, values))
+
+    def forward(probes):
+        recorder = _Recorder(layers, [], batch_size, probes)
+        with _ReadScope(mapping, recorder.on_read), recorder:
+            outputs = model(inputs, training=False)
+        terms = keras.ops.cast(terms_fn(outputs, extra), "float32")
+        return jnp.reshape(terms, (terms.shape[0], -1)), recorder
+
+    _, seen = forward(None)
+    for layer, _, params in layers:
+        if any(id(v) in seen.leaked for v in params.values()):
+            raise kronecker.no_factors_error(layer, model)
+    records, grads = [[] for _ in layers], []
+    if seen.shapes:
+        probes = [jnp.zeros(s.shape, s.dtype) for s in seen.shapes]
+
+        def probed(probes):
+            terms, recorder = forward(probes)
+            return terms, recorder.kernel_calls
+
+        terms, pullback, calls = jax.vjp(probed, probes, has_aux=True)
+        by_probe = column_grads(pullback, terms.shape, scale)
+        records = [[r for r, _ in calls[id(layer)]] for layer, _, _ in layers]
+        grads = [by_probe[i] for layer, _, _ in layers for _, i in calls[id(layer)]]
+    return kronecker.sums_from_records(layers, records, grads, extra[0], batch_size)
+
+
 def column_grads(pullback, shape, scale=None):
     """`[T, *probe.shape]` for each probe: the gradient of each term column, row n
     scaled by `scale[n]` (the examples' √weight, applied through the cotangents).
@@ -501,7 +535,7 @@ def _pad(t, size, batch_size):
 class Step:
     """The jitted step for one (model, variables, estimator, likelihood, batch size)."""
 
-    def __init__(self, model, variables, lik, estimator, noise, batch_size):
+    def __init__(self, model, variables, lik, estimator, noise, batch_size, factored=None):
         import weakref
 
 
@@ -525,6 +559,11 @@ class Step:
                 target = jax.random.uniform(key, (batch_size,) + tuple(noise),
                                             minval=0.0, maxval=1.0)
             extra = (w,) if target is None else (w, target)
+            if factored is not None:
+                sums = factor_sums(model, weights, values, factored, terms_fn, inputs,
+                                   extra, scale=jnp.sqrt(w))
+                return [a if b is None else a + b.astype(jnp.float32)
+                        for a, b in zip(totals, sums)]
             if estimator == "batched":
                 sums = batched_sums(model, weights, values, variables, lik, inputs, extra)
                 paths.update({engine.variable_key(v): "batched" for v in variables})
@@ -612,17 +651,18 @@ def make_loop_class():
             noise = None
             if self.estimator == "sampled":
                 noise = tuple(self.lik.noise_shape(probe, self.samples)[1:])
-            if self.sums is not None:
-                raise NotImplementedError(
-                    "Kronecker factors are not computed on the JAX backend yet. Use the "
-                    "TensorFlow backend (KERAS_BACKEND=tensorflow) for "
-                    "structure='kronecker' and kronecker_factors.")
+            if self.sums is not None and getattr(self.sums, "layers", None) is None:
+                raise ValueError(
+                    "Expected the Kronecker factors' sums on the JAX backend. Received "
+                    f"custom sums {self.sums.key!r}, which run TensorFlow only.")
             if self.distributed:
                 raise ValueError(
                     "Expected strategy=None on the JAX backend: `tf.distribute` strategies "
                     "run TensorFlow only. Received a strategy with several replicas.")
             if self.state is None:
-                self.state = ([jnp.zeros(tuple(v.shape), jnp.float32) for v in self.variables],
+                shapes = (self.sums.shapes if self.sums is not None
+                          else [tuple(v.shape) for v in self.variables])
+                self.state = ([jnp.zeros(shape, jnp.float32) for shape in shapes],
                               np.array(diagonal._EMPTY_MISC, np.float64))
             if self.auto:
                 size = min(diagonal.AUTO_BATCH_SIZE,
@@ -631,13 +671,17 @@ def make_loop_class():
             # of their number (padding rows have weight 0).
             parts = _devices_of_the_batch()
             size = -(-int(size) // parts) * parts
-            key = (tuple(id(v) for v in self.variables), self.estimator,
-                   diagonal._lik_key(self.lik), noise, int(size), kernels.version())
+            what = (tuple(id(v) for v in self.variables) if self.sums is None
+                    else ("sums", self.sums.key))
+            key = (what, self.estimator, diagonal._lik_key(self.lik), noise, int(size),
+                   kernels.version())
             steps = _JAX_STEPS.setdefault(self.model, {})
             step = steps.get(key)
             if step is None:
                 step = steps[key] = Step(self.model, self.variables, self.lik,
-                                         self.estimator, noise, int(size))
+                                         self.estimator, noise, int(size),
+                                         factored=None if self.sums is None
+                                         else self.sums.layers)
             step.num_outputs = self.num_outputs
             self.step = step
             self.paths = step.paths
