@@ -36,7 +36,6 @@ import tensorflow as tf
 
 from keras_ewc import _private
 from keras_ewc import penalty as diag
-from keras_ewc.fisher import kronecker as factors_module
 
 MODES = ("separate", "online")
 
@@ -59,6 +58,13 @@ def split(wbar, kernel_shape, has_bias: bool) -> list:
     if has_bias:
         return [tf.reshape(wbar[:-1], kernel_shape), wbar[-1]]
     return [tf.reshape(wbar, kernel_shape)]
+
+
+def wbar_shape(params) -> tuple:
+    """`(rows, out)` of W̄ = [W; bᵀ]: the kernel's input size (+1 with a bias) and width."""
+    kernel = params["kernel"]
+    rows = int(np.prod(kernel.shape[:-1])) + (1 if "bias" in params else 0)
+    return rows, int(kernel.shape[-1])
 
 
 def kronecker_gradient(a, g, delta) -> tf.Tensor:
@@ -269,13 +275,18 @@ class KroneckerRegularizer(keras.layers.Layer):
         return 1 if self.mode == "online" else self.max_tasks
 
     def build_for(self, variables: Sequence, model,
-                  keys: Sequence[str] | None = None) -> None:
+                  keys: Sequence[str] | None = None, plan: Sequence | None = None,
+                  layer_keys: Sequence[str] | None = None) -> None:
         """Creates the state for the regularised `variables` of `model`.
 
-        Dense and Conv layers whose variables are all regularised get Kronecker slots
-        (`keras_ewc.fisher.kronecker.factored_layers`); the other variables get a
-        diagonal precision and anchor. `keys` (aligned with `variables`) name what each
-        variable is in the model, for the config (see `EWCModel`); default: the paths.
+        The layers in `plan` (`[(layer, kernel, params)]`, `params` the layer's
+        `{"kernel", "bias"}` variables) get Kronecker slots; the other variables get a
+        diagonal precision and anchor. The state is told which layers are factored (an
+        `EWCModel` passes the factor engine's choice,
+        `keras_ewc.fisher.kronecker.factored_layers`, with the layers' keys in
+        `layer_keys`); left out, the engine is asked here. `keys` (aligned with
+        `variables`) name what each variable is in the model, for the config (see
+        `EWCModel`); default: the paths.
         """
         if self.built:
             raise ValueError("This KroneckerRegularizer already holds a state; it cannot be "
@@ -283,10 +294,29 @@ class KroneckerRegularizer(keras.layers.Layer):
         variables = list(variables)
         if not variables:
             raise ValueError("Expected at least one variable to regularise. Received none.")
-        plan = factors_module.factored_layers(model, variables)
+        if plan is None or layer_keys is None:
+            # Only for a state built by hand: the layers the factor engine factors.
+            from keras_ewc.fisher import kronecker as factors_module
+
+            if plan is None:
+                plan = factors_module.factored_layers(model, variables)
+            if layer_keys is None:
+                layer_keys = [factors_module.layer_key(layer, model)
+                              for layer, _, _ in plan]
+        plan, layer_keys = list(plan), [str(k) for k in layer_keys]
+        if len(layer_keys) != len(plan):
+            raise ValueError(f"Expected one layer key a factored layer ({len(plan)}). "
+                             f"Received: layer_keys={layer_keys}")
+        chosen = {id(v) for v in variables}
+        outside = [layer.name for layer, _, params in plan
+                   if any(id(v) not in chosen for v in params.values())]
+        if outside:
+            raise ValueError(f"Every variable of a factored layer must be regularised. "
+                             f"Received a plan with layers {outside} whose variables are "
+                             "not all among `variables`.")
         covered = {id(v) for _, _, params in plan for v in params.values()}
         self._plan = _Refs(plan)
-        self.layer_keys = [factors_module.layer_key(layer, model) for layer, _, _ in plan]
+        self.layer_keys = layer_keys
         self._rest = _Refs([v for v in variables if id(v) not in covered])
         if keys is None:
             keys = [getattr(v, "path", v.name) for v in variables]
@@ -297,7 +327,7 @@ class KroneckerRegularizer(keras.layers.Layer):
         self._keys = [by_id[id(v)] for v in self.targets]
         slots = self.num_slots
         for (_, _, params), key in zip(plan, self.layer_keys):
-            rows, out = factors_module.wbar_shape(params)
+            rows, out = wbar_shape(params)
             self.kronecker_state.append(tuple(
                 self.add_weight(shape=(slots,) + shape, initializer="zeros",
                                 dtype="float32", trainable=False,
@@ -480,7 +510,7 @@ class KroneckerRegularizer(keras.layers.Layer):
                              f"`targets`). Received {len(theta)}.")
         wbars, theta_rest = self._layer_weights(theta)
         for (_, params), (a, g), key in zip(self.factored, factors, self.layer_keys):
-            rows, out = factors_module.wbar_shape(params)
+            rows, out = wbar_shape(params)
             if tuple(a.shape) != (rows, rows) or tuple(g.shape) != (out, out):
                 raise ValueError(
                     f"Expected factors of shapes {(rows, rows)} and {(out, out)} for layer "

@@ -224,7 +224,12 @@ class EWCModel(keras.Model):
     def _build_state(self):
         variables, keys = self._regularised_variables()
         if self.structure == "kronecker":
-            self.regularizer.build_for(variables, self.network, keys)
+            # The state is told which layers the factor engine factors.
+            plan = kronecker_fisher.factored_layers(self.network, variables)
+            self.regularizer.build_for(
+                variables, self.network, keys, plan=plan,
+                layer_keys=[kronecker_fisher.layer_key(layer, self.network)
+                            for layer, _, _ in plan])
         else:
             self.regularizer.build_for(variables, keys)
         self._signature = self._model_signature()
