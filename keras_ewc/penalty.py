@@ -646,9 +646,7 @@ def _python_value(variable, given) -> float:
 
 
 def _tensors(variables) -> list:
-    # A variable's value: on TensorFlow `ops.convert_to_tensor` hands back the variable
-    # itself, which the arithmetic accepts; in a JAX step, the traced value.
-    return [ops.convert_to_tensor(v) for v in variables]
+    return [backend.tensor(v) for v in variables]
 
 
 class _State:

@@ -216,6 +216,86 @@ def test_tensorflow_only_features_name_the_backend_and_the_fix(tmp_path):
         keras_ewc.EWCModel.from_saved_model(str(tmp_path / "served"), net())
 
 
+def _psd(rng, n):
+    m = rng.normal(size=(n, n + 2))
+    return (m @ m.T / (n + 2)).astype("float32")
+
+
+def kronecker_model(strength=2.0, max_tasks=3):
+    """A Kronecker EWCModel (two factored Dense layers, a diagonal LayerNormalization)
+    with two tasks consolidated from given factors, and a plain copy of its network."""
+    from keras_ewc.kronecker import wbar_shape
+
+    def network():
+        return keras.Sequential([keras.Input((5,)),
+                                 keras.layers.Dense(6, activation="tanh", name="h"),
+                                 keras.layers.LayerNormalization(name="norm"),
+                                 keras.layers.Dense(3, name="out")])
+
+    model = keras_ewc.EWCModel(network(), strength=strength, structure="kronecker",
+                               max_tasks=max_tasks)
+    model.compile(keras.optimizers.SGD(LR), LOSS)
+    reg = model.regularizer
+    rng = np.random.default_rng(4)
+    for _ in range(2):
+        theta = [v.numpy() + rng.normal(scale=0.3, size=v.shape).astype("float32")
+                 for v in reg.targets]
+        reg.consolidate([(_psd(rng, wbar_shape(p)[0]), _psd(rng, wbar_shape(p)[1]))
+                         for _, p in reg.factored],
+                        [rng.gamma(0.5, 1.0, size=v.shape).astype("float32")
+                         for v in reg.rest], theta)
+    plain = network()
+    plain.compile(keras.optimizers.SGD(LR), LOSS)
+    return model, plain
+
+
+def explicit_kronecker(model):
+    """The penalty and its gradient by key, from the stored slots, in float64 NumPy:
+    λ (Σ_layers Σ_tasks ½ tr(ΔW̄ᵀ A ΔW̄ G) + ½ Σ P (θ − m)² + c)."""
+    reg = model.regularizer
+    lam = reg.strength
+    value, grads = float(reg.offset.numpy()), {}
+    used = int(reg.tasks.numpy())
+    for (_, params), trio in zip(reg.factored, reg.kronecker_state):
+        kernel = params["kernel"].numpy().astype("float64")
+        wbar = np.concatenate([kernel.reshape(-1, kernel.shape[-1]),
+                               params["bias"].numpy()[None]])
+        total = np.zeros_like(wbar)
+        for k in range(used):
+            a, g, anchor = (v.numpy()[k].astype("float64") for v in trio)
+            m = a @ (wbar - anchor) @ g
+            value += 0.5 * np.sum((wbar - anchor) * m)
+            total += m
+        grads[id(params["kernel"])] = lam * total[:-1].reshape(kernel.shape)
+        grads[id(params["bias"])] = lam * total[-1]
+    for v, p, m in zip(reg.rest, reg.precision, reg.anchors):
+        d = v.numpy().astype("float64") - m.numpy()
+        value += 0.5 * np.sum(p.numpy() * d * d)
+        grads[id(v)] = lam * p.numpy() * d
+    return lam * value, grads
+
+
+@neutral
+def test_a_kronecker_state_trains_with_its_penalty_and_its_file_reloads(tmp_path):
+    x, y = data(n=8)
+    model, plain = kronecker_model()
+    reg = model.regularizer
+    assert int(reg.tasks.numpy()) == 2 and [layer.name for layer, _ in reg.factored] == [
+        "h", "out"]
+    penalty, grads = explicit_kronecker(model)
+    np.testing.assert_allclose(float(model.penalty()), penalty, rtol=1e-5)
+    _, after, plain_after, logs = one_step_each(model, plain, x, y)
+    np.testing.assert_allclose(logs["ewc_penalty"], [penalty], rtol=1e-5)
+    for v, a, p in zip(model.network.trainable_variables, after, plain_after):
+        np.testing.assert_allclose(a - p, -LR * grads[id(v)], rtol=1e-4, atol=1e-6)
+    # Files: the slots, the diagonal part and the count come back.
+    expected = float(model.penalty())
+    model.save(tmp_path / "k.keras")
+    again = keras.models.load_model(tmp_path / "k.keras")
+    assert again.structure == "kronecker" and int(again.regularizer.tasks.numpy()) == 2
+    np.testing.assert_allclose(float(again.penalty()), expected, rtol=1e-6)
+
+
 # --- files between backends ------------------------------------------------------------
 
 SIDE = textwrap.dedent("""

@@ -55,6 +55,20 @@ def require_tensorflow(feature: str, fix: str) -> None:
     )
 
 
+def tensor(x):
+    """`x` (a variable, array or tensor) as a tensor of the backend: its value.
+
+    On TensorFlow, `tf.convert_to_tensor` (a variable is read; `keras.ops` would hand
+    the variable itself back); elsewhere `keras.ops.convert_to_tensor` (in a JAX step,
+    a variable's traced value).
+    """
+    if is_tensorflow():
+        import tensorflow as tf
+
+        return tf.convert_to_tensor(x)
+    return keras.ops.convert_to_tensor(x)
+
+
 def index_dtype() -> str:
     """The dtype of counters held in variables (the task count): int64, except on JAX
     without `jax_enable_x64`, where an int64 variable silently holds int32 (and warns
