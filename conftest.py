@@ -1,5 +1,7 @@
 """Doctests of keras_ewc run in a temporary directory, so files they write vanish; the
-tests listed in tests/slow_tests.txt are marked slow.
+tests listed in tests/slow_tests.txt are marked slow; under a Keras backend other than
+TensorFlow (`KERAS_BACKEND=jax python -m pytest`) only the tests marked
+`backend_neutral` (or `jax_only`) run.
 
 A doctest's working directory, `TMPDIR` and `tempfile.gettempdir()` are its `tmp_path`, so
 relative paths and any temporary file land there; pytest.ini's
@@ -40,9 +42,36 @@ def slow_test_ids() -> set:
             if line.strip() and not line.startswith("#")}
 
 
+# Doctests that run on every backend (their modules use no TensorFlow-only feature).
+NEUTRAL_DOCTESTS = {"keras_ewc/penalty.py", "keras_ewc/backend/__init__.py"}
+
+if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
+    try:
+        import tensorflow  # noqa: F401
+    except ImportError:
+        # Without TensorFlow its backend folder cannot even be imported for doctests.
+        collect_ignore_glob = ["keras_ewc/backend/tensorflow/*"]
+
+
+def _backend() -> str:
+    import keras
+
+    return keras.backend.backend()
+
+
 def pytest_collection_modifyitems(config, items):
     listed = slow_test_ids()
+    # The suite is TensorFlow's; on another backend only the tests marked
+    # `backend_neutral` (and the doctests of NEUTRAL_DOCTESTS) run, the rest are skipped.
+    other = _backend() != "tensorflow"
     for item in items:
+        if other and not (item.get_closest_marker("backend_neutral") is not None
+                          or item.get_closest_marker("jax_only") is not None or (
+                isinstance(item, pytest.DoctestItem)
+                and item.nodeid.split("::", 1)[0] in NEUTRAL_DOCTESTS)):
+            item.add_marker(pytest.mark.skip(
+                reason=f"TensorFlow only (KERAS_BACKEND={_backend()}; not marked "
+                       "backend_neutral)"))
         path = item.nodeid.split("::", 1)[0]
         fixtures = set(getattr(item, "fixturenames", ()))
         if (item.nodeid in listed or item.nodeid.split("[", 1)[0] in listed

@@ -32,11 +32,10 @@ from typing import Sequence
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
-from keras_ewc import _private
+from keras_ewc import _private, backend
 from keras_ewc import penalty as diag
-from keras_ewc.fisher import kronecker as factors_module
 
 MODES = ("separate", "online")
 
@@ -44,51 +43,56 @@ MODES = ("separate", "online")
 # --- pure functions -------------------------------------------------------------------
 
 
-def augment(kernel, bias=None) -> tf.Tensor:
+def augment(kernel, bias=None):
     """`W̄ = [kernel; bias]` as float32 `[in (+1), out]`: a conv kernel is flattened to
     `[kernel_size × channels, filters]`, the bias (if any) is the LAST row."""
-    kernel = tf.cast(kernel, tf.float32)
-    wbar = tf.reshape(kernel, [-1, kernel.shape[-1]])
+    kernel = ops.cast(kernel, "float32")
+    wbar = ops.reshape(kernel, (-1, kernel.shape[-1]))
     if bias is not None:
-        wbar = tf.concat([wbar, tf.cast(bias, tf.float32)[None]], axis=0)
+        wbar = ops.concatenate([wbar, ops.cast(bias, "float32")[None]], axis=0)
     return wbar
 
 
 def split(wbar, kernel_shape, has_bias: bool) -> list:
     """The inverse of `augment`: `[kernel]` or `[kernel, bias]` from `W̄`."""
     if has_bias:
-        return [tf.reshape(wbar[:-1], kernel_shape), wbar[-1]]
-    return [tf.reshape(wbar, kernel_shape)]
+        return [ops.reshape(wbar[:-1], tuple(kernel_shape)), wbar[-1]]
+    return [ops.reshape(wbar, tuple(kernel_shape))]
 
 
-def kronecker_gradient(a, g, delta) -> tf.Tensor:
+def wbar_shape(params) -> tuple:
+    """`(rows, out)` of W̄ = [W; bᵀ]: the kernel's input size (+1 with a bias) and width."""
+    kernel = params["kernel"]
+    rows = int(np.prod(kernel.shape[:-1])) + (1 if "bias" in params else 0)
+    return rows, int(kernel.shape[-1])
+
+
+def kronecker_gradient(a, g, delta):
     """`A ΔW̄ G`: the gradient of `½ tr(ΔW̄ᵀ A ΔW̄ G)` (A and G symmetric)."""
-    return tf.matmul(tf.matmul(a, delta), g)
+    return ops.matmul(ops.matmul(a, delta), g)
 
 
-def kronecker_quadratic(a, g, delta) -> tf.Tensor:
+def kronecker_quadratic(a, g, delta):
     """`½ tr(ΔW̄ᵀ A ΔW̄ G) = ½ vec(ΔW̄)ᵀ (A ⊗ G) vec(ΔW̄)`, a float32 scalar."""
-    return 0.5 * tf.reduce_sum(delta * kronecker_gradient(a, g, delta))
+    return 0.5 * ops.sum(delta * kronecker_gradient(a, g, delta))
 
 
-def kronecker_penalty(wbar, pairs) -> tf.Tensor:
+def kronecker_penalty(wbar, pairs):
     """`Σ_k ½ tr((W̄ − W̄*_k)ᵀ A_k (W̄ − W̄*_k) G_k)` for `pairs = [(A_k, G_k, W̄*_k)]`.
 
-    Differentiable in `wbar`, with the gradient `Σ_k A_k ΔW̄_k G_k` formed in the forward
-    pass and reused (a custom gradient), so back-propagation adds no matrix product.
+    Differentiable in `wbar`. On TensorFlow the gradient `Σ_k A_k ΔW̄_k G_k` is formed
+    in the forward pass and reused (a custom gradient), so back-propagation adds no
+    matrix product; elsewhere it is autodiff's.
     """
+    if backend.is_tensorflow():
+        from keras_ewc.backend.tensorflow import kronecker as tf_kronecker
 
-    @tf.custom_gradient
-    def value(w):
-        total, grad = tf.constant(0.0, tf.float32), tf.zeros_like(w)
-        for a, g, anchor in pairs:
-            delta = w - anchor
-            m = kronecker_gradient(a, g, delta)
-            total += 0.5 * tf.reduce_sum(delta * m)
-            grad += m
-        return total, lambda upstream: upstream * grad
-
-    return value(tf.cast(wbar, tf.float32))
+        return tf_kronecker.kronecker_penalty(wbar, pairs)
+    w = ops.cast(wbar, "float32")
+    total = ops.zeros((), "float32")
+    for a, g, anchor in pairs:
+        total = total + kronecker_quadratic(a, g, w - anchor)
+    return total
 
 
 def nearest_kronecker(pairs, iterations: int = 100) -> tuple:
@@ -119,15 +123,16 @@ def nearest_kronecker(pairs, iterations: int = 100) -> tuple:
     >>> bool(np.allclose(np.kron(A, G), 5 * np.kron(a, g), atol=1e-5)), round(err, 6)
     (True, 0.0)
     """
-    a_list = [tf.cast(a, tf.float64) for a, _ in pairs]
-    g_list = [tf.cast(g, tf.float64) for _, g in pairs]
+    # In NumPy, float64: a JAX process computes no float64 without `jax_enable_x64`.
+    a_list = [np.asarray(ops.convert_to_numpy(a), np.float64) for a, _ in pairs]
+    g_list = [np.asarray(ops.convert_to_numpy(g), np.float64) for _, g in pairs]
     if not a_list:
         raise ValueError("Expected at least one (A, G) pair. Received none.")
     ga = _gram(a_list)
     gg = _gram(g_list)
     norm2 = float(np.sum(ga * gg))
     if norm2 <= 0.0:
-        return (tf.zeros_like(pairs[0][0], tf.float32), tf.zeros_like(pairs[0][1], tf.float32),
+        return (ops.zeros(a_list[0].shape, "float32"), ops.zeros(g_list[0].shape, "float32"),
                 0.0)
     c = np.ones(len(a_list))
     for _ in range(int(iterations)):
@@ -138,9 +143,10 @@ def nearest_kronecker(pairs, iterations: int = 100) -> tuple:
     norm_a2, norm_g2 = float(c @ ga @ c), float(d @ gg @ d)
     error2 = max(norm2 - 2.0 * cross + norm_a2 * norm_g2, 0.0)
     scale = (norm_g2 / norm_a2) ** 0.25 if norm_a2 > 0 and norm_g2 > 0 else 1.0
-    a = tf.add_n([float(ck * scale) * x for ck, x in zip(c, a_list)])
-    g = tf.add_n([float(dk / scale) * x for dk, x in zip(d, g_list)])
-    return tf.cast(a, tf.float32), tf.cast(g, tf.float32), float(np.sqrt(error2 / norm2))
+    a = sum(float(ck * scale) * x for ck, x in zip(c, a_list))
+    g = sum(float(dk / scale) * x for dk, x in zip(d, g_list))
+    return (ops.convert_to_tensor(a.astype("float32")),
+            ops.convert_to_tensor(g.astype("float32")), float(np.sqrt(error2 / norm2)))
 
 
 def _gram(mats) -> np.ndarray:
@@ -148,7 +154,7 @@ def _gram(mats) -> np.ndarray:
     out = np.zeros((k, k))
     for i in range(k):
         for j in range(i, k):
-            out[i, j] = out[j, i] = float(tf.reduce_sum(mats[i] * mats[j]))
+            out[i, j] = out[j, i] = float(np.sum(mats[i] * mats[j]))
     return out
 
 
@@ -157,7 +163,7 @@ def merge_online(a_old, g_old, a_new, g_new, gamma: float, iterations: int = 100
 
     Returns `(A, G, relative_error)` as `nearest_kronecker`.
     """
-    return nearest_kronecker([(gamma * tf.cast(a_old, tf.float32), g_old), (a_new, g_new)],
+    return nearest_kronecker([(gamma * ops.cast(a_old, "float32"), g_old), (a_new, g_new)],
                              iterations)
 
 
@@ -249,7 +255,7 @@ class KroneckerRegularizer(keras.layers.Layer):
             if self.built:
                 self._check_strength(value, self._used(), self._current_slots(),
                                      _tensors(self.precision), _tensors(self.anchors),
-                                     tf.convert_to_tensor(self.offset))
+                                     ops.convert_to_tensor(self.offset))
             self._strength_variable.assign(value)
             self.__dict__["_strength_set"] = value
 
@@ -269,13 +275,18 @@ class KroneckerRegularizer(keras.layers.Layer):
         return 1 if self.mode == "online" else self.max_tasks
 
     def build_for(self, variables: Sequence, model,
-                  keys: Sequence[str] | None = None) -> None:
+                  keys: Sequence[str] | None = None, plan: Sequence | None = None,
+                  layer_keys: Sequence[str] | None = None) -> None:
         """Creates the state for the regularised `variables` of `model`.
 
-        Dense and Conv layers whose variables are all regularised get Kronecker slots
-        (`keras_ewc.fisher.kronecker.factored_layers`); the other variables get a
-        diagonal precision and anchor. `keys` (aligned with `variables`) name what each
-        variable is in the model, for the config (see `EWCModel`); default: the paths.
+        The layers in `plan` (`[(layer, kernel, params)]`, `params` the layer's
+        `{"kernel", "bias"}` variables) get Kronecker slots; the other variables get a
+        diagonal precision and anchor. The state is told which layers are factored (an
+        `EWCModel` passes the factor engine's choice,
+        `keras_ewc.fisher.kronecker.factored_layers`, with the layers' keys in
+        `layer_keys`); left out, the engine is asked here. `keys` (aligned with
+        `variables`) name what each variable is in the model, for the config (see
+        `EWCModel`); default: the paths.
         """
         if self.built:
             raise ValueError("This KroneckerRegularizer already holds a state; it cannot be "
@@ -283,10 +294,29 @@ class KroneckerRegularizer(keras.layers.Layer):
         variables = list(variables)
         if not variables:
             raise ValueError("Expected at least one variable to regularise. Received none.")
-        plan = factors_module.factored_layers(model, variables)
+        if plan is None or layer_keys is None:
+            # Only for a state built by hand: the layers the factor engine factors.
+            from keras_ewc.fisher import kronecker as factors_module
+
+            if plan is None:
+                plan = factors_module.factored_layers(model, variables)
+            if layer_keys is None:
+                layer_keys = [factors_module.layer_key(layer, model)
+                              for layer, _, _ in plan]
+        plan, layer_keys = list(plan), [str(k) for k in layer_keys]
+        if len(layer_keys) != len(plan):
+            raise ValueError(f"Expected one layer key a factored layer ({len(plan)}). "
+                             f"Received: layer_keys={layer_keys}")
+        chosen = {id(v) for v in variables}
+        outside = [layer.name for layer, _, params in plan
+                   if any(id(v) not in chosen for v in params.values())]
+        if outside:
+            raise ValueError(f"Every variable of a factored layer must be regularised. "
+                             f"Received a plan with layers {outside} whose variables are "
+                             "not all among `variables`.")
         covered = {id(v) for _, _, params in plan for v in params.values()}
         self._plan = _Refs(plan)
-        self.layer_keys = [factors_module.layer_key(layer, model) for layer, _, _ in plan]
+        self.layer_keys = layer_keys
         self._rest = _Refs([v for v in variables if id(v) not in covered])
         if keys is None:
             keys = [getattr(v, "path", v.name) for v in variables]
@@ -297,7 +327,7 @@ class KroneckerRegularizer(keras.layers.Layer):
         self._keys = [by_id[id(v)] for v in self.targets]
         slots = self.num_slots
         for (_, _, params), key in zip(plan, self.layer_keys):
-            rows, out = factors_module.wbar_shape(params)
+            rows, out = wbar_shape(params)
             self.kronecker_state.append(tuple(
                 self.add_weight(shape=(slots,) + shape, initializer="zeros",
                                 dtype="float32", trainable=False,
@@ -314,7 +344,8 @@ class KroneckerRegularizer(keras.layers.Layer):
                                                   name=f"precision_{label}"))
         self.offset = self.add_weight(shape=(), initializer="zeros", dtype="float32",
                                       trainable=False, name="offset")
-        self.tasks = self.add_weight(shape=(), initializer="zeros", dtype="int64",
+        self.tasks = self.add_weight(shape=(), initializer="zeros",
+                                     dtype=backend.index_dtype(),
                                      trainable=False, name="tasks")
         self.built = True
 
@@ -383,45 +414,60 @@ class KroneckerRegularizer(keras.layers.Layer):
     def slot(self, index: int) -> list:
         """`[(A, G, anchor)]` of slot `index` (task `index` in separate mode, the merged
         pair online), one triple a factored layer, as float32 tensors."""
-        return [tuple(tf.convert_to_tensor(v)[index] for v in trio)
+        return [tuple(ops.convert_to_tensor(v)[index] for v in trio)
                 for trio in self.kronecker_state]
 
     def _value_and_grads(self, wbars) -> tuple:
         """`(Σ ½ tr(ΔW̄ᵀ A ΔW̄ G), [Σ A ΔW̄ G per layer])` over the used slots."""
-        used = tf.minimum(tf.cast(tf.convert_to_tensor(self.tasks), tf.int32),
-                          self.num_slots)
-        total, grads = tf.constant(0.0, tf.float32), []
+        if backend.is_tensorflow():
+            from keras_ewc.backend.tensorflow import kronecker as tf_kronecker
+
+            return tf_kronecker.value_and_grads(self.kronecker_state, wbars, self.tasks,
+                                                self.num_slots)
+        used = ops.minimum(ops.cast(ops.convert_to_tensor(self.tasks), "int32"),
+                           self.num_slots)
+        total, grads = ops.zeros((), "float32"), []
         for trio, wbar in zip(self.kronecker_state, wbars):
-            a_all, g_all, anchors = (tf.convert_to_tensor(v) for v in trio)
+            a_all, g_all, anchors = (ops.convert_to_tensor(v) for v in trio)
 
             def body(k, value, grad, wbar=wbar, a_all=a_all, g_all=g_all,
                      anchors=anchors):
                 delta = wbar - anchors[k]
                 m = kronecker_gradient(a_all[k], g_all[k], delta)
-                return k + 1, value + 0.5 * tf.reduce_sum(delta * m), grad + m
+                return k + 1, value + 0.5 * ops.sum(delta * m), grad + m
 
             # Only the slots of consolidated tasks are visited: empty ones cost nothing.
-            _, value, grad = tf.while_loop(
+            _, value, grad = ops.while_loop(
                 lambda k, *_: k < used, body,
-                (tf.constant(0), tf.constant(0.0, tf.float32), tf.zeros_like(wbar)))
+                (ops.zeros((), "int32"), ops.zeros((), "float32"), ops.zeros_like(wbar)))
             total += value
             grads.append(grad)
         return total, grads
 
-    def _kronecker_value(self, wbars) -> tf.Tensor:
-        if not wbars:
-            return tf.constant(0.0, tf.float32)
+    def _kronecker_value(self, wbars):
+        if backend.is_tensorflow():
+            from keras_ewc.backend.tensorflow import kronecker as tf_kronecker
 
-        @tf.custom_gradient
+            return tf_kronecker.kronecker_value(self.kronecker_state, wbars, self.tasks,
+                                                self.num_slots)
+        if not wbars:
+            return ops.zeros((), "float32")
+
+        # A loop whose length is a traced value (the used slots) is not reverse-
+        # differentiable on JAX: the gradient A ΔW̄ G is formed with the value instead.
+        @ops.custom_gradient
         def value(*wbars):
-            # The gradient A ΔW̄ G is formed with the value and reused: back-propagation
-            # through the penalty adds no matrix product.
             total, grads = self._value_and_grads(wbars)
-            return total, lambda upstream: [upstream * g for g in grads]
+
+            def grad(*args, upstream=None):
+                upstream = args[-1] if upstream is None else upstream
+                return [upstream * g for g in grads]
+
+            return total, grad
 
         return value(*wbars)
 
-    def penalty(self, variables: Sequence | None = None) -> tf.Tensor:
+    def penalty(self, variables: Sequence | None = None):
         """The current penalty, a float32 scalar; 0 before any consolidation.
 
         Args:
@@ -431,11 +477,9 @@ class KroneckerRegularizer(keras.layers.Layer):
         self._check_built()
         wbars, rest = self._layer_weights(variables)
         value = self._kronecker_value(wbars)
-        value += diag.quadratic([tf.convert_to_tensor(p) for p in self.precision],
-                                [tf.convert_to_tensor(m) for m in self.anchors],
-                                tf.convert_to_tensor(self.offset),
-                                [tf.convert_to_tensor(t) for t in rest])
-        return tf.convert_to_tensor(self._strength_variable) * value
+        value += diag.quadratic(_tensors(self.precision), _tensors(self.anchors),
+                                _tensors([self.offset])[0], _tensors(rest))
+        return _tensors([self._strength_variable])[0] * value
 
     def gradients(self, variables: Sequence | None = None) -> list:
         """The penalty's gradient, aligned with `targets`, without differentiating:
@@ -447,8 +491,8 @@ class KroneckerRegularizer(keras.layers.Layer):
         for (_, params), grad in zip(self.factored, grads):
             out += split(grad, params["kernel"].shape, "bias" in params)
         for p, m, t in zip(self.precision, self.anchors, rest):
-            out.append(tf.convert_to_tensor(p) * (tf.cast(t, tf.float32) - m))
-        return [tf.convert_to_tensor(self._strength_variable) * g for g in out]
+            out.append(ops.convert_to_tensor(p) * (ops.cast(t, "float32") - m))
+        return [ops.convert_to_tensor(self._strength_variable) * g for g in out]
 
     # --- consolidation --------------------------------------------------------------
 
@@ -465,22 +509,22 @@ class KroneckerRegularizer(keras.layers.Layer):
 
     def _consolidate(self, factors, fisher_rest, theta) -> None:
         self._check_built()
-        factors = [(tf.cast(a, tf.float32), tf.cast(g, tf.float32)) for a, g in factors]
-        fisher_rest = [tf.cast(tf.convert_to_tensor(f), tf.float32) for f in fisher_rest]
+        factors = [(ops.cast(a, "float32"), ops.cast(g, "float32")) for a, g in factors]
+        fisher_rest = [ops.cast(ops.convert_to_tensor(f), "float32") for f in fisher_rest]
         if len(factors) != len(self.factored) or len(fisher_rest) != len(self.rest):
             raise ValueError(
                 f"Expected {len(self.factored)} (A, G) pairs (one per factored layer) and "
                 f"{len(self.rest)} diagonal Fisher tensors. Received {len(factors)} and "
                 f"{len(fisher_rest)}."
             )
-        theta = [tf.cast(tf.convert_to_tensor(t), tf.float32)
+        theta = [ops.cast(ops.convert_to_tensor(t), "float32")
                  for t in (self.targets if theta is None else theta)]
         if len(theta) != len(self.targets):
             raise ValueError(f"Expected {len(self.targets)} weight tensors (aligned with "
                              f"`targets`). Received {len(theta)}.")
         wbars, theta_rest = self._layer_weights(theta)
         for (_, params), (a, g), key in zip(self.factored, factors, self.layer_keys):
-            rows, out = factors_module.wbar_shape(params)
+            rows, out = wbar_shape(params)
             if tuple(a.shape) != (rows, rows) or tuple(g.shape) != (out, out):
                 raise ValueError(
                     f"Expected factors of shapes {(rows, rows)} and {(out, out)} for layer "
@@ -488,8 +532,8 @@ class KroneckerRegularizer(keras.layers.Layer):
                     f"{tuple(g.shape)}."
                 )
             for m in (a, g):
-                if not bool(tf.reduce_all(tf.math.is_finite(m))) or bool(
-                        tf.reduce_any(tf.linalg.diag_part(m) < 0)):
+                if not bool(ops.all(ops.isfinite(m))) or bool(
+                        ops.any(ops.diagonal(m) < 0)):
                     raise ValueError(
                         "Expected finite positive semi-definite factors (non-negative "
                         f"diagonal) for layer {key}.")
@@ -497,9 +541,9 @@ class KroneckerRegularizer(keras.layers.Layer):
             if tuple(f.shape) != tuple(v.shape):
                 raise ValueError(f"Expected a Fisher of shape {tuple(v.shape)} for {v.path}. "
                                  f"Received {tuple(f.shape)}.")
-            if not bool(tf.reduce_all(tf.math.is_finite(f))) or bool(tf.reduce_any(f < 0)):
+            if not bool(ops.all(ops.isfinite(f))) or bool(ops.any(f < 0)):
                 raise ValueError("Expected a finite, non-negative Fisher diagonal.")
-        tasks = int(self.tasks.numpy())
+        tasks = int(np.asarray(self.tasks.numpy()))
         if self.mode == "separate" and tasks >= self.max_tasks:
             raise ValueError(
                 f"All {self.max_tasks} task slots are used (separate mode keeps every task's "
@@ -511,16 +555,16 @@ class KroneckerRegularizer(keras.layers.Layer):
         slot = 0 if self.mode == "online" else tasks
         for index, (key, (a, g), wbar) in enumerate(zip(self.layer_keys, factors, wbars)):
             if self.mode == "online" and tasks > 0:
-                a_old, g_old, _ = (tf.convert_to_tensor(v)[0]
+                a_old, g_old, _ = (ops.convert_to_tensor(v)[0]
                                    for v in self.kronecker_state[index])
                 a, g, err = merge_online(a_old, g_old, a, g, self.gamma)
                 errors[key] = err
             for var, value in zip(self.kronecker_state[index], (a, g, wbar)):
-                assignments.append((var, tf.tensor_scatter_nd_update(
-                    tf.convert_to_tensor(var), [[slot]], value[None])))
-        state = ([tf.convert_to_tensor(p) for p in self.precision],
-                 [tf.convert_to_tensor(m) for m in self.anchors],
-                 tf.convert_to_tensor(self.offset))
+                assignments.append((var, ops.slice_update(
+                    ops.convert_to_tensor(var), (slot,) + (0,) * (len(var.shape) - 1),
+                    value[None])))
+        state = (_tensors(self.precision), _tensors(self.anchors),
+                 ops.convert_to_tensor(self.offset))
         if self.mode == "separate":
             new_p, new_m, new_c = diag.merge_separate(*state, fisher_rest, theta_rest)
         else:
@@ -528,7 +572,7 @@ class KroneckerRegularizer(keras.layers.Layer):
                                                     self.gamma)
         assignments += list(zip(self.precision, new_p)) + list(zip(self.anchors, new_m))
         assignments.append((self.offset, new_c))
-        if not all(bool(tf.reduce_all(tf.math.is_finite(v))) for _, v in assignments):
+        if not all(bool(ops.all(ops.isfinite(v))) for _, v in assignments):
             raise ValueError("The new Kronecker EWC state is not finite; the state is left "
                              "unchanged.")
         count = len(self.kronecker_state)
@@ -536,14 +580,14 @@ class KroneckerRegularizer(keras.layers.Layer):
         self._check_strength(self.strength, min(tasks + 1, self.num_slots), slots, new_p,
                              new_m, new_c)
         diag.commit(self, [v for v, _ in assignments] + [self.tasks],
-                    [x for _, x in assignments] + [tf.constant(tasks + 1, tf.int64)])
+                    [x for _, x in assignments] + [tasks + 1])
         self.last_merge_errors = errors
 
     def _used(self) -> int:
-        return min(int(self.tasks.numpy()), self.num_slots)
+        return min(int(np.asarray(self.tasks.numpy())), self.num_slots)
 
     def _current_slots(self) -> list:
-        return [tuple(tf.convert_to_tensor(v) for v in trio) for trio in self.kronecker_state]
+        return [tuple(ops.convert_to_tensor(v) for v in trio) for trio in self.kronecker_state]
 
     def _check_strength(self, strength, used, slots, precision, anchors, offset) -> None:
         """Refuses a strength whose penalty or gradient overflows float32 on this state.
@@ -560,15 +604,15 @@ class KroneckerRegularizer(keras.layers.Layer):
         for (a_all, g_all, anchor_all), wbar in zip(slots, wbars):
             for k in range(used):
                 a, g = a_all[k], g_all[k]
-                p_max = max(p_max, float(tf.reduce_max(tf.linalg.diag_part(a)))
-                            * float(tf.reduce_max(tf.linalg.diag_part(g))))
+                p_max = max(p_max, float(ops.max(ops.diagonal(a)))
+                            * float(ops.max(ops.diagonal(g))))
                 delta = wbar - anchor_all[k]
-                reach = max(reach, float(tf.reduce_max(tf.abs(delta))))
+                reach = max(reach, float(ops.max(ops.abs(delta))))
                 value += float(kronecker_quadratic(a, g, delta))
-        rest = [tf.cast(t, tf.float32) for t in rest]
+        rest = [ops.cast(t, "float32") for t in rest]
         for p, m, t in zip(precision, anchors, rest):
-            p_max = max(p_max, float(tf.reduce_max(p)))
-            reach = max(reach, float(tf.reduce_max(tf.abs(t - m))))
+            p_max = max(p_max, float(ops.max(p)))
+            reach = max(reach, float(ops.max(ops.abs(t - m))))
         value += float(diag.quadratic(list(precision), list(anchors), offset, rest))
         if p_max == 0.0 and float(offset) == 0.0:
             return  # no task yet: the penalty is 0 at any strength
@@ -590,11 +634,11 @@ class KroneckerRegularizer(keras.layers.Layer):
     def _assign_state(self, kronecker, precision, anchors, offset, tasks, strength,
                       gamma) -> None:
         self._check_built()
-        kronecker = [tuple(tf.convert_to_tensor(x, tf.float32) for x in trio)
+        kronecker = [tuple(ops.convert_to_tensor(x, "float32") for x in trio)
                      for trio in kronecker]
-        precision = [tf.convert_to_tensor(x, tf.float32) for x in precision]
-        anchors = [tf.convert_to_tensor(x, tf.float32) for x in anchors]
-        offset = tf.convert_to_tensor(offset, tf.float32)
+        precision = [ops.convert_to_tensor(x, "float32") for x in precision]
+        anchors = [ops.convert_to_tensor(x, "float32") for x in anchors]
+        offset = ops.convert_to_tensor(offset, "float32")
         if (len(kronecker) != len(self.kronecker_state)
                 or any(len(trio) != 3 for trio in kronecker)
                 or len(precision) != len(self.rest) or len(anchors) != len(self.rest)):
@@ -612,7 +656,7 @@ class KroneckerRegularizer(keras.layers.Layer):
         if wrong:
             raise ValueError("The new Kronecker EWC state does not fit the regularised "
                              "variables; the state is left unchanged: " + "; ".join(wrong))
-        if not all(bool(tf.reduce_all(tf.math.is_finite(x))) for _, x in pairs + [
+        if not all(bool(ops.all(ops.isfinite(x))) for _, x in pairs + [
                 (None, offset)]):
             raise ValueError("The new Kronecker EWC state is not finite; the state is left "
                              "unchanged.")
@@ -624,7 +668,7 @@ class KroneckerRegularizer(keras.layers.Layer):
                              anchors, offset)
         diag.commit(self, [v for v, _ in pairs] + [self.offset, self.tasks,
                                                    self._strength_variable],
-                    [x for _, x in pairs] + [offset, tf.constant(tasks, tf.int64), strength])
+                    [x for _, x in pairs] + [offset, tasks, strength])
         self.__dict__["_strength_set"] = strength
         self.__dict__["_gamma"] = gamma
 
@@ -634,7 +678,7 @@ class KroneckerRegularizer(keras.layers.Layer):
             self._check_built()
             state = [v for v in self.non_trainable_variables
                      if v is not self._strength_variable]
-            diag.commit(self, state, [tf.zeros(v.shape, v.dtype) for v in state])
+            diag.commit(self, state, [ops.zeros(v.shape, v.dtype) for v in state])
 
     # --- persistence ---------------------------------------------------------------
 
@@ -715,8 +759,6 @@ class _Without:
         return self._store[key]
 
 
-def _tensors(variables) -> list:
-    return [tf.convert_to_tensor(v) for v in variables]
 
 
 class _Refs:
@@ -728,3 +770,7 @@ class _Refs:
 
 def _label(path) -> str:
     return str(path).replace("/", "_").replace(":", "_")
+
+
+def _tensors(variables) -> list:
+    return [backend.tensor(v) for v in variables]

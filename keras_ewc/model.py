@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
 from typing import Callable, Sequence
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
-from keras_ewc import _private, saving
+from keras_ewc import _private, backend, saving
 from keras_ewc.fisher import diagonal, likelihoods
 from keras_ewc.fisher import kronecker as kronecker_fisher
 from keras_ewc.kronecker import KroneckerRegularizer
@@ -223,7 +224,12 @@ class EWCModel(keras.Model):
     def _build_state(self):
         variables, keys = self._regularised_variables()
         if self.structure == "kronecker":
-            self.regularizer.build_for(variables, self.network, keys)
+            # The state is told which layers the factor engine factors.
+            plan = kronecker_fisher.factored_layers(self.network, variables)
+            self.regularizer.build_for(
+                variables, self.network, keys, plan=plan,
+                layer_keys=[kronecker_fisher.layer_key(layer, self.network)
+                            for layer, _, _ in plan])
         else:
             self.regularizer.build_for(variables, keys)
         self._signature = self._model_signature()
@@ -307,7 +313,7 @@ class EWCModel(keras.Model):
             )
         changed = bool(removed or added) or keys != reg.keys
         if changed:
-            with self.distribute_strategy.scope():
+            with self._strategy_scope():
                 reg.rebind(targets, keys)
             if removed:
                 warnings.warn(
@@ -362,6 +368,18 @@ class EWCModel(keras.Model):
         self._signature = signature
         return False
 
+    def _tf_strategy(self):
+        """The `tf.distribute` strategy the model was created under (TensorFlow); None
+        on other backends, whose Fisher engine distributes through
+        `keras.distribution`."""
+        return self.distribute_strategy if backend.is_tensorflow() else None
+
+    def _strategy_scope(self):
+        # New state variables are created in the scope of the model's strategy (mirrored
+        # like the others); elsewhere, in the current scope.
+        strategy = self._tf_strategy()
+        return contextlib.nullcontext() if strategy is None else strategy.scope()
+
     @property
     def regularised_variables(self) -> list:
         """The wrapped model's variables that the penalty anchors, as the model is now."""
@@ -373,7 +391,7 @@ class EWCModel(keras.Model):
     def call(self, inputs, training=None, mask=None):
         return self.network(inputs, training=training)
 
-    def penalty(self) -> tf.Tensor:
+    def penalty(self):
         """The current EWC penalty (float32 scalar); 0 before any consolidation.
 
         The penalty the next training step would use: a wrapped model that changed
@@ -381,7 +399,7 @@ class EWCModel(keras.Model):
         warning; with `structure="kronecker"` the change is refused, as `fit` refuses it).
         """
         if not self.regularizer.built:
-            return tf.constant(0.0, tf.float32)
+            return ops.zeros((), "float32")
         self._sync_state()
         return self.regularizer.penalty()
 
@@ -391,28 +409,38 @@ class EWCModel(keras.Model):
         )
         # The state was synced by `make_train_function` before tracing.
         penalty = (self.regularizer.penalty() if self.regularizer.built
-                   else tf.constant(0.0, tf.float32))
+                   else ops.zeros((), "float32"))
         self.penalty_tracker.update_state(penalty)
         if training and loss is not None:
-            # Keras divides each replica's loss by the number of replicas before the
-            # gradients are summed; the penalty must be divided the same way.
-            replicas = tf.distribute.get_strategy().num_replicas_in_sync
-            if replicas > 1:
-                penalty = penalty * (1.0 / replicas)
-            loss = loss + tf.cast(penalty, loss.dtype)
+            if backend.is_tensorflow():
+                # Keras divides each replica's loss by the number of replicas before
+                # the gradients are summed; the penalty must be divided the same way.
+                from keras_ewc.backend.tensorflow import distribute
+
+                replicas = distribute.replicas_in_sync()
+                if replicas > 1:
+                    penalty = penalty * (1.0 / replicas)
+            # On JAX, `keras.distribution` computes the loss on the global batch
+            # (sharded by the compiler, not per replica): nothing to scale.
+            loss = loss + ops.cast(penalty, loss.dtype)
         return loss
 
-    def train_step(self, data):
-        from keras_ewc import distribute
+    if backend.is_tensorflow():
+        # Only TensorFlow's `train_step(data)` and `test_step(data)` are overridden,
+        # to make the logs reducible under `tf.distribute`; JAX's steps
+        # (`train_step(state, data)`, stateless) are Keras' own, and the penalty enters
+        # them through `compute_loss`, as on TensorFlow.
+        def train_step(self, data):
+            from keras_ewc.backend.tensorflow import distribute
 
-        return distribute.logs_for_reduction(self.distribute_strategy,
-                                             super().train_step(data))
+            return distribute.logs_for_reduction(self.distribute_strategy,
+                                                 super().train_step(data))
 
-    def test_step(self, data):
-        from keras_ewc import distribute
+        def test_step(self, data):
+            from keras_ewc.backend.tensorflow import distribute
 
-        return distribute.logs_for_reduction(self.distribute_strategy,
-                                             super().test_step(data))
+            return distribute.logs_for_reduction(self.distribute_strategy,
+                                                 super().test_step(data))
 
     # Overrides Keras 3.15's private `Trainer._maybe_symbolic_build` (pinned in
     # tests/test_private.py through `_private.symbolic_build`).
@@ -421,7 +449,7 @@ class EWCModel(keras.Model):
         # MultiWorkerMirroredStrategy cannot do for a nest of tensors; the build needs
         # only shapes, so one replica's shard does (see keras_ewc.distribute).
         if iterator is not None and getattr(self, "_distribute_strategy", None) is not None:
-            from keras_ewc import distribute
+            from keras_ewc.backend.tensorflow import distribute
 
             data_batch = distribute.first_local_batch(self.distribute_strategy, iterator)
             if data_batch is not None:
@@ -505,7 +533,7 @@ class EWCModel(keras.Model):
             seed=seed,
             verbose=verbose,
             variables=self.regularizer.targets,
-            strategy=self.distribute_strategy,
+            strategy=self._tf_strategy(),
             **options,
         )
         # Outside `strategy.run`: cross-replica context, where mirrored state variables
@@ -523,7 +551,7 @@ class EWCModel(keras.Model):
         seed = random.randrange(2**31) if seed is None else int(seed)
         common = dict(estimator=estimator, likelihood=lik, samples=samples,
                       batch_size=batch_size, seed=seed, verbose=verbose,
-                      strategy=self.distribute_strategy, **options)
+                      strategy=self._tf_strategy(), **options)
         factors = kronecker_fisher.compute_factors(self.network, reg.plan, data, **common)
         rest = []
         if reg.rest:

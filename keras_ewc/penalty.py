@@ -7,9 +7,9 @@ from typing import Sequence
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
-from keras_ewc import _private
+from keras_ewc import _private, backend
 
 MODES = ("separate", "online")
 
@@ -29,14 +29,14 @@ def merge_separate(precision, anchor, offset, fisher, theta):
     Args are float32 tensors (lists aligned with the variables for the first four
     arrays; `offset` a scalar). Returns `(precision', anchor', offset')`.
     """
-    new_p, new_m, added = [], [], tf.constant(0.0, tf.float32)
+    new_p, new_m, added = [], [], ops.zeros((), "float32")
     for p, m, f, t in zip(precision, anchor, fisher, theta):
         p_new = p + f
         positive = p_new > 0
-        safe = tf.where(positive, p_new, tf.ones_like(p_new))
+        safe = ops.where(positive, p_new, ops.ones_like(p_new))
         # m + F (θ* − m) / P' is (P m + F θ*) / P', and exactly θ* for a first task.
-        new_m.append(tf.where(p > 0, m + f * (t - m) / safe, t))
-        added += 0.5 * tf.reduce_sum(tf.where(positive, p * f * tf.square(m - t) / safe, 0.0))
+        new_m.append(ops.where(p > 0, m + f * (t - m) / safe, t))
+        added += 0.5 * ops.sum(ops.where(positive, p * f * ops.square(m - t) / safe, 0.0))
         new_p.append(p_new)
     return new_p, new_m, offset + added
 
@@ -45,14 +45,14 @@ def merge_online(precision, anchor, offset, fisher, theta, gamma):
     """Online EWC (Schwarz et al. 2018): P' = γ P + F, m' = θ*, no offset."""
     del anchor, offset
     new_p = [gamma * p + f for p, f in zip(precision, fisher)]
-    return new_p, [tf.identity(t) for t in theta], tf.constant(0.0, tf.float32)
+    return new_p, [ops.copy(t) for t in theta], ops.zeros((), "float32")
 
 
 def quadratic(precision, anchor, offset, theta):
     """½ Σ P (θ − m)² + c, in float32 whatever the dtype of θ."""
-    total = tf.cast(offset, tf.float32)
+    total = ops.cast(offset, "float32")
     for p, m, t in zip(precision, anchor, theta):
-        total += 0.5 * tf.reduce_sum(p * tf.square(tf.cast(t, tf.float32) - m))
+        total += 0.5 * ops.sum(p * ops.square(ops.cast(t, "float32") - m))
     return total
 
 
@@ -79,8 +79,9 @@ class EWCRegularizer(keras.layers.Layer):
     learning rate: assigning `reg.strength = 10.0` takes effect at the next step, with
     no retracing. A strength so large that the penalty's gradient would overflow
     float32 is refused. The penalty's gradient, `strength * P (θ − m)`, is given
-    directly (`tf.custom_gradient`), so training does not differentiate through a chain
-    of small operations per variable.
+    directly on TensorFlow (`tf.custom_gradient`), so training does not differentiate
+    through a chain of small operations per variable; on JAX, whose compiled step fuses
+    that chain, it is plain autodiff of the same expression.
 
     Args:
         strength: λ ≥ 0, the weight of the penalty.
@@ -143,7 +144,7 @@ class EWCRegularizer(keras.layers.Layer):
             if self.built:
                 self._check_strength(value, _tensors(self.precision),
                                      _tensors(self.anchors),
-                                     tf.convert_to_tensor(self.offset),
+                                     _tensors([self.offset])[0],
                                      _tensors(self.targets))
             self._strength_variable.assign(value)
             self.__dict__["_strength_set"] = value
@@ -198,7 +199,8 @@ class EWCRegularizer(keras.layers.Layer):
         keys = _check_keys(variables, keys)
         self.offset = self.add_weight(shape=(), initializer="zeros", dtype="float32",
                                       trainable=False, name="offset")
-        self.tasks = self.add_weight(shape=(), initializer="zeros", dtype="int64",
+        self.tasks = self.add_weight(shape=(), initializer="zeros",
+                                     dtype=backend.index_dtype(),
                                      trainable=False, name="tasks")
         self._state = _State(variables, keys, *self._new_entries(variables, keys))
         self.built = True
@@ -212,7 +214,9 @@ class EWCRegularizer(keras.layers.Layer):
             anchors.append(self.add_weight(
                 shape=tuple(v.shape), dtype="float32", trainable=False,
                 initializer=keras.initializers.Constant(0.0), name=f"anchor_{label}"))
-            anchors[-1].assign(tf.cast(tf.convert_to_tensor(v), tf.float32))
+            # A copy: on JAX a cast to the same dtype is the same buffer, and a state
+            # variable sharing the weight's buffer breaks the step's buffer donation.
+            anchors[-1].assign(ops.copy(ops.cast(ops.convert_to_tensor(v), "float32")))
             precision.append(self.add_weight(
                 shape=tuple(v.shape), initializer="zeros", dtype="float32", trainable=False,
                 name=f"precision_{label}"))
@@ -262,7 +266,7 @@ class EWCRegularizer(keras.layers.Layer):
                 "(an EWCModel does this when it is built)."
             )
 
-    def penalty(self, variables: Sequence | None = None) -> tf.Tensor:
+    def penalty(self, variables: Sequence | None = None):
         """The current penalty, a float32 scalar; 0 before any consolidation.
 
         Its gradient with respect to the variables is `strength * P (θ − m)`, given in
@@ -275,10 +279,14 @@ class EWCRegularizer(keras.layers.Layer):
         theta = self.targets if variables is None else list(variables)
         # No task consolidated (`tasks` is 0) means a zero state: `assign_state` keeps
         # that invariant, so the step can skip the arithmetic.
-        return penalty_with_gradient(
-            tf.convert_to_tensor(self._strength_variable), _tensors(self.precision),
-            _tensors(self.anchors), tf.convert_to_tensor(self.offset), _tensors(theta),
-            active=tf.convert_to_tensor(self.tasks) > 0)
+        if backend.is_tensorflow():
+            from keras_ewc.backend.tensorflow import penalty as tf_penalty
+
+            return tf_penalty.penalty(self._strength_variable, self.precision,
+                                      self.anchors, self.offset, theta, self.tasks)
+        return penalty_value(_tensors([self._strength_variable])[0],
+                             _tensors(self.precision), _tensors(self.anchors),
+                             _tensors([self.offset])[0], _tensors(theta))
 
     def consolidate(self, fisher: Sequence, theta: Sequence | None = None) -> None:
         """Merges a task's Fisher diagonal, anchored at `theta` (default: the current
@@ -292,8 +300,8 @@ class EWCRegularizer(keras.layers.Layer):
 
     def _consolidate(self, fisher, theta) -> None:
         self._check_built()
-        fisher = [tf.cast(tf.convert_to_tensor(f), tf.float32) for f in fisher]
-        theta = [tf.cast(tf.convert_to_tensor(t), tf.float32)
+        fisher = [ops.cast(ops.convert_to_tensor(f), "float32") for f in fisher]
+        theta = [ops.cast(ops.convert_to_tensor(t), "float32")
                  for t in (self.targets if theta is None else theta)]
         if len(fisher) != len(self.targets) or len(theta) != len(self.targets):
             raise ValueError(
@@ -307,27 +315,27 @@ class EWCRegularizer(keras.layers.Layer):
                     f"{key} ({v.path}). Received {tuple(f.shape)} and {tuple(t.shape)}."
                 )
         for f in fisher:
-            if not bool(tf.reduce_all(tf.math.is_finite(f))) or bool(tf.reduce_any(f < 0)):
+            if not bool(ops.all(ops.isfinite(f))) or bool(ops.any(f < 0)):
                 raise ValueError("Expected a finite, non-negative Fisher diagonal.")
         state = (_tensors(self.precision), _tensors(self.anchors),
-                 tf.convert_to_tensor(self.offset))
+                 _tensors([self.offset])[0])
         if self.mode == "separate":
             new = merge_separate(*state, fisher, theta)
         else:
-            new = merge_online(*state, fisher, theta, tf.convert_to_tensor(self._gamma_variable))
+            new = merge_online(*state, fisher, theta, _tensors([self._gamma_variable])[0])
         # `assign_state` checks the strength against the new state, then commits it.
-        self.assign_state(*new, tasks=int(self.tasks.numpy()) + 1)
+        self.assign_state(*new, tasks=int(np.asarray(self.tasks.numpy())) + 1)
 
     def _check_strength(self, strength, precision, anchors, offset, theta) -> None:
         """Refuses a strength whose penalty or gradient overflows float32 on this state
         (`check_strength`, the bound every way into the state applies)."""
         if not precision:
             return
-        p_max = max(float(tf.reduce_max(p)) for p in precision)
+        p_max = max(float(ops.max(p)) for p in precision)
         if p_max == 0.0 and float(offset) == 0.0:
             return  # no task yet: the penalty is 0 at any strength
-        theta = [tf.cast(t, tf.float32) for t in theta]
-        reach = max([1.0] + [float(tf.reduce_max(tf.abs(t - m))) for t, m in
+        theta = [ops.cast(t, "float32") for t in theta]
+        reach = max([1.0] + [float(ops.max(ops.abs(t - m))) for t, m in
                              zip(theta, anchors)])
         check_strength(strength, p_max, reach,
                        float(quadratic(precision, anchors, offset, theta)), "EWC state")
@@ -352,18 +360,18 @@ class EWCRegularizer(keras.layers.Layer):
                 f"regularised variable ({self.keys}). Received {len(precision)} and "
                 f"{len(anchors)}; the state is left unchanged."
             )
-        values = [tf.convert_to_tensor(x, tf.float32) for x in precision + anchors]
+        values = [ops.convert_to_tensor(x, "float32") for x in precision + anchors]
         shapes = [tuple(v.shape) for v in self.targets] * 2
         wrong = [f"{'precision' if i < count else 'anchor'} of {self.keys[i % count]}: "
                  f"shape {tuple(x.shape)}, expected {s}"
                  for i, (x, s) in enumerate(zip(values, shapes)) if tuple(x.shape) != s]
-        offset = tf.convert_to_tensor(offset, tf.float32)
-        if offset.shape.rank != 0:
+        offset = ops.convert_to_tensor(offset, "float32")
+        if len(offset.shape) != 0:
             wrong.append(f"offset: shape {tuple(offset.shape)}, expected ()")
         if wrong:
             raise ValueError("The new EWC state does not fit the regularised variables; "
                              "the state is left unchanged: " + "; ".join(wrong))
-        if not all(bool(tf.reduce_all(tf.math.is_finite(x))) for x in values + [offset]):
+        if not all(bool(ops.all(ops.isfinite(x))) for x in values + [offset]):
             raise ValueError("The new EWC state is not finite; the state is left unchanged.")
         tasks = validate_tasks(tasks, values[:count], offset)
         strength = self.strength if strength is None else validate_strength(strength)
@@ -372,7 +380,7 @@ class EWCRegularizer(keras.layers.Layer):
                              _tensors(self.targets))
         commit(self, self.precision + self.anchors + [
             self.offset, self.tasks, self._strength_variable, self._gamma_variable],
-            values + [offset, tf.constant(tasks, tf.int64), strength, gamma])
+            values + [offset, tasks, strength, gamma])
         self.__dict__["_strength_set"] = strength
         self.__dict__["_gamma_set"] = gamma
 
@@ -380,7 +388,7 @@ class EWCRegularizer(keras.layers.Layer):
         """Forgets every consolidated task: the penalty is 0 again."""
         with self._state_lock:
             self._check_built()
-            zeros = [tf.zeros(p.shape) for p in self.precision]
+            zeros = [ops.zeros(p.shape) for p in self.precision]
             self.assign_state(zeros, zeros, 0.0, 0)
 
     def get_config(self):
@@ -542,70 +550,58 @@ def check_strength(strength, p_max, reach, value, what="EWC state") -> None:
 
 
 def commit(owner, variables, values) -> None:
-    """Assigns `values` to `variables` in ONE graph call (a `tf.function` traced once a
+    """Assigns `values` to `variables`: a new state whole, or (on an error) nothing.
+
+    On TensorFlow the assignments run in ONE graph call (a `tf.function` traced once a
     set of variables), so a Ctrl-C (`KeyboardInterrupt`, which Python delivers between
     bytecodes, never inside a running TensorFlow call) lands before every assignment or
-    after all of them: a new state is committed whole or not at all."""
-    key = tuple(id(v) for v in variables)
-    cached = owner.__dict__.get("_commit")
-    if cached is None or cached[0] != key:
-        # A tuple, not a bare tf.function attribute: kept out of SavedModel tracking.
-        cached = (key, tf.function(_AssignAll(variables), autograph=False))
-        owner.__dict__["_commit"] = cached
-    cached[1]([tf.convert_to_tensor(x, v.dtype) for v, x in zip(variables, values)])
-
-
-class _AssignAll:
-    """`values` into the variables, as one traced function. A callable object, not a
-    closure: TensorFlow counts retraces per function code, and every state (of every
-    model in a process) traces its own, which is not the retracing it warns about."""
-
-    def __init__(self, variables):
-        self.variables = list(variables)
-
-    def __call__(self, values):
-        # Stateful ops all run (automatic control dependencies): nothing to return.
-        for v, x in zip(self.variables, values):
-            v.assign(x)
-
-
-def penalty_with_gradient(strength, precision, anchor, offset, theta,
-                          active=None) -> tf.Tensor:
-    """`strength * (½ Σ P (θ − m)² + c)`, with the gradient `strength * P (θ − m)`.
-
-    The gradient is given in closed form (`tf.custom_gradient`): it reuses `P (θ − m)`
-    from the forward pass, so a training step pays one multiply a variable for it (and
-    the add of the two gradients) instead of differentiating a chain of small ops.
-    `active` (a boolean tensor, default true) False skips the arithmetic: a state with
-    no task is 0 everywhere, and a training step then costs almost nothing more.
+    after all of them. On other backends every value is converted to its variable's
+    dtype and shape-checked first (anything that can fail, fails before the first
+    assignment), then the variables are assigned one by one: an exception cannot split
+    the state, but a Ctrl-C that lands between two of those assignments can.
     """
-    theta = list(theta)
-    if active is None:
-        active = tf.constant(True)
+    if backend.is_tensorflow():
+        from keras_ewc.backend.tensorflow import penalty as tf_penalty
 
-    @tf.custom_gradient
-    def fn(*theta):
-        def compute():
-            diffs = [tf.cast(t, tf.float32) - m for t, m in zip(theta, anchor)]
-            scaled = [p * d for p, d in zip(precision, diffs)]
-            total = tf.add_n([tf.reduce_sum(s * d) for s, d in zip(scaled, diffs)])
-            return [total] + scaled
+        return tf_penalty.commit(owner, variables, values)
+    variables = list(variables)
+    # Copies: a value may be another variable's buffer (the weights, as anchors), and
+    # JAX's training step donates each variable's buffer; two variables must not share.
+    ready = [ops.copy(ops.convert_to_tensor(x, v.dtype)) for v, x in zip(variables, values)]
+    wrong = [f"{v.path}: {tuple(x.shape)} for {tuple(v.shape)}"
+             for v, x in zip(variables, ready) if tuple(x.shape) != tuple(v.shape)]
+    if wrong:
+        raise ValueError("Cannot commit values whose shapes differ from their "
+                         "variables': " + "; ".join(wrong))
+    for v, x in zip(variables, ready):
+        v.assign(x)
 
-        def skip():
-            return [tf.zeros((), tf.float32)] + [tf.zeros(tf.shape(p), tf.float32)
-                                                 for p in precision]
 
-        total, *scaled = tf.cond(active, compute, skip)
-        value = strength * (offset + 0.5 * total)
+def penalty_value(strength, precision, anchor, offset, theta):
+    """`strength * (½ Σ P (θ − m)² + c)` in `keras.ops`, float32 whatever θ's dtype.
 
-        def grad(upstream):
-            factor = upstream * strength
-            grads = tf.cond(active, lambda: [factor * s for s in scaled], lambda: scaled)
-            return [tf.cast(g, t.dtype) for g, t in zip(grads, theta)]
+    Its gradient is autodiff's, `strength * P (θ − m)` (the backends that compile a
+    step, JAX, fuse the chain into one loop a variable, so a closed form buys nothing;
+    TensorFlow gives it in closed form: `keras_ewc.backend.tensorflow.penalty`).
+    """
+    total = ops.zeros((), "float32")
+    for p, m, t in zip(precision, anchor, theta):
+        d = ops.cast(t, "float32") - m
+        total = total + ops.sum(p * d * d)
+    return strength * (offset + 0.5 * total)
 
-        return value, grad
 
-    return fn(*theta)
+def penalty_with_gradient(strength, precision, anchor, offset, theta, active=None):
+    """The penalty with the gradient `strength * P (θ − m)`; see
+    `keras_ewc.backend.tensorflow.penalty.penalty_with_gradient` (TensorFlow) and
+    `penalty_value` (other backends, where `active` changes nothing: a state with no
+    task is 0 everywhere)."""
+    if backend.is_tensorflow():
+        from keras_ewc.backend.tensorflow import penalty as tf_penalty
+
+        return tf_penalty.penalty_with_gradient(strength, precision, anchor, offset,
+                                                theta, active)
+    return penalty_value(strength, precision, anchor, offset, theta)
 
 
 def state_mismatch(saved, own, targets) -> str:
@@ -650,7 +646,7 @@ def _python_value(variable, given) -> float:
 
 
 def _tensors(variables) -> list:
-    return [tf.convert_to_tensor(v) for v in variables]
+    return [backend.tensor(v) for v in variables]
 
 
 class _State:
@@ -691,7 +687,7 @@ def validate_tasks(tasks, precision, offset, most=None) -> int:
         bound = f" <= max_tasks={most}" if most is not None else ""
         raise ValueError(f"Expected a task count >= 0{bound}. Received: tasks={tasks!r}; "
                          "the state is left unchanged.")
-    if tasks == 0 and (any(bool(tf.reduce_any(p != 0)) for p in precision)
+    if tasks == 0 and (any(bool(ops.any(p != 0)) for p in precision)
                        or float(offset) != 0.0):
         raise ValueError(
             "Expected a zero precision and offset with tasks=0 (no task consolidated "

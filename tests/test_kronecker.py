@@ -143,6 +143,31 @@ def test_separate_regularizer_penalty_and_gradients_equal_the_sum_over_tasks():
         _close(got, 3.0 * want)
 
 
+def test_the_state_factors_the_layers_it_is_told_and_no_others():
+    from keras_ewc.fisher import kronecker as factors_module
+
+    net = _mixed_net()
+    plan = factors_module.factored_layers(net, net.trainable_variables)
+    # Told to factor only the last layer: the first one's kernel and bias are diagonal.
+    reg = kron.KroneckerRegularizer(strength=2.0)
+    reg.build_for(net.trainable_variables, net, plan=plan[1:], layer_keys=["the_out"])
+    assert [layer.name for layer, _ in reg.factored] == ["out"]
+    assert reg.layer_keys == ["the_out"]
+    first = [v.name for v in plan[0][2].values()]
+    assert sorted(v.name for v in reg.rest) == sorted(first + ["beta", "gamma"])
+    assert [tuple(v.shape) for v in reg.kronecker_state[0]] == [
+        (reg.num_slots,) + s for s in (
+            (wbar_shape(plan[1][2])[0],) * 2, (wbar_shape(plan[1][2])[1],) * 2,
+            wbar_shape(plan[1][2]))]
+    # A plan with a layer whose variables are not all regularised is refused.
+    with pytest.raises(ValueError, match="must be regularised"):
+        kron.KroneckerRegularizer().build_for(net.trainable_variables[2:], net, plan=plan,
+                                              layer_keys=["a", "b"])
+    with pytest.raises(ValueError, match="one layer key a factored layer"):
+        kron.KroneckerRegularizer().build_for(net.trainable_variables, net, plan=plan,
+                                              layer_keys=["a"])
+
+
 def test_separate_slots_run_out_with_a_clear_error_and_no_change():
     net = _mixed_net()
     reg = kron.KroneckerRegularizer(max_tasks=1)

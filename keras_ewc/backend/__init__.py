@@ -1,0 +1,81 @@
+"""What differs between Keras backends, behind one seam.
+
+The training core (`keras_ewc.penalty`, `keras_ewc.model`) is written in `keras.ops` and
+asks this module only which backend runs and for the few pieces a backend provides
+itself. What is TensorFlow's by nature (SavedModel export, `tf.distribute`,
+`tf.train.Checkpoint` hooks, the penalty's closed-form gradient as a
+`tf.custom_gradient`, a state committed in one graph call) lives in
+`keras_ewc.backend.tensorflow`, imported only when TensorFlow is the backend; a
+TensorFlow-only feature used on another backend raises `BackendError`, naming the
+backend and what to do instead.
+
+>>> from keras_ewc import backend
+>>> backend.name() in ("tensorflow", "jax")
+True
+"""
+
+from __future__ import annotations
+
+import keras
+
+SUPPORTED = ("tensorflow", "jax")
+
+
+class BackendError(RuntimeError):
+    """A feature the running Keras backend does not provide."""
+
+
+def name() -> str:
+    """The Keras backend of this process (`keras.backend.backend()`)."""
+    return keras.backend.backend()
+
+
+def is_tensorflow() -> bool:
+    return name() == "tensorflow"
+
+
+def is_jax() -> bool:
+    return name() == "jax"
+
+
+def require_tensorflow(feature: str, fix: str) -> None:
+    """Raises `BackendError` unless TensorFlow is the backend.
+
+    Args:
+        feature: what was asked for, e.g. `"EWCModel.export(format='tf_saved_model')"`.
+        fix: what to do instead on this backend.
+    """
+    if is_tensorflow():
+        return
+    raise BackendError(
+        f"{feature} needs the TensorFlow backend; this process runs Keras on "
+        f"{name()!r} (KERAS_BACKEND={name()}). {fix} Or run it in a process started "
+        "with KERAS_BACKEND=tensorflow: `.keras` and `.weights.h5` files move between "
+        "backends with their EWC state."
+    )
+
+
+def tensor(x):
+    """`x` (a variable, array or tensor) as a tensor of the backend: its value.
+
+    On TensorFlow, `tf.convert_to_tensor` (a variable is read; `keras.ops` would hand
+    the variable itself back); elsewhere `keras.ops.convert_to_tensor` (in a JAX step,
+    a variable's traced value).
+    """
+    if is_tensorflow():
+        import tensorflow as tf
+
+        return tf.convert_to_tensor(x)
+    return keras.ops.convert_to_tensor(x)
+
+
+def index_dtype() -> str:
+    """The dtype of counters held in variables (the task count): int64, except on JAX
+    without `jax_enable_x64`, where an int64 variable silently holds int32 (and warns
+    at every creation); a task count never comes near 2**31."""
+    if is_jax():
+        import jax
+
+        if not jax.config.jax_enable_x64:
+            return "int32"
+    return "int64"
