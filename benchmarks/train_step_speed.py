@@ -22,6 +22,8 @@ cost less than these without fusing elementwise ops (XLA, which Keras does not u
 CPU, measured slower for the penalty alone).
 
     python benchmarks/train_step_speed.py [--rounds 15] [--steps 50] [--threads 1]
+    KERAS_BACKEND=jax python benchmarks/train_step_speed.py    (the same on JAX, where
+                                                                the step is jitted by XLA)
 """
 
 from __future__ import annotations
@@ -66,10 +68,19 @@ class BarePenalty(keras.Model):
         return self.network(inputs, training=training)
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        import tensorflow as tf
-
         loss = super().compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
                                     training=training)
+        if keras.backend.backend() != "tensorflow":
+            # JAX: the plain expression; XLA fuses it and its gradient. "Gradient only"
+            # is the same value with its forward part stopped.
+            theta = self.network.trainable_variables
+            value = 0.5 * sum(keras.ops.sum(p * keras.ops.square(t - m))
+                              for p, t, m in zip(self.precision, theta, self.anchors))
+            if not self.value:
+                value = value - keras.ops.stop_gradient(value)
+            return loss + value
+        import tensorflow as tf
+
         precision = [tf.convert_to_tensor(p) for p in self.precision]
         anchors = [tf.convert_to_tensor(m) for m in self.anchors]
 
@@ -126,7 +137,7 @@ def main(argv=None):
                         help="TensorFlow intra- and inter-op threads (0: TensorFlow's "
                              "default)")
     args = parser.parse_args(argv)
-    if args.threads:
+    if args.threads and keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
@@ -148,6 +159,8 @@ def main(argv=None):
             candidates[name].fit(x, y, batch_size=128, epochs=1, shuffle=False, verbose=0)
             wall[name].append(time.perf_counter() - start)
             cpu[name].append(time.process_time() - start_cpu)
+    print(f"backend {keras.backend.backend()}, keras {keras.__version__}, load "
+          f"{os.getloadavg()[0]:.1f}")
     print(f"MLP 784-400-400-10, batch 128, Adam, {args.steps} steps a round, "
           f"{args.rounds} rounds, threads {args.threads or 'default'}")
     for label, times in (("wall", wall), ("cpu", cpu)):
