@@ -14,7 +14,8 @@ term columns, summed over the layer's calls):
 - the oracle: one example at a time, `jax.jacrev` of its T terms with respect to the
   layer's weights through `layer.stateless_call`, squared and summed.
 Each case runs twice: with the kernels' default memory budget and with a budget of one
-element (`_common.BUDGET = 1`), so that every chunked path slices one example at a time.
+element (`_common.BUDGET = 1`), so that every chunked path slices one example at a time;
+a few (`NEW_WEIGHTS`) run their compiled function again at new weights.
 """
 
 from __future__ import annotations
@@ -147,6 +148,10 @@ CASES = {
 }
 
 
+# Cases whose compiled kernel is run a second time, at new weights.
+NEW_WEIGHTS = ("dense_flat", "separable2d", "batch_norm_inference")
+
+
 def run_case(name):
     import jax
 
@@ -181,11 +186,12 @@ def run_case(name):
     result = {"case": name, "variables": {}, "covered": sorted(names),
               "trainable": sorted(expected)}
     default = _common.BUDGET
+    compiled = {}
     for label, budget in (("whole", default), ("chunked", 1)):
         _common.BUDGET = budget
         try:
-            fn = jax.jit(kernel_sum_squared(kernel, layer, calls, terms_fn))
-            found = fn([v.value for v in layer.variables])
+            compiled[label] = jax.jit(kernel_sum_squared(kernel, layer, calls, terms_fn))
+            found = compiled[label]([v.value for v in layer.variables])
         finally:
             _common.BUDGET = default
         for path, name_ in names.items():
@@ -194,6 +200,19 @@ def run_case(name):
             entry = result["variables"].setdefault(path, {"scale": scale})
             entry[label] = float(np.max(np.abs(got - want))) / max(scale, 1e-30)
             entry["shape_ok"] = entry.get("shape_ok", True) and got.shape == want.shape
+    if name in NEW_WEIGHTS:
+        # The compiled function again, at other weights: they are its arguments, not
+        # constants frozen when it was traced.
+        for v in layer.variables:
+            v.assign(np.abs(v.numpy()) * 1.5 + 0.25)
+        again = oracle(layer, calls, terms_fn)
+        found = compiled["whole"]([v.value for v in layer.variables])
+        for path, name_ in names.items():
+            got, want = np.asarray(found[name_]), again[path]
+            scale = float(np.max(np.abs(want)))
+            entry = result["variables"][path]
+            entry["new_weights"] = float(np.max(np.abs(got - want))) / max(scale, 1e-30)
+            entry["moved"] = float(np.max(np.abs(want - expected[path]))) / max(scale, 1e-30)
     return result
 
 

@@ -4,7 +4,8 @@ Keras picks its backend at import, and this suite imports it on TensorFlow, so t
 checks run in one fresh process with KERAS_BACKEND=jax (`tests/_kernels_jax_checks.py`,
 once for the module: its docstring says what is compared), and these tests assert on
 the numbers it reports. Tolerance: 1e-5 of the largest oracle value, for each variable,
-with the kernels' default memory budget and with chunks of one example.
+with the kernels' default memory budget and with chunks of one example; a few
+compiled kernels run again at new weights.
 """
 
 import json
@@ -62,3 +63,14 @@ def test_kernel_on_jax_matches_oracle(checks, case):
         assert entry["scale"] > 1e-3, path  # a real Fisher, not zeros on both sides
         assert entry["whole"] <= TOL, (path, entry)
         assert entry["chunked"] <= TOL, (path, entry)
+
+
+@pytest.mark.parametrize("case", ["dense_flat", "separable2d", "batch_norm_inference"])
+def test_compiled_kernel_takes_the_weights_as_arguments(checks, case):
+    # The jitted kernel run again at new weights (passed through keras.StatelessScope,
+    # moving statistics included) matches the oracle at those weights, and the Fisher
+    # did move with them (a bias's need not: BatchNormalization's β sees no weight).
+    entries = checks[case]["variables"]
+    assert max(entry["moved"] for entry in entries.values()) > 1e-2
+    for path, entry in entries.items():
+        assert entry["new_weights"] <= TOL, (path, entry)
