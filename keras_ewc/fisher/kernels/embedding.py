@@ -44,9 +44,9 @@ class EmbeddingKernel(Kernel):
         example = keras.ops.arange(batch, dtype=dtype)[:, None] * rows
         keys, pair, pairs = _backend_ops.unique_keys(keras.ops.reshape(example + ids, [-1]))
         # Σ_t (Σ_{s: ids[n, s] = r} g[t, n, s])², one (example, row) pair at a time.
-        squares = sum(
-            keras.ops.square(keras.ops.segment_sum(g[t], pair, num_segments=pairs))
-            for t in range(g.shape[0])
-        )
+        squares = None
+        for t in range(g.shape[0]):
+            square = keras.ops.square(keras.ops.segment_sum(g[t], pair, num_segments=pairs))
+            squares = square if squares is None else squares + square
         return {"embeddings": keras.ops.segment_sum(squares, keys % rows, num_segments=rows)}
 
