@@ -298,23 +298,30 @@ def factor_sums(model, weights, values, layers, terms_fn, inputs, extra, scale):
 
 def column_grads(pullback, shape, scale=None):
     """`[T, *probe.shape]` for each probe: the gradient of each term column, row n
-    scaled by `scale[n]` (the examples' √weight, applied through the cotangents).
+    scaled by `scale[n]` (the examples' √weight).
 
-    Not `jax.vmap` of the pullback: XLA on CPU (jaxlib 0.10.2) crashes with a
-    segmentation fault running it from about 512 rows when the step also takes the
-    weights as an input (tests/test_fisher_jax.py runs 1,024 rows).
+    One pullback a column, unrolled up to `LOOP_COLUMNS` columns, else a `lax.map` over
+    them (compile time stays bounded for thousands of classes). Not `jax.vmap` of the
+    pullback: with jaxlib 0.10.2 on CPU it gives wrong gradients from 512 rows (sums a
+    few percent low against the same data in batches of 128, which the oracle confirms),
+    or crashes with a segmentation fault (tests/test_fisher_jax.py checks 1,024 rows).
+    Row n of a probe's gradient is linear in row n of the cotangent, so the scale is
+    applied to the gradients.
     """
     count = shape[1]
-    rows = jnp.ones((shape[0],), jnp.float32) if scale is None else scale
 
-    def column(t):
-        return pullback(jax.nn.one_hot(t, count, dtype=jnp.float32)[None, :]
-                        * rows[:, None])[0]
+    def column(e):
+        grads = pullback(jnp.broadcast_to(e[None, :], tuple(shape)))[0]
+        if scale is None:
+            return grads
+        return [g * jnp.reshape(scale, (-1,) + (1,) * (g.ndim - 1)).astype(g.dtype)
+                for g in grads]
 
+    eye = jnp.eye(count, dtype=jnp.float32)
     if count <= LOOP_COLUMNS:
-        per_column = [column(t) for t in range(count)]
+        per_column = [column(eye[t]) for t in range(count)]
         return [jnp.stack(g) for g in zip(*per_column)]
-    return list(jax.lax.map(column, jnp.arange(count)))
+    return list(jax.lax.map(column, eye))
 
 
 def _checked(layer, kernel, params, records, grads):
