@@ -296,6 +296,33 @@ def test_a_kronecker_state_trains_with_its_penalty_and_its_file_reloads(tmp_path
     np.testing.assert_allclose(float(again.penalty()), expected, rtol=1e-6)
 
 
+CORE = ["keras_ewc/penalty.py", "keras_ewc/kronecker.py", "keras_ewc/model.py",
+        "keras_ewc/saving.py", "keras_ewc/backend/__init__.py"]
+
+
+@neutral
+def test_the_core_names_tensorflow_only_inside_its_backend_folder():
+    """The core is written in keras.ops: no module of it imports TensorFlow or calls a
+    `tf.` API (docstrings and comments may name them); TensorFlow's pieces live in
+    keras_ewc/backend/tensorflow/, imported only when TensorFlow is the backend."""
+    import ast
+
+    found = []
+    for path in CORE:
+        tree = ast.parse(open(os.path.join(ROOT, path), encoding="utf-8").read())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            elif isinstance(node, ast.Name) and node.id == "tf":
+                names = ["tf"]
+            found += [f"{path}:{node.lineno}: {n}" for n in names
+                      if n == "tf" or n.split(".")[0] == "tensorflow"]
+    assert found == []
+
+
 # --- files between backends ------------------------------------------------------------
 
 SIDE = textwrap.dedent("""
