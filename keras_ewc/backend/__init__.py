@@ -63,9 +63,9 @@ def tensor(x):
     a variable's traced value).
     """
     if is_tensorflow():
-        import tensorflow as tf
+        from keras_ewc.backend.tensorflow import core
 
-        return tf.convert_to_tensor(x)
+        return core.tensor(x)
     return keras.ops.convert_to_tensor(x)
 
 

@@ -1,0 +1,9 @@
+"""TensorFlow's answers to the seam's small questions (see `keras_ewc.backend`)."""
+
+import tensorflow as tf
+
+
+def tensor(x) -> tf.Tensor:
+    """`x` as a tensor: a variable is read (`keras.ops.convert_to_tensor` would hand the
+    Keras variable itself back)."""
+    return tf.convert_to_tensor(x)
