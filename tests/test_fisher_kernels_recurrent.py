@@ -9,7 +9,6 @@ kernel cannot pass by falling back to the layer-local or reference path.
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from keras_ewc.fisher import diagonal, kernels, likelihoods
 from keras_ewc.fisher.kernels import recurrent
@@ -121,29 +120,34 @@ def _rerun(layer, x, **kwargs):
     lambda: L.GRU(4, reset_after=False, return_state=True),
     lambda: L.SimpleRNN(3, return_sequences=True, return_state=True),
     lambda: L.LSTM(3, return_sequences=True, zero_output_for_mask=True),
+    lambda: L.GRU(3, return_sequences=True, unroll=True),
 ], ids=["lstm", "lstm_backwards", "gru", "gru_reset_before", "simple_rnn",
-        "lstm_zero_output_for_mask"])
+        "lstm_zero_output_for_mask", "gru_unrolled"])
 def test_rerun_returns_what_the_layer_returns(make):
-    """Outputs, sequences and final states, with a mask and an initial state."""
+    """Outputs, sequences and final states, with a mask and an initial state (written in
+    keras.ops: runs on JAX too)."""
     keras.utils.set_random_seed(2)
     layer = make()
-    x = tf.constant(_padded(seed=1))
+    x = keras.ops.convert_to_tensor(_padded(seed=1))
     layer.build(x.shape)
     _perturb(keras.Sequential([layer]))
-    mask = tf.constant(np.abs(_padded(seed=1)).sum(-1) > 0)
+    mask = keras.ops.convert_to_tensor(np.abs(_padded(seed=1)).sum(-1) > 0)
     states = len(layer.cell.state_size) if isinstance(layer.cell.state_size, list) else 1
-    init = [tf.constant(np.random.default_rng(s).normal(size=(N, layer.cell.units)),
-                        tf.float32) for s in range(states)]
+    init = [keras.ops.convert_to_tensor(
+        np.random.default_rng(s).normal(size=(N, layer.cell.units)), "float32")
+        for s in range(states)]
     for kwargs in ({}, {"mask": mask}, {"mask": mask, "initial_state": init}):
         mine, theirs, record = _rerun(layer, x, **kwargs)
-        for a, b in zip(tf.nest.flatten(mine), tf.nest.flatten(theirs)):
+        mine, theirs = keras.tree.flatten(mine), keras.tree.flatten(theirs)
+        assert len(mine) == len(theirs) == (1 + states if layer.return_state else 1)
+        for a, b in zip(mine, theirs):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
         assert record["x"].shape == x.shape
         assert record["h"].shape == (N, STEPS, layer.cell.units)
     # The mask matters: a wrong one would change the sequences.
     unmasked = _rerun(layer, x)[0]
     masked = _rerun(layer, x, mask=mask)[0]
-    assert not np.allclose(tf.nest.flatten(unmasked)[0], tf.nest.flatten(masked)[0])
+    assert not np.allclose(keras.tree.flatten(unmasked)[0], keras.tree.flatten(masked)[0])
 
 
 def test_initial_state_gradients_reach_the_encoder():

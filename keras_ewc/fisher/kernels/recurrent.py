@@ -146,6 +146,11 @@ class _RecurrentKernel(Kernel):
             xs.append(ops.transpose(mask, (1, 0))[..., None])
         zero_output = layer.zero_output_for_mask
         out0 = ops.zeros_like(states[0])
+        # A masked step's output is the previous step's (zeros before the first) as
+        # Keras runs it on TensorFlow, and unrolled on JAX; JAX's scan takes the
+        # previous state h instead (the initial state before the first step).
+        prev0 = (states[0] if keras.backend.backend() != "tensorflow" and not layer.unroll
+                 else out0)
 
         def body(carry, inputs):
             prev_out, states = carry[0], list(carry[1:])
@@ -156,7 +161,7 @@ class _RecurrentKernel(Kernel):
                 new_states = [_where(m, s, p) for s, p in zip(new_states, states)]
             return [output] + list(new_states)
 
-        final, per_step = _scan(body, [out0] + states, xs)
+        final, per_step = _scan(body, [prev0] + states, xs)
         outputs, hs = per_step[0], per_step[1]  # [steps, B, units]
         # Values only: h_{t-1} is the state before step t (the initial state first).
         h_prev = ops.concatenate([states[0][None], hs[:-1]], axis=0)
