@@ -95,8 +95,12 @@ class _RecurrentKernel(Kernel):
     def gates(self, layer) -> int:
         raise NotImplementedError
 
-    def step(self, layer, w, pre_x, probe, states):
-        """One step: `(output, new states)` from the input projection and the probe."""
+    def loop_inputs(self, layer, pre_x, z):
+        """The `[B, steps, ...]` tensors each step reads: by default `x W + b + z`."""
+        return [pre_x + z]
+
+    def step(self, layer, w, inputs, states):
+        """One step: `(output, new states)` from step t's `loop_inputs` and states."""
         raise NotImplementedError
 
     def forward(self, layer, args, kwargs):
@@ -138,7 +142,9 @@ class _RecurrentKernel(Kernel):
                 mask = ops.flip(mask, axis=1)
         pre_x = self.project(layer, w, x)  # [B, steps, gates]: x W + b, all steps at once
         # Time-major for the loop.
-        xs = [ops.transpose(pre_x, (1, 0, 2)), ops.transpose(z, (1, 0, 2))]
+        # The probe is added outside the loop, over all steps at once.
+        xs = [ops.transpose(t, (1, 0, 2)) for t in self.loop_inputs(layer, pre_x, z)]
+        count = len(xs)
         if mask is not None:
             mask = ops.cast(mask, "bool")
             if len(mask.shape) == 3:
@@ -154,9 +160,9 @@ class _RecurrentKernel(Kernel):
 
         def body(carry, inputs):
             prev_out, states = carry[0], list(carry[1:])
-            output, new_states = self.step(layer, w, inputs[0], inputs[1], states)
+            output, new_states = self.step(layer, w, inputs[:count], states)
             if mask is not None:
-                m = inputs[2]
+                m = inputs[count]
                 output = _where(m, output, out0 if zero_output else prev_out)
                 new_states = [_where(m, s, p) for s, p in zip(new_states, states)]
             return [output] + list(new_states)
@@ -205,10 +211,10 @@ class LSTMKernel(_RecurrentKernel):
     def gates(self, layer) -> int:
         return 4 * layer.cell.units
 
-    def step(self, layer, w, pre_x, probe, states):
+    def step(self, layer, w, inputs, states):
         cell = layer.cell
         h, c = states
-        pre = pre_x + probe + ops.matmul(h, w["recurrent_kernel"])
+        pre = inputs[0] + ops.matmul(h, w["recurrent_kernel"])
         i, f, g, o = ops.split(pre, 4, axis=-1)
         i, f, o = (cell.recurrent_activation(t) for t in (i, f, o))
         c = f * c + i * cell.activation(g)
@@ -225,9 +231,9 @@ class SimpleRNNKernel(_RecurrentKernel):
     def gates(self, layer) -> int:
         return layer.cell.units
 
-    def step(self, layer, w, pre_x, probe, states):
+    def step(self, layer, w, inputs, states):
         cell = layer.cell
-        h = pre_x + probe + ops.matmul(states[0], w["recurrent_kernel"])
+        h = inputs[0] + ops.matmul(states[0], w["recurrent_kernel"])
         if cell.activation is not None:
             h = cell.activation(h)
         return h, [h]
@@ -249,14 +255,19 @@ class GRUKernel(_RecurrentKernel):
             return pre
         return pre + (w["bias"][0] if layer.cell.reset_after else w["bias"])
 
-    def step(self, layer, w, pre_x, probe, states):
+    def loop_inputs(self, layer, pre_x, z):
+        if not layer.cell.reset_after:
+            return [pre_x + z]
+        units = layer.cell.units
+        return [pre_x + z[..., : 3 * units], z[..., 3 * units:]]
+
+    def step(self, layer, w, inputs, states):
         cell = layer.cell
         units = cell.units
         h = states[0]
         u = w["recurrent_kernel"]
         if cell.reset_after:
-            probe_x, probe_h = probe[:, : 3 * units], probe[:, 3 * units:]
-            x_side = pre_x + probe_x
+            x_side, probe_h = inputs
             h_side = ops.matmul(h, u) + probe_h
             if "bias" in w:
                 h_side = h_side + w["bias"][1]
@@ -266,7 +277,7 @@ class GRUKernel(_RecurrentKernel):
             r = cell.recurrent_activation(x_r + h_r)
             hh = cell.activation(x_h + r * h_h)
         else:
-            x_z, x_r, x_h = ops.split(pre_x + probe, 3, axis=-1)
+            x_z, x_r, x_h = ops.split(inputs[0], 3, axis=-1)
             inner = ops.matmul(h, u[:, : 2 * units])
             z = cell.recurrent_activation(x_z + inner[:, :units])
             r = cell.recurrent_activation(x_r + inner[:, units:])
