@@ -67,6 +67,10 @@ CONFIGS = {
     "bidirectional_gru": lambda: _model(L.Bidirectional(L.GRU(2), merge_mode="sum")),
     "stacked_lstm_gru_masked": lambda: _model(
         L.LSTM(4, return_sequences=True), L.GRU(3), masking=True),
+    # Dropout acts in training only: the Fisher is taken in inference mode.
+    "gru_dropout_lstm_recurrent_dropout": lambda: _model(
+        L.GRU(3, dropout=0.5, return_sequences=True), L.LSTM(2, recurrent_dropout=0.4),
+        masking=True),
     "stacked_unrolled": lambda: _model(
         L.SimpleRNN(4, return_sequences=True, unroll=True), L.LSTM(3, unroll=True)),
 }
