@@ -162,6 +162,8 @@ def test_initial_state_gradients_reach_the_encoder():
     _, h, c = L.LSTM(3, return_state=True, name="encoder")(inputs)
     decoded = L.LSTM(3, return_sequences=True, name="decoder")(
         inputs[:, ::-1], initial_state=[h, c])
+    # Positionally too.
+    decoded = decoded + L.GRU(3, return_sequences=True, name="second")(inputs, [h])
     model = _perturb(keras.Model(inputs, L.Dense(CLASSES)(L.Flatten()(decoded))))
     x = _padded(seed=2)
     fisher, paths = _sums(model, x)

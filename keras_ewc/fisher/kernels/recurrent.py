@@ -13,16 +13,19 @@ step t's pre-activation, and returns what the layer returns (`return_sequences`,
 `return_state`, `go_backwards`, masks, `initial_state`). The gradient at `z[:, t]` is
 then the gradient at step t's pre-activation; a masked step keeps the previous state and
 output, so its gradient is zero. The inputs' projection `x W + b` is one matmul over all
-steps; only `h_{t-1} U` runs inside the loop (`keras.ops.scan`).
+steps; only `h_{t-1} U` runs inside the loop (on TensorFlow a `tf.while_loop`, as Keras'
+own layers run there: TF-only code, marked; `keras.ops.scan` on other backends). The
+forward pass and the loop are keras.ops; the sums use the Dense kernel's helpers.
 
 GRU: with `reset_after=True` the reset gate multiplies `h_{t-1} U_h + b_h` after the
 matmul, so the recurrent pre-activation has its own gradient: the probe holds 6 units
-a step, the input side's 3 then the recurrent side's 3 (bias row 0 and row 1). With
+a step, the input side's 3 then the recurrent side's 3 (bias row 0 and row 1). Each
+gate's units are in Keras' order: LSTM i, f, c, o; GRU z, r, h. With
 `reset_after=False` the candidate's recurrent input is `r_t ∘ h_{t-1}`, recorded as such.
 
 Not covered (the layer-local path keeps these exact): cells other than Keras' own (a
-subclass, or `keras.layers.RNN` around a cell), stateful layers, mixed precision, a call
-in training mode with dropout.
+subclass, or `keras.layers.RNN` around a cell), a layer subclass overriding `call` or
+`inner_loop`, stateful layers, mixed precision, a call in training mode with dropout.
 """
 
 from __future__ import annotations
@@ -77,7 +80,6 @@ class _RecurrentKernel(Kernel):
     """What LSTM, GRU and SimpleRNN share: inputs, masks, the loop, the outputs."""
 
     cell_class: type = None
-    states = 1  # carried states (h, and LSTM's c)
 
     def supports(self, layer) -> bool:
         cell = layer.cell
@@ -105,13 +107,15 @@ class _RecurrentKernel(Kernel):
 
     def forward(self, layer, args, kwargs):
         x = args[0]
+        if len(args) > 4 or len(x.shape) != 3:
+            return None
+        # `call(sequences, initial_state=None, mask=None, training=False)`
+        kwargs = {**dict(zip(("initial_state", "mask", "training"), args[1:])), **kwargs}
         cell = layer.cell
         training = kwargs.get("training", False)
         if (training is not False and training is not None
                 and (cell.dropout or cell.recurrent_dropout)):
             return None  # dropout in training mode: not per-example maths we re-run
-        if len(args) > 1 or len(x.shape) != 3:
-            return None
         initial_state = kwargs.get("initial_state")
         mask = kwargs.get("mask")
         if isinstance(mask, (list, tuple)):
@@ -141,8 +145,7 @@ class _RecurrentKernel(Kernel):
             if mask is not None:
                 mask = ops.flip(mask, axis=1)
         pre_x = self.project(layer, w, x)  # [B, steps, gates]: x W + b, all steps at once
-        # Time-major for the loop.
-        # The probe is added outside the loop, over all steps at once.
+        # Time-major for the loop; the probe is added outside it, to all steps at once.
         xs = [ops.transpose(t, (1, 0, 2)) for t in self.loop_inputs(layer, pre_x, z)]
         count = len(xs)
         if mask is not None:
