@@ -1,8 +1,9 @@
 """The layer-local path's speed: `fisher_diagonal` as a multiple of one batched gradient pass.
 
 Models whose variables no kernel covers: an MLP with LayerScale-style elementwise scales
-and a gated custom layer, a ConvNeXt-like convolutional block with a LayerScale, and
-LSTM / GRU text classifiers (masked, padded sequences). For each, as a user calls it
+and a gated custom layer, a ConvNeXt-like convolutional block with a LayerScale; and
+LSTM / GRU text classifiers (masked, padded sequences), layer-local until the recurrent
+kernel (`keras_ewc/fisher/kernels/recurrent.py`) covered them. For each, as a user calls it
 (a `tf.data.Dataset` of (x, y) in batches of `--batch-size`, a fresh call after a first
 one that traces), the ratio of CPU time (`time.process_time`, which other processes'
 load disturbs less than the wall clock) of `fisher_diagonal` to one batched gradient

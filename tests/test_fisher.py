@@ -407,7 +407,9 @@ def test_paths_and_fallback_modes():
 
     keras.utils.set_random_seed(3)
     model = keras.Sequential([
-        keras.Input((3, 2)), keras.layers.SimpleRNN(4, name="rnn"),
+        keras.Input((3, 2)),
+        # RNN around a cell: no kernel covers it, it goes layer-local.
+        keras.layers.RNN(keras.layers.SimpleRNNCell(4), name="rnn"),
         keras.layers.Dense(3, name="head")])
     x, _ = _data(model, n=6, classes=3)
     static = kernel_paths(model)

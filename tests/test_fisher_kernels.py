@@ -242,9 +242,9 @@ def test_model_mixing_fast_and_fallback_layers():
     x = _x((2, 3))
     fisher, paths = _sums(model, x)
     by_layer = _paths_by_layer(paths)
-    assert by_layer["d1"] == by_layer["d2"] == "fast"
+    assert by_layer["d1"] == by_layer["d2"] == by_layer["rnn"] == "fast"
     # No kernel: each of these layers is re-run alone per example (the layer-local path).
-    assert by_layer["rnn"] == by_layer["scale"] == by_layer["doubled"] == "layer-local"
+    assert by_layer["scale"] == by_layer["doubled"] == "layer-local"
     oracle.assert_close(fisher, oracle.categorical_exact(model, model.trainable_variables, x))
 
 

@@ -15,6 +15,7 @@ import tensorflow as tf
 from keras_ewc import fisher_diagonal
 from keras_ewc.fisher import engine, kernel_paths, likelihoods
 from keras_ewc.fisher.kernels import _common
+from keras_ewc.fisher.kernels import recurrent as recurrent_kernels
 from tests import oracle
 
 L = keras.layers
@@ -337,9 +338,11 @@ RECURRENT = {
     # Tracing pfor's conversion of the recurrence takes 20-50 s on 2 cores for these.
     pytest.param(name, marks=pytest.mark.slow) if name != "simple_rnn_sequences_backwards"
     else name for name in sorted(RECURRENT)])
-def test_recurrent_layers_go_layer_local_exactly(name, estimator):
+def test_recurrent_layers_go_layer_local_exactly(monkeypatch, name, estimator):
     """A recurrent layer re-runs alone per example (its cell's variables with it), masks,
-    directions and sequences included."""
+    directions and sequences included. The recurrent kernels (which cover these layers)
+    are switched off, as for a layer they refuse (a user's cell)."""
+    monkeypatch.setattr(recurrent_kernels._RecurrentKernel, "supports", lambda self, layer: False)
     keras.utils.set_random_seed(8)
     model = _perturb(keras.Sequential([keras.Input((5, 4))] + RECURRENT[name]()
                                       + [L.Dense(CLASSES)]))

@@ -7,6 +7,7 @@ here and importing it below; a user's own layer registers the same way.
 
 from keras_ewc.fisher.kernels import conv, dense, einsum_dense, embedding, normalization  # noqa: F401, I001  (registers the built-in kernels)
 from keras_ewc.fisher.kernels import conv_transpose, depthwise, group_norm, separable  # noqa: F401, I001
+from keras_ewc.fisher.kernels import recurrent  # noqa: F401, I001
 from keras_ewc.fisher.kernels._registry import (
     Kernel,
     lookup,
