@@ -233,7 +233,7 @@ def kernel_paths(model, variables: Sequence[tf.Variable] | None = None) -> dict:
     >>> import keras
     >>> from keras_ewc.fisher import kernel_paths
     >>> net = keras.Sequential([keras.Input((5, 4)), keras.layers.Dense(3),
-    ...                         keras.layers.SimpleRNN(2)])
+    ...                         keras.layers.RNN(keras.layers.SimpleRNNCell(2))])
     >>> sorted(set(kernel_paths(net).values()))
     ['fast', 'layer-local']
     """
@@ -363,8 +363,9 @@ class _Loop:
             # The first batch through the model: its outputs are checked against the
             # likelihood before anything is traced.
             # A few rows suffice, and keep an automatic batch's eager pass small.
-            self.probe = self.model(
-                tf.nest.map_structure(lambda t: t[:MIN_AUTO_BATCH_SIZE], x), training=False)
+            self.probe = _first_outputs(
+                self.model, tf.nest.map_structure(lambda t: t[:MIN_AUTO_BATCH_SIZE], x),
+                self.distributed)
             checks.check_single_output(self.probe)
             checks.check_outputs(self.lik, self.probe, self.model)
         if y is not None and self.estimator in _NEEDS_LABELS:
@@ -688,6 +689,17 @@ def _batch_fn(lik, estimator, noise, batch_size, num_outputs):
         return x, extra, flags
 
     return fn
+
+
+def _first_outputs(model, x, distributed):
+    """The model's outputs on the first rows, for the checks: through Keras' predict
+    function (compiled once a model, so a continual run's later calls cost a compiled
+    forward pass, not an eager one: an eager recurrent layer cost more than a whole
+    gradient pass over 512 examples), or an eager call for a callable that is not a
+    Keras model or under a `tf.distribute` strategy."""
+    if isinstance(model, keras.Model) and not distributed:
+        return model.predict_on_batch(x)
+    return model(x, training=False)
 
 
 def _pack(x, y, w):
