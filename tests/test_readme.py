@@ -184,7 +184,8 @@ def test_readme_offers_a_fast_subset_by_a_declared_marker():
 
     blocks = re.findall(r"```bash\n(.*?)\n```", README, re.S)
     fast = [b for b in blocks if "pytest" in b and ' -m "' in b]  # a marker expression
-    assert fast == ['python -m pytest -m "not slow"']
+    assert fast == ['python -m pytest -m "not slow" && '
+                    'KERAS_BACKEND=jax python -m pytest -m "not slow"']
     ini = configparser.ConfigParser()
     ini.read(ROOT / "pytest.ini")
     markers = ini["pytest"]["markers"]

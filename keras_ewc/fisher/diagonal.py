@@ -698,6 +698,8 @@ def _first_outputs(model, x, distributed):
     gradient pass over 512 examples), or an eager call for a callable that is not a
     Keras model or under a `tf.distribute` strategy."""
     if isinstance(model, keras.Model) and not distributed:
+        if keras.backend.backend() != "tensorflow":  # the data's tf tensors, as arrays
+            x = tf.nest.map_structure(np.asarray, x)
         return model.predict_on_batch(x)
     return model(x, training=False)
 
