@@ -293,3 +293,24 @@ def test_kronecker_factors_match_a_numpy_oracle(estimator):
         got_a, got_g = (np.asarray(t, np.float64) for t in factors[key])
         for got, want in ((got_a, a[i] / total), (got_g, g[i] / total)):
             np.testing.assert_allclose(got, want, rtol=0, atol=RTOL * np.abs(want).max())
+
+
+def test_the_automatic_batch_respects_the_memory_budget(monkeypatch):
+    from keras_ewc.backend.jax import fisher as jax_fisher
+    from keras_ewc.fisher import diagonal
+
+    net = keras.Sequential([keras.Input((30,)), keras.layers.Dense(64, activation="relu"),
+                            keras.layers.Dense(5)])
+    x = np.random.default_rng(5).normal(size=(300, 30)).astype("float32")
+    whole = keras_ewc.fisher_diagonal(net, x, likelihood="categorical", verbose=0)
+    step = next(iter(jax_fisher._JAX_STEPS[net].values()))
+    assert step.batch_size == 512  # 300 examples: one call, padded to a power of two
+    per_example = step.per_example_bytes((x,), "exact")
+    assert per_example > 4 * (64 + 5) * 4  # at least the probes' gradients, 4 columns
+    # A budget for about 100 examples: calls of 64 (a power of two), the same Fisher.
+    monkeypatch.setattr(diagonal, "MEMORY_BUDGET", 100 * per_example)
+    jax_fisher._JAX_STEPS.pop(net)
+    chunked = keras_ewc.fisher_diagonal(net, x, likelihood="categorical", verbose=0)
+    sizes = sorted(s.batch_size for s in jax_fisher._JAX_STEPS[net].values())
+    assert sizes == [64, 512]  # the 512 step measured what a call of 512 would hold
+    _close(chunked, [np.asarray(w, np.float64) for w in whole])

@@ -582,9 +582,50 @@ class Step:
             return [a + b.astype(jnp.float32) for a, b in zip(totals, sums)]
 
         self.jitted = jax.jit(step)
+        self.variables = variables
+        self.factored = factored
+        if factored is not None:
+            from keras_ewc.fisher import kronecker
+
+            self.factored_shapes = kronecker.factor_shapes(factored)
 
     def accepts(self, batch) -> bool:
         return True  # jit traces again for another input signature
+
+    def per_example_bytes(self, batch, estimator) -> int:
+        """Bytes of the step's batch-sized values, per example, from its jaxpr (traced,
+        not compiled or run): every value with the batch as one of its first two axes,
+        live or not, as the TensorFlow engine counts its graph's tensors (an upper
+        bound of the peak; the bodies of loops are not counted)."""
+        from keras_ewc.fisher import diagonal
+
+        if getattr(self, "_per_example_bytes", None) is not None:
+            return self._per_example_bytes
+        x, y, _ = keras.utils.unpack_x_y_sample_weight(batch)
+        size = self.batch_size
+
+        def spec(t):
+            t = np.asarray(t) if not hasattr(t, "dtype") else t
+            dtype = np.dtype(getattr(t.dtype, "as_numpy_dtype", t.dtype))
+            return jax.ShapeDtypeStruct((size,) + tuple(t.shape[1:]), dtype)
+
+        target = (jax.tree_util.tree_map(spec, y) if estimator in diagonal._NEEDS_LABELS
+                  else None)
+        jaxpr = jax.make_jaxpr(self.jitted)(
+            [jax.ShapeDtypeStruct(tuple(v.shape), v.dtype) for v in self.weights],
+            [jax.ShapeDtypeStruct(tuple(v.shape), jnp.float32) for v in self.variables]
+            if self.factored is None else
+            [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in self.factored_shapes],
+            jax.tree_util.tree_map(spec, x), jax.ShapeDtypeStruct((size,), jnp.float32),
+            target, jax.random.PRNGKey(0))
+        total = 0
+        for eqn in _all_equations(jaxpr.jaxpr):
+            for var in eqn.outvars:
+                shape = tuple(getattr(var.aval, "shape", ()))
+                if shape and size in shape[:2]:
+                    total += int(np.prod(shape)) * np.dtype(var.aval.dtype).itemsize
+        self._per_example_bytes = total // max(size, 1)
+        return self._per_example_bytes
 
     def function(self, state, batch, seed):
         from keras_ewc.fisher import diagonal
@@ -632,6 +673,19 @@ def _devices_of_the_batch() -> int:
     if distribution is None:
         return 1
     return int(np.prod(distribution.device_mesh.shape))
+
+
+def _all_equations(jaxpr):
+    """The equations of `jaxpr` and of the jaxprs called from it (a jitted step is one
+    `pjit` equation), but not the bodies of loops (`lax.map`, `scan`, `while`), whose
+    values live one iteration at a time."""
+    for eqn in jaxpr.eqns:
+        inner = eqn.params.get("jaxpr")
+        if eqn.primitive.name in ("pjit", "jit", "closed_call", "custom_jvp_call",
+                                  "custom_vjp_call") and inner is not None:
+            yield from _all_equations(getattr(inner, "jaxpr", inner))
+        else:
+            yield eqn
 
 
 def _weights_of(model, variables) -> list:
@@ -690,6 +744,21 @@ def make_loop_class():
                                          factored=None if self.sums is None
                                          else self.sums.layers)
             step.num_outputs = self.num_outputs
+            if self.auto and size > diagonal.MIN_AUTO_BATCH_SIZE:
+                # Traced, not run: how much memory this batch size would take.
+                affordable = diagonal.MEMORY_BUDGET // max(
+                    step.per_example_bytes(batch, self.estimator), 1)
+                if affordable < size:
+                    chunk = max(diagonal.MIN_AUTO_BATCH_SIZE,
+                                2 ** int(np.log2(max(affordable, 1))))
+                    key = key[:4] + (chunk,) + key[5:]
+                    if key not in steps:
+                        steps[key] = Step(self.model, self.variables, self.lik,
+                                          self.estimator, noise, chunk,
+                                          factored=None if self.sums is None
+                                          else self.sums.layers)
+                    step = steps[key]
+                    step.num_outputs = self.num_outputs
             self.step = step
             self.paths = step.paths
 
