@@ -230,6 +230,23 @@ for estimator in ("exact", "empirical", "sampled"):
         scale = float(np.max(np.abs(a)))
         assert scale > 0
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * scale)
+# One epoch of EWC training after a consolidation: the same weights on two devices.
+weights = {}
+for name in ("one", "two"):
+    keras.distribution.set_distribution(
+        None if name == "one" else keras.distribution.DataParallel(devices=jax.devices()))
+    model = keras_ewc.EWCModel(net(), strength=50.0)
+    model.compile(keras.optimizers.SGD(0.1),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.consolidate((x, y), verbose=0, batch_size=16)
+    model.fit(x[:32] + 1.0, y[:32], batch_size=16, epochs=1, shuffle=False, verbose=0)
+    assert float(model.penalty()) > 0
+    weights[name] = [np.asarray(w, np.float64) for w in model.network.get_weights()]
+moved = max(float(np.max(np.abs(a - b))) for a, b in zip(weights["one"], net().get_weights()))
+assert moved > 1e-3
+for a, b in zip(weights["one"], weights["two"]):
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
+keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices()))
 # The engine splits each batch's rows over the two devices (8 rows each of 16).
 from keras_ewc.backend.jax import fisher as jax_fisher
 placed = jax_fisher._distribute((x[:16],))[0]
@@ -241,6 +258,7 @@ print("DATA PARALLEL OK")
 
 @pytest.mark.slow
 def test_data_parallel_on_two_host_devices_equals_one_device(tmp_path):
+    # The Fisher of each estimator, and one epoch of `fit` with a consolidated state.
     import os
     import subprocess
     import sys
