@@ -332,3 +332,52 @@ def test_the_automatic_batch_respects_the_memory_budget(monkeypatch):
     sizes = sorted(s.batch_size for s in jax_fisher._JAX_STEPS[net].values())
     assert sizes == [64, 512]  # the 512 step measured what a call of 512 would hold
     _close(chunked, [np.asarray(w, np.float64) for w in whole])
+
+
+class _Loop(keras.layers.Layer):
+    """A Dense applied three times inside the layer's own `keras.ops.scan`."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(4, activation="tanh")
+
+    def build(self, input_shape):
+        self.dense.build((None, 4))
+
+    def call(self, x):
+        carry, _ = keras.ops.scan(lambda c, _: (self.dense(c), None), x, None, length=3)
+        return carry
+
+
+def test_a_layer_called_inside_a_loop_body_takes_the_reference_path_exactly():
+    # Its values live in the loop's own trace and cannot be recorded from outside.
+    inputs = keras.Input((4,))
+    net = keras.Model(inputs, keras.layers.Dense(3)(_Loop()(inputs)))
+    x, _ = _data(n=12, features=4)
+    fisher, paths = keras_ewc.fisher_diagonal(net, x, likelihood="categorical", verbose=0,
+                                              return_paths=True)
+    assert set(paths.values()) == {"reference"}
+    _close(fisher, oracle_jax.categorical(net, x))
+    with pytest.raises(ValueError, match="reference"):
+        keras_ewc.fisher_diagonal(net, x, likelihood="categorical", verbose=0,
+                                  fallback="error")
+
+
+def test_the_outputs_checked_are_the_models_not_its_predict_step():
+    class Served(keras.Model):  # serves probabilities; its call gives logits
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(4)
+
+        def call(self, x, training=False):
+            return self.dense(x)
+
+        def predict_step(self, data):
+            x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+            return keras.ops.softmax(self(x, training=False))
+
+    net = Served()
+    net(np.zeros((1, 6), "float32"))
+    x, _ = _data(n=10)
+    _close(keras_ewc.fisher_diagonal(net, x, likelihood="categorical", verbose=0),
+           oracle_jax.categorical(net, x))

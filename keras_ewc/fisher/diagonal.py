@@ -691,17 +691,30 @@ def _batch_fn(lik, estimator, noise, batch_size, num_outputs):
     return fn
 
 
+_FORWARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _first_outputs(model, x, distributed):
-    """The model's outputs on the first rows, for the checks: through Keras' predict
-    function (compiled once a model, so a continual run's later calls cost a compiled
-    forward pass, not an eager one: an eager recurrent layer cost more than a whole
-    gradient pass over 512 examples), or an eager call for a callable that is not a
-    Keras model or under a `tf.distribute` strategy."""
-    if isinstance(model, keras.Model) and not distributed:
-        if keras.backend.backend() != "tensorflow":  # the data's tf tensors, as arrays
-            x = tf.nest.map_structure(np.asarray, x)
-        return model.predict_on_batch(x)
-    return model(x, training=False)
+    """`model(x, training=False)` on the first rows, for the checks: compiled once a
+    model (so a continual run's later calls cost a compiled forward pass, not an eager
+    one: an eager recurrent layer cost more than a whole gradient pass over 512
+    examples), eager for a callable that is not a Keras model or under a `tf.distribute`
+    strategy. Not `predict_on_batch`: a model's `predict_step` may serve something else
+    (probabilities, a dict) than what the Fisher differentiates."""
+    if not isinstance(model, keras.Model) or distributed:
+        return model(x, training=False)
+    forward = _FORWARDS.get(model)
+    if forward is None:
+        if keras.backend.backend() == "jax":
+            from keras_ewc.backend.jax import fisher as jax_fisher
+
+            forward = jax_fisher.compiled_forward(model)
+        else:
+            model_ref = weakref.ref(model)  # the cache must not keep the model alive
+            forward = tf.function(lambda x: model_ref()(x, training=False),
+                                  reduce_retracing=True, autograph=False)
+        _FORWARDS[model] = forward
+    return forward(x)
 
 
 def _pack(x, y, w):

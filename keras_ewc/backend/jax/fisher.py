@@ -542,7 +542,8 @@ def _pad(t, size, batch_size):
 class Step:
     """The jitted step for one (model, variables, estimator, likelihood, batch size)."""
 
-    def __init__(self, model, variables, lik, estimator, noise, batch_size, factored=None):
+    def __init__(self, model, variables, lik, estimator, noise, batch_size, factored=None,
+                 unrecordable=False):
         import weakref
 
 
@@ -552,6 +553,8 @@ class Step:
         self.lik = lik
         self.noise = noise
         model_ref = weakref.ref(model)
+        self._rebuild = lambda: Step(model_ref(), variables, lik, estimator, noise,
+                                     batch_size, factored, unrecordable=True)
         variables = list(variables)
         def terms_fn(outputs, extra):  # unweighted: √weight scales the cotangents
             target = extra[1] if len(extra) > 1 else None
@@ -575,13 +578,15 @@ class Step:
                 sums = batched_sums(model, weights, values, variables, lik, inputs, extra)
                 paths.update({engine.variable_key(v): "batched" for v in variables})
             else:
-                kernel_layers, local_layers = plan(model, variables)
+                kernel_layers, local_layers = ([], []) if unrecordable else plan(model,
+                                                                              variables)
                 sums = sum_squared_grads(model, weights, values, variables, kernel_layers,
                                          local_layers, terms_fn, inputs, extra, paths,
                                          scale=jnp.sqrt(w))
             return [a + b.astype(jnp.float32) for a, b in zip(totals, sums)]
 
         self.jitted = jax.jit(step)
+        self.unrecordable = unrecordable
         self.variables = variables
         self.factored = factored
         if factored is not None:
@@ -648,7 +653,21 @@ class Step:
                                  int(seed[1]) % (2**31))
         x, weight, target = _distribute((x, weight, target))
         values = [v.value for v in self.weights]
-        totals = self.jitted(values, totals, x, weight, target, key)
+        try:
+            totals = self.jitted(values, totals, x, weight, target, key)
+        except jax.errors.UnexpectedTracerError:
+            if self.unrecordable or self.factored is not None:
+                raise
+            # A recorded layer was called inside a loop body of the model's own
+            # (`keras.ops.scan`, `fori_loop`): its values live in the loop's trace and
+            # cannot be recorded from outside. Every variable then takes the reference
+            # path, exact for any layer (`paths` says so, and `fallback=` applies).
+            # (A new step: the failed trace's function must not be traced again.)
+            fresh = self._rebuild()
+            totals = fresh.jitted(values, totals, x, weight, target, key)
+            self.jitted, self.unrecordable = fresh.jitted, True
+            self.paths.clear()
+            self.paths.update(fresh.paths)  # the loop holds this dict
         return totals, diagonal._combine_np(misc, flags)
 
 
@@ -686,6 +705,26 @@ def _all_equations(jaxpr):
             yield from _all_equations(getattr(inner, "jaxpr", inner))
         else:
             yield eqn
+
+
+def compiled_forward(model):
+    """`fn(x) -> model(x, training=False)`, jitted with the weights passed in (so it
+    never freezes them); for the Fisher's check of the first rows' outputs."""
+    import weakref
+
+    model_ref = weakref.ref(model)
+
+    @jax.jit
+    def forward(values, x):
+        model = model_ref()
+        with keras.StatelessScope(list(zip(model.weights, values))):
+            return model(x, training=False)
+
+    def call(x):
+        x = jax.tree_util.tree_map(np.asarray, x)
+        return forward([v.value for v in model_ref().weights], x)
+
+    return call
 
 
 def _weights_of(model, variables) -> list:
@@ -751,6 +790,7 @@ def make_loop_class():
                 if affordable < size:
                     chunk = max(diagonal.MIN_AUTO_BATCH_SIZE,
                                 2 ** int(np.log2(max(affordable, 1))))
+                    chunk = -(-chunk // parts) * parts  # split evenly over the devices
                     key = key[:4] + (chunk,) + key[5:]
                     if key not in steps:
                         steps[key] = Step(self.model, self.variables, self.lik,
