@@ -363,21 +363,30 @@ def test_a_layer_called_inside_a_loop_body_takes_the_reference_path_exactly():
                                   fallback="error")
 
 
-def test_the_outputs_checked_are_the_models_not_its_predict_step():
-    class Served(keras.Model):  # serves probabilities; its call gives logits
-        def __init__(self):
-            super().__init__()
-            self.dense = keras.layers.Dense(4)
+class _Twice(keras.layers.Layer):
+    def build(self, input_shape):
+        self.w = self.add_weight(shape=input_shape[-1:], initializer="ones")
 
-        def call(self, x, training=False):
-            return self.dense(x)
+    def call(self, x):
+        return 2.0 * x * self.w
 
-        def predict_step(self, data):
-            x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
-            return keras.ops.softmax(self(x, training=False))
 
-    net = Served()
-    net(np.zeros((1, 6), "float32"))
-    x, _ = _data(n=10)
-    _close(keras_ewc.fisher_diagonal(net, x, likelihood="categorical", verbose=0),
-           oracle_jax.categorical(net, x))
+def test_a_registered_kernel_breaking_its_contract_is_named():
+    from keras_ewc.fisher import Kernel, register_kernel
+
+    @register_kernel(_Twice)
+    class WrongKeys(Kernel):
+        def params(self, layer):
+            return {"w": layer.w}
+
+        def forward(self, layer, args, kwargs):
+            x = args[0]
+            return x, 2.0 * x * keras.ops.stop_gradient(layer.w), lambda z: z
+
+        def sum_squared(self, layer, records, grads):
+            return {"weights": keras.ops.sum(keras.ops.square(grads[0]), axis=(0, 1))}
+
+    net = keras.Sequential([keras.Input((6,)), _Twice(), keras.layers.Dense(3)])
+    x, _ = _data(n=8)
+    with pytest.raises(ValueError, match=r"WrongKeys.*unknown \['weights'\], missing \['w'\]"):
+        keras_ewc.fisher_diagonal(net, x, likelihood="categorical", verbose=0)

@@ -547,26 +547,7 @@ def checked_sum_squared(layer, kernel, params, records, grads) -> dict:
     the batch); compare a new kernel with the per-example oracle, as the tests of the
     built-in kernels do (tests/test_fisher_kernels.py).
     """
-    who = (f"the Fisher kernel {type(kernel).__name__} registered for layer "
-           f"{layer.name!r} ({type(layer).__name__})")
-    try:
-        values = kernel.sum_squared(layer, records, grads)
-    except Exception as error:
-        raise ValueError(
-            f"{who} raised {type(error).__name__} in `sum_squared`: {error}. Fix the "
-            "kernel (see keras_ewc.fisher.Kernel for its contract)."
-        ) from error
-    if not isinstance(values, dict):
-        raise ValueError(f"Expected {who} to return a dict {{variable name: tensor}} from "
-                         f"`sum_squared`. Received a {type(values).__name__}.")
-    known = dict(kernel.params(layer))
-    unknown = [k for k in values if k not in known]
-    missing = [k for k in params if k not in values]
-    if unknown or missing:
-        raise ValueError(
-            f"Expected {who} to return sums keyed by its variables' names "
-            f"{sorted(known)} (from `params`). Received keys {sorted(map(str, values))}: "
-            f"unknown {unknown}, missing {missing}. Fix the keys in `sum_squared`.")
+    who, values, known = kernel_sums_keyed(layer, kernel, params, records, grads)
     # A NaN in the data or the model reaches the kernel's inputs: blame the kernel for a
     # non-finite sum only when what it was given was finite (the loop's own checks name
     # the data or the weights otherwise).
@@ -603,6 +584,32 @@ def checked_sum_squared(layer, kernel, params, records, grads) -> dict:
         with tf.control_dependencies([check]):
             checked[name] = tf.identity(value)
     return checked
+
+
+def kernel_sums_keyed(layer, kernel, params, records, grads) -> tuple:
+    """`(who, sums, the kernel's variables by name)`: `kernel.sum_squared`'s dict, its keys
+    checked against `params` (the static half of the contract, on every backend)."""
+    who = (f"the Fisher kernel {type(kernel).__name__} registered for layer "
+           f"{layer.name!r} ({type(layer).__name__})")
+    try:
+        values = kernel.sum_squared(layer, records, grads)
+    except Exception as error:
+        raise ValueError(
+            f"{who} raised {type(error).__name__} in `sum_squared`: {error}. Fix the "
+            "kernel (see keras_ewc.fisher.Kernel for its contract)."
+        ) from error
+    if not isinstance(values, dict):
+        raise ValueError(f"Expected {who} to return a dict {{variable name: tensor}} from "
+                         f"`sum_squared`. Received a {type(values).__name__}.")
+    known = dict(kernel.params(layer))
+    unknown = [k for k in values if k not in known]
+    missing = [k for k in params if k not in values]
+    if unknown or missing:
+        raise ValueError(
+            f"Expected {who} to return sums keyed by its variables' names "
+            f"{sorted(known)} (from `params`). Received keys {sorted(map(str, values))}: "
+            f"unknown {unknown}, missing {missing}. Fix the keys in `sum_squared`.")
+    return who, values, known
 
 
 def kernel_contract_error(error: BaseException) -> ValueError | None:

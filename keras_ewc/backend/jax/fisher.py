@@ -327,26 +327,9 @@ def column_grads(pullback, shape, scale=None):
 def _checked(layer, kernel, params, records, grads):
     """The kernel's sums, with the static half of the kernel contract (keys, shapes,
     float dtype) checked as on TensorFlow (`checks.checked_sum_squared`)."""
-    who = (f"the Fisher kernel {type(kernel).__name__} registered for layer "
-           f"{layer.name!r} ({type(layer).__name__})")
-    try:
-        values = kernel.sum_squared(layer, records, grads)
-    except Exception as error:
-        raise ValueError(
-            f"{who} raised {type(error).__name__} in `sum_squared`: {error}. Fix the "
-            "kernel (see keras_ewc.fisher.Kernel for its contract)."
-        ) from error
-    if not isinstance(values, dict):
-        raise ValueError(f"Expected {who} to return a dict {{variable name: tensor}} from "
-                         f"`sum_squared`. Received a {type(values).__name__}.")
-    known = dict(kernel.params(layer))
-    unknown = [k for k in values if k not in known]
-    missing = [k for k in params if k not in values]
-    if unknown or missing:
-        raise ValueError(
-            f"Expected {who} to return sums keyed by its variables' names "
-            f"{sorted(known)} (from `params`). Received keys {sorted(map(str, values))}: "
-            f"unknown {unknown}, missing {missing}. Fix the keys in `sum_squared`.")
+    from keras_ewc.fisher import checks
+
+    who, values, known = checks.kernel_sums_keyed(layer, kernel, params, records, grads)
     out = {}
     for name, value in values.items():
         value = jnp.asarray(value)
