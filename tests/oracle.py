@@ -5,9 +5,9 @@ The expectation over labels is written out as the definition says it:
 F = (1/N) Σ_n Σ_y p(y | x_n) (∇ log p(y | x_n))².
 
 Backend-neutral: on TensorFlow each gradient is a `tf.GradientTape`; on JAX it is a
-`jax.grad` through `model.stateless_call`, the given variables' values substituted into
-the model's (training=False, so no state is written back). Both accumulate in float64 on
-the host.
+`jax.grad` through a `keras.StatelessScope` (what `stateless_call` uses) that maps the
+given variables to the traced values (training=False, so no state is written back).
+Both accumulate in float64 on the host.
 """
 
 import itertools
@@ -45,33 +45,14 @@ elif BACKEND == "jax":
     import jax.numpy as jnp
 
     def batch_gradients(model, variables, xb, fn):
-        trainable = list(getattr(model, "trainable_variables", []))
-        fixed = list(getattr(model, "non_trainable_variables", []))
-
-        def slot(v):
-            # Where a given variable sits in stateless_call's two lists.
-            for kind, pool in ((0, trainable), (1, fixed)):
-                for i, w in enumerate(pool):
-                    if w is v:
-                        return kind, i
-            raise ValueError(f"The variable {v.path} is not one of the model's.")
-
-        slots = ([slot(v) for v in variables] if isinstance(model, keras.layers.Layer)
-                 else None)
+        """float64 gradients of the scalar `fn(model(xb))` (zeros where none flows)."""
 
         def value(given):
-            values = [[w.value for w in trainable], [w.value for w in fixed]]
-            for (kind, i), g in zip(slots, given):
-                values[kind][i] = g
-            out, _ = model.stateless_call(values[0], values[1], xb, training=False)
-            return fn(out)
-
-        if not isinstance(model, keras.layers.Layer):
-            # A function of a model (a test's adapter): the given variables read as the
-            # traced values through the scope that stateless_call itself uses.
-            def value(given):
-                with keras.StatelessScope(state_mapping=list(zip(variables, given))):
-                    return fn(model(xb, training=False))
+            # The given variables read as the traced values, through the scope that
+            # `stateless_call` itself uses; the model is called as on TensorFlow (a
+            # `call` without a `training` argument is not passed one).
+            with keras.StatelessScope(state_mapping=list(zip(variables, given))):
+                return fn(model(xb, training=False))
 
         grads = jax.grad(value)([v.value for v in variables])
         return [np.asarray(g, np.float64) for g in grads]

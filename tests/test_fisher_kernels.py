@@ -260,6 +260,7 @@ def _paths_by_layer(paths):
     return {name: found.pop() for name, found in by_layer.items() if len(found) == 1}
 
 
+@pytest.mark.backend_neutral
 def test_model_mixing_fast_and_fallback_layers():
     keras.utils.set_random_seed(3)
     model = keras.Sequential([
@@ -275,6 +276,7 @@ def test_model_mixing_fast_and_fallback_layers():
     oracle.assert_close(fisher, oracle.categorical_exact(model, model.trainable_variables, x))
 
 
+@pytest.mark.backend_neutral
 def test_subclassed_model_with_shared_and_tied_layers():
     """A layer called twice sums its calls per example; a weight read elsewhere falls back."""
 
@@ -316,6 +318,7 @@ class FoldTime(keras.layers.Layer):
         return keras.ops.reshape(self.inner(folded), [-1, x.shape[1], 5])
 
 
+@pytest.mark.backend_neutral
 def test_time_distributed_is_fast_but_a_merged_batch_axis_falls_back():
     """TimeDistributed calls its layer once a step on `[B, ...]`: the calls are summed
     per example. A layer that folds time into the batch axis sees rows that are not
@@ -364,6 +367,7 @@ class ScaledKernelDense(keras.layers.Dense):
         return self._kernel * 2.0
 
 
+@pytest.mark.backend_neutral
 @pytest.mark.filterwarnings("ignore:You passed `rms_scaling=True`")
 def test_unsupported_configurations_take_the_reference_path():
     keras.utils.set_random_seed(7)
@@ -379,6 +383,7 @@ def test_unsupported_configurations_take_the_reference_path():
     oracle.assert_close(fisher, oracle.categorical_exact(model, model.trainable_variables, x))
 
 
+@pytest.mark.backend_neutral
 def test_mixed_precision_matches_reference_path():
     """float16 compute: records and gradients are squared and summed in float32."""
     keras.mixed_precision.set_global_policy("mixed_float16")
