@@ -1,32 +1,104 @@
-"""Brute-force Fisher oracles: one example at a time, each with its own tape.
+"""Brute-force Fisher oracles: one example at a time, each with its own gradient.
 
 Independent of the library's engine: no vectorisation, no pseudo-loss factorisation.
 The expectation over labels is written out as the definition says it:
 F = (1/N) Σ_n Σ_y p(y | x_n) (∇ log p(y | x_n))².
+
+Backend-neutral: on TensorFlow each gradient is a `tf.GradientTape`; on JAX it is a
+`jax.grad` through a `keras.StatelessScope` (what `stateless_call` uses) that maps the
+given variables to the traced values (training=False, so no state is written back).
+Both accumulate in float64 on the host.
 """
 
 import itertools
 
+import keras
 import numpy as np
-import tensorflow as tf
+
+BACKEND = keras.backend.backend()
+
+if BACKEND == "tensorflow":
+    import tensorflow as tf
+
+    def batch_gradients(model, variables, xb, fn):
+        """float64 gradients of the scalar `fn(model(xb))` (zeros where none flows)."""
+        with tf.GradientTape() as tape:
+            value = fn(model(xb, training=False))
+        return [
+            np.zeros(v.shape, np.float64)
+            if g is None
+            else np.asarray(tf.convert_to_tensor(g), np.float64)  # IndexedSlices too
+            for g, v in zip(tape.gradient(value, variables), variables)
+        ]
+
+    _softmax, _log_softmax, _log = tf.nn.softmax, tf.nn.log_softmax, tf.math.log
+    _sigmoid, _sum, _mean = tf.sigmoid, tf.reduce_sum, tf.reduce_mean
+
+    def _constant(values):
+        return tf.constant(values, tf.float32)
+
+    def _pick(logp, labels):
+        return tf.gather(logp, labels, axis=-1, batch_dims=1)
+
+elif BACKEND == "jax":
+    import jax
+    import jax.numpy as jnp
+
+    def batch_gradients(model, variables, xb, fn):
+        """float64 gradients of the scalar `fn(model(xb))` (zeros where none flows)."""
+
+        def value(given):
+            # The given variables read as the traced values, through the scope that
+            # `stateless_call` itself uses; the model is called as on TensorFlow (a
+            # `call` without a `training` argument is not passed one).
+            with keras.StatelessScope(state_mapping=list(zip(variables, given))):
+                return fn(model(xb, training=False))
+
+        grads = jax.grad(value)([v.value for v in variables])
+        return [np.asarray(g, np.float64) for g in grads]
+
+    _softmax, _log_softmax, _log = jax.nn.softmax, jax.nn.log_softmax, jnp.log
+    _sigmoid, _sum, _mean = jax.nn.sigmoid, jnp.sum, jnp.mean
+
+    def _constant(values):
+        return jnp.asarray(values, jnp.float32)
+
+    def _pick(logp, labels):
+        return jnp.take_along_axis(logp, jnp.asarray(labels)[:, None], axis=-1)[:, 0]
+
+else:
+    raise ImportError(f"tests/oracle.py has no gradient for the {BACKEND} backend.")
+
+
+def value_and_gradients(fn, variables):
+    """`fn()`, a scalar that reads `variables`, and its float64 gradients with respect to
+    them, by the backend's autodiff (a tape on TensorFlow, `jax.grad` on JAX)."""
+    if BACKEND == "tensorflow":
+        with tf.GradientTape() as tape:
+            value = fn()
+        grads = tape.gradient(value, variables)
+        return (np.asarray(value, np.float64),
+                [np.zeros(v.shape, np.float64) if g is None
+                 else np.asarray(tf.convert_to_tensor(g), np.float64)
+                 for g, v in zip(grads, variables)])
+
+    def traced(values):
+        with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+            return fn()
+
+    value, grads = jax.value_and_grad(traced)([v.value for v in variables])
+    return np.asarray(value, np.float64), [np.asarray(g, np.float64) for g in grads]
 
 
 def _grad(model, variables, x, fn):
-    with tf.GradientTape() as tape:
-        out = model(x[None], training=False)
-        value = fn(out[0])
-    return [
-        np.zeros(v.shape, np.float64)
-        if g is None
-        else np.asarray(tf.convert_to_tensor(g), np.float64)  # IndexedSlices too
-        for g, v in zip(tape.gradient(value, variables), variables)
-    ]
+    """The gradients of `fn(model(x[None])[0])`, a scalar, for one example `x`."""
+    return batch_gradients(model, variables, x[None], lambda out: fn(out[0]))
 
 
 def _probs_logp(out, from_logits):
     if from_logits:
-        return tf.nn.softmax(out), tf.nn.log_softmax(out)
-    return out, tf.math.log(out)
+        return _softmax(out), _log_softmax(out)
+    return out, _log(out)
 
 
 def categorical_exact(model, variables, x, from_logits=True):
@@ -55,14 +127,14 @@ def bernoulli_exact(model, variables, x):
     """Enumerates all 2^K joint label vectors: no independence argument used."""
     total = [np.zeros(v.shape, np.float64) for v in variables]
     for xn in x:
-        p = np.asarray(tf.sigmoid(model(xn[None], training=False)[0]), np.float64)
+        p = np.asarray(_sigmoid(model(xn[None], training=False)[0]), np.float64)
         for ys in itertools.product([0.0, 1.0], repeat=p.shape[-1]):
-            ys_t = tf.constant(ys, tf.float32)
+            ys_t = _constant(ys)
             prob = np.prod(np.where(np.array(ys) == 1, p, 1 - p))
 
             def logp(o, ys_t=ys_t):
-                s = tf.sigmoid(o)
-                return tf.reduce_sum(ys_t * tf.math.log(s) + (1 - ys_t) * tf.math.log(1 - s))
+                s = _sigmoid(o)
+                return _sum(ys_t * _log(s) + (1 - ys_t) * _log(1 - s))
 
             g = _grad(model, variables, xn, logp)
             total = [t + prob * gi**2 for t, gi in zip(total, g)]
@@ -85,12 +157,13 @@ def batched(model, variables, x, y, batch_size, from_logits=True):
     batches = 0
     for start in range(0, len(x), batch_size):
         xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-        with tf.GradientTape() as tape:
-            out = model(xb, training=False)
+
+        def loss(out, yb=yb):
             logp = _probs_logp(out, from_logits)[1]
-            loss = -tf.reduce_mean(tf.gather(logp, yb, axis=-1, batch_dims=1))
-        g = tape.gradient(loss, variables)
-        total = [t + np.asarray(gi, np.float64) ** 2 for t, gi in zip(total, g)]
+            return -_mean(_pick(logp, yb))
+
+        g = batch_gradients(model, variables, xb, loss)
+        total = [t + gi ** 2 for t, gi in zip(total, g)]
         batches += 1
     return [t / batches for t in total]
 

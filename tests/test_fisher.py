@@ -67,6 +67,7 @@ def test_exact_categorical_matches_oracle(name):
     oracle.assert_close(fisher, oracle.categorical_exact(model, model.trainable_variables, x))
 
 
+@pytest.mark.backend_neutral
 @pytest.mark.parametrize("name", list(MODELS))
 def test_empirical_matches_oracle(name):
     build, classes = MODELS[name]
@@ -97,6 +98,7 @@ def test_sampled_matches_oracle_on_the_drawn_labels(name):
     oracle.assert_close(fisher, expected)
 
 
+@pytest.mark.backend_neutral
 @pytest.mark.parametrize("name", list(MODELS))
 def test_batched_matches_squared_batch_gradients(name):
     build, classes = MODELS[name]
@@ -194,6 +196,7 @@ def test_progress_bar_counts_batches(capsys):
     assert "3/3" in out and re.search(r"examples: 10(?![.\d])", out)
 
 
+@pytest.mark.backend_neutral
 @pytest.mark.parametrize("kwargs, message", [
     ({"estimator": "fast"}, "Unknown estimator"),
     ({"likelihood": "poisson"}, "Unknown likelihood"),
@@ -230,6 +233,7 @@ def test_bad_data():
         fisher_diagonal(model, x, verbose=0)
 
 
+@pytest.mark.backend_neutral
 def test_unbuilt_model_is_rejected():
     model = keras.Sequential([keras.layers.Dense(3)])
     with pytest.raises(ValueError, match="not built"):
@@ -354,6 +358,7 @@ def test_batches_that_cannot_be_recut_are_kept():
     oracle.assert_close(fisher, expected)
 
 
+@pytest.mark.backend_neutral
 def test_sample_weights_give_a_weighted_mean():
     model = dense_model()
     x, y = _data(model, n=9)
@@ -485,6 +490,7 @@ def test_register_kernel_for_a_users_layer():
     oracle.assert_close(fisher, oracle.categorical_exact(model2, model2.trainable_variables, x))
 
 
+@pytest.mark.backend_neutral
 @pytest.mark.parametrize("args, message", [
     ((int,), "Expected Keras layer classes"),
     ((), "at least one Keras layer class"),
@@ -496,6 +502,7 @@ def test_register_kernel_rejects_what_is_not_a_layer_class(args, message):
         register_kernel(*args)
 
 
+@pytest.mark.backend_neutral
 def test_register_kernel_rejects_an_incomplete_kernel():
     from keras_ewc.fisher import register_kernel
 

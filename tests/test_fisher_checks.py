@@ -52,6 +52,7 @@ def no_tracing(monkeypatch):
 
 # --- §4: the likelihood against the outputs ------------------------------------------
 
+@pytest.mark.backend_neutral
 def test_probability_outputs_with_from_logits_true_are_refused(no_tracing):
     model = net("softmax")
     model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
@@ -66,6 +67,7 @@ def test_probability_outputs_with_from_logits_true_are_refused(no_tracing):
                         verbose=0)
 
 
+@pytest.mark.backend_neutral
 def test_logits_with_the_string_loss_are_refused(no_tracing):
     model = net()
     model.compile("sgd", "sparse_categorical_crossentropy")
@@ -86,6 +88,7 @@ def test_the_right_pairing_still_gives_the_oracle():
                         oracle.categorical_exact(model, model.trainable_variables, x))
 
 
+@pytest.mark.backend_neutral
 def test_check_outputs_rules():
     logits_lik = likelihoods.Categorical(from_logits=True)
     probs_lik = likelihoods.Categorical(from_logits=False)
@@ -145,6 +148,7 @@ def test_weighted_exact_equals_repeated_examples():
     assert not np.allclose(unweighted[0], fisher[0], rtol=1e-3)
 
 
+@pytest.mark.backend_neutral
 def test_weighted_empirical_equals_repeated_examples():
     model = net()
     x, y = data()
@@ -171,6 +175,7 @@ def test_weighted_sampled_equals_repeated_examples_with_the_same_noise():
         fisher, oracle.categorical_labels(model, model.trainable_variables, xe, le))
 
 
+@pytest.mark.backend_neutral
 def test_weighted_batched_uses_the_weighted_mean_loss():
     model = net()
     x, y = data()
@@ -186,6 +191,7 @@ def test_weighted_batched_uses_the_weighted_mean_loss():
     oracle.assert_close(fisher, expected)
 
 
+@pytest.mark.backend_neutral
 def test_badly_shaped_sample_weights_are_refused_before_tracing(no_tracing):
     x, y = data()
     with pytest.raises(ValueError, match=r"shape \(4,\) or \(4, 1\).*Received .*\(4, 2\)"):
@@ -193,6 +199,7 @@ def test_badly_shaped_sample_weights_are_refused_before_tracing(no_tracing):
                         batch_size=4, verbose=0)
 
 
+@pytest.mark.backend_neutral
 @pytest.mark.parametrize("weights, message", [
     (np.array([1, -1, 1, 1, 1, 1, 1, 1, 1], "float32"), r"weights >= 0 .*\[-1, 1\]"),
     (np.array([1, np.nan, 1, 1, 1, 1, 1, 1, 1], "float32"), "with NaN"),
@@ -209,6 +216,7 @@ def test_bad_sample_weights_are_refused(weights, message):
 
 # --- §5: steps and infinite data ------------------------------------------------------
 
+@pytest.mark.backend_neutral
 def test_infinite_dataset_needs_steps_and_steps_bound_the_data(no_tracing):
     x, y = data()
     model = net()
@@ -233,6 +241,7 @@ def test_steps_bound_infinite_and_finite_data():
                         oracle.categorical_exact(model, model.trainable_variables, x[:4]))
 
 
+@pytest.mark.backend_neutral
 @pytest.mark.parametrize("steps", [0, -2, 1.5, True, "3"])
 def test_bad_steps_are_refused(steps):
     x, _ = data()
@@ -270,6 +279,7 @@ def test_empty_first_batch_is_skipped():
     oracle.assert_close(sampled, oracle.categorical_labels(model, v, x, labels))
 
 
+@pytest.mark.backend_neutral
 def test_all_empty_data_is_refused():
     x, y = data()
     ds = tf.data.Dataset.from_tensors((x[:0], y[:0])).repeat(2)
@@ -354,6 +364,7 @@ BAD_VALUES = {
 }
 
 
+@pytest.mark.backend_neutral
 @pytest.mark.parametrize("case", list(BAD_DATA))
 def test_bad_data_is_refused_before_tracing(case, no_tracing):
     build, message = BAD_DATA[case]
@@ -363,6 +374,7 @@ def test_bad_data_is_refused_before_tracing(case, no_tracing):
         fisher_diagonal(model, bad, verbose=0, **kwargs)
 
 
+@pytest.mark.backend_neutral
 @pytest.mark.parametrize("case", list(BAD_VALUES))
 def test_bad_values_are_refused_after_the_traced_loop(case):
     build, message = BAD_VALUES[case]
@@ -379,6 +391,7 @@ def test_dict_keyed_by_the_input_name_is_accepted():
     oracle.assert_close(a, oracle.categorical_exact(model, model.trainable_variables, x))
 
 
+@pytest.mark.backend_neutral
 @pytest.mark.filterwarnings("ignore:When providing `inputs` as a dict")
 def test_dict_keyed_as_the_model_was_built_is_accepted():
     # A functional model built on a dict of inputs whose tensors have other names (as
@@ -404,6 +417,7 @@ def test_dict_keyed_as_the_model_was_built_is_accepted():
                         verbose=0)
 
 
+@pytest.mark.backend_neutral
 @pytest.mark.parametrize("where", ["kernel", "moving_variance"])
 def test_non_finite_weights_name_the_variable(where, no_tracing):
     model = keras.Sequential([
@@ -423,6 +437,7 @@ def test_non_finite_weights_name_the_variable(where, no_tracing):
 
 # --- the pure functions on their own ------------------------------------------------
 
+@pytest.mark.backend_neutral
 def test_check_label_shape_and_inputs_accept_what_fits():
     cat = likelihoods.Categorical()
     for shape in [(8,), (8, 1), (8, 4)]:

@@ -101,6 +101,8 @@ def _terms(lik, estimator):
 
 def _sums(model, x, estimator="exact", lik=None, extra=None, samples=1, fast=True):
     lik = lik or likelihoods.Categorical(from_logits=True)
+    if keras.backend.backend() == "jax":
+        return _sums_jax(model, x, _terms(lik, estimator), extra, fast)
     fn = engine.build_sum_squared_grads(
         model, model.trainable_variables, _terms(lik, estimator), fast
     )
@@ -109,6 +111,29 @@ def _sums(model, x, estimator="exact", lik=None, extra=None, samples=1, fast=Tru
     return [s / len(x) for s in sums], dict(fn.paths)
 
 
+def _sums_jax(model, x, terms_fn, extra, fast):
+    """`_sums` through the JAX engine's step: one jitted batch, the weights its arguments
+    (as the engine's `Step` calls it); `fast=False` plans no kernel and no layer-local
+    layer, so every variable takes the reference path."""
+    import jax
+
+    from keras_ewc.backend.jax import fisher as jax_fisher
+
+    variables = list(model.trainable_variables)
+    weights = jax_fisher._weights_of(model, variables)
+    kernel_layers, local_layers = jax_fisher.plan(model, variables) if fast else ([], [])
+    paths = {}
+
+    def fn(values, inputs, extra):
+        return jax_fisher.sum_squared_grads(model, weights, values, variables,
+                                            kernel_layers, local_layers, terms_fn, inputs,
+                                            extra, paths)
+
+    sums = jax.jit(fn)([w.value for w in weights], x, extra)
+    return [s / len(x) for s in sums], dict(paths)
+
+
+@pytest.mark.backend_neutral
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_kernel_matches_oracle(name):
     model, x = CONFIGS[name]()
@@ -123,12 +148,12 @@ def _brute(model, variables, terms_fn, x, extra):
     for n in range(len(x)):
         e = None if extra is None else extra[n:n + 1]
         terms = terms_fn(model(x[n:n + 1], training=False), e)
-        for t in range(int(tf.reshape(terms, [-1]).shape[0])):
-            with tf.GradientTape() as tape:
-                term = tf.reshape(terms_fn(model(x[n:n + 1], training=False), e), [-1])[t]
-            for i, g in enumerate(tape.gradient(term, variables)):
-                if g is not None:
-                    total[i] += np.asarray(tf.convert_to_tensor(g), np.float64) ** 2
+        for t in range(int(keras.ops.reshape(terms, [-1]).shape[0])):
+            grads = oracle.batch_gradients(
+                model, variables, x[n:n + 1],
+                lambda out, e=e, t=t: keras.ops.reshape(terms_fn(out, e), [-1])[t])
+            for i, g in enumerate(grads):
+                total[i] += g ** 2
     return [t / len(x) for t in total]
 
 
@@ -150,6 +175,7 @@ LIKELIHOODS = {
 }
 
 
+@pytest.mark.backend_neutral
 @pytest.mark.parametrize("estimator", ["exact", "sampled", "empirical"])
 @pytest.mark.parametrize("likelihood", sorted(LIKELIHOODS))
 def test_estimators_and_likelihoods_match_brute_force(estimator, likelihood):
@@ -174,6 +200,7 @@ def test_estimators_and_likelihoods_match_brute_force(estimator, likelihood):
     oracle.assert_close(fisher, _brute(model, model.trainable_variables, terms_fn, x, extra))
 
 
+@pytest.mark.backend_neutral
 @pytest.mark.parametrize("likelihood", sorted(LIKELIHOODS))
 def test_exact_fisher_diagonal_matches_definition(likelihood):
     """fisher_diagonal (fast path, two batches) against the textbook oracles."""
@@ -211,7 +238,7 @@ class DoubledDense(keras.layers.Dense):
     """A Dense subclass whose `call` differs: it must not take the Dense kernel."""
 
     def call(self, inputs, training=None):
-        return super().call(inputs) * 2.0 + tf.reduce_sum(self.kernel)
+        return super().call(inputs) * 2.0 + keras.ops.sum(self.kernel)
 
 
 class Scale(keras.layers.Layer):
@@ -233,6 +260,7 @@ def _paths_by_layer(paths):
     return {name: found.pop() for name, found in by_layer.items() if len(found) == 1}
 
 
+@pytest.mark.backend_neutral
 def test_model_mixing_fast_and_fallback_layers():
     keras.utils.set_random_seed(3)
     model = keras.Sequential([
@@ -248,6 +276,7 @@ def test_model_mixing_fast_and_fallback_layers():
     oracle.assert_close(fisher, oracle.categorical_exact(model, model.trainable_variables, x))
 
 
+@pytest.mark.backend_neutral
 def test_subclassed_model_with_shared_and_tied_layers():
     """A layer called twice sums its calls per example; a weight read elsewhere falls back."""
 
@@ -263,7 +292,7 @@ def test_subclassed_model_with_shared_and_tied_layers():
             b = self.shared(x[:, 5:])
             h = self.tied(a + b)
             # Reads `tied`'s kernel outside its call: its kernel must take the reference.
-            h = h + tf.reduce_sum(self.tied.kernel**2)
+            h = h + keras.ops.sum(self.tied.kernel**2)
             return self.head(h)
 
     keras.utils.set_random_seed(4)
@@ -285,10 +314,11 @@ class FoldTime(keras.layers.Layer):
         self.inner = L.Dense(5, name="inner")
 
     def call(self, x):
-        folded = tf.reshape(x, [-1, x.shape[-1]])
-        return tf.reshape(self.inner(folded), [-1, x.shape[1], 5])
+        folded = keras.ops.reshape(x, [-1, x.shape[-1]])
+        return keras.ops.reshape(self.inner(folded), [-1, x.shape[1], 5])
 
 
+@pytest.mark.backend_neutral
 def test_time_distributed_is_fast_but_a_merged_batch_axis_falls_back():
     """TimeDistributed calls its layer once a step on `[B, ...]`: the calls are summed
     per example. A layer that folds time into the batch axis sees rows that are not
@@ -337,6 +367,7 @@ class ScaledKernelDense(keras.layers.Dense):
         return self._kernel * 2.0
 
 
+@pytest.mark.backend_neutral
 @pytest.mark.filterwarnings("ignore:You passed `rms_scaling=True`")
 def test_unsupported_configurations_take_the_reference_path():
     keras.utils.set_random_seed(7)
@@ -352,6 +383,7 @@ def test_unsupported_configurations_take_the_reference_path():
     oracle.assert_close(fisher, oracle.categorical_exact(model, model.trainable_variables, x))
 
 
+@pytest.mark.backend_neutral
 def test_mixed_precision_matches_reference_path():
     """float16 compute: records and gradients are squared and summed in float32."""
     keras.mixed_precision.set_global_policy("mixed_float16")
@@ -365,6 +397,6 @@ def test_mixed_precision_matches_reference_path():
     finally:
         keras.mixed_precision.set_global_policy("float32")
     assert set(paths.values()) == {"fast"}
-    assert all(f.dtype == tf.float32 for f in fisher)
+    assert all(keras.backend.standardize_dtype(f.dtype) == "float32" for f in fisher)
     # Both paths round in float16, in different orders.
     oracle.assert_close(fisher, reference, rtol=2e-3)

@@ -91,6 +91,7 @@ def _labels(seed=5):
     return np.random.default_rng(seed).integers(0, CLASSES, size=N).astype("int32")
 
 
+@pytest.mark.backend_neutral
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_exact_matches_oracle(name):
     model, x = CONFIGS[name]()
@@ -99,6 +100,7 @@ def test_exact_matches_oracle(name):
     oracle.assert_close(fisher, oracle.categorical_exact(model, model.trainable_variables, x))
 
 
+@pytest.mark.backend_neutral
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_empirical_matches_oracle(name):
     model, x = CONFIGS[name]()
@@ -109,6 +111,7 @@ def test_empirical_matches_oracle(name):
     oracle.assert_close(fisher, expected)
 
 
+@pytest.mark.backend_neutral
 def test_layer_called_twice_sums_its_calls_before_squaring():
     """A shared layer's per-example gradient is the sum over its calls, then squared."""
     keras.utils.set_random_seed(9)
@@ -124,11 +127,13 @@ def test_layer_called_twice_sums_its_calls_before_squaring():
     oracle.assert_close(fisher, oracle.categorical_exact(model, model.trainable_variables, x))
 
 
+@pytest.mark.backend_neutral
 def test_kernel_paths_report_the_new_kernels():
     model, _ = CONFIGS["depthwise2d"]()
     assert set(diagonal.kernel_paths(model).values()) == {"fast"}
 
 
+@pytest.mark.backend_neutral
 @pytest.mark.parametrize("name", ["depthwise2d", "separable1d", "conv2d_transpose"])
 def test_chunks_of_examples_match_oracle(monkeypatch, name):
     """A budget of one or two examples' gradients: the chunks add up to the whole."""
@@ -139,6 +144,7 @@ def test_chunks_of_examples_match_oracle(monkeypatch, name):
     oracle.assert_close(fisher, oracle.categorical_exact(model, model.trainable_variables, x))
 
 
+@pytest.mark.backend_neutral
 def test_fisher_diagonal_takes_the_kernels():
     """As a user calls it: two batches, every variable on a kernel, exact to the oracle."""
     model, x = CONFIGS["separable2d"]()
@@ -149,6 +155,7 @@ def test_fisher_diagonal_takes_the_kernels():
     oracle.assert_close(fisher, oracle.categorical_exact(model, model.trainable_variables, x))
 
 
+@pytest.mark.backend_neutral
 def test_channels_first_takes_the_layer_local_path_and_stays_exact():
     """channels_first is refused by the kernels (on CPU TensorFlow, Keras adds the bias
     along the last spatial axis when it is as long as the channels, as here): the
@@ -162,6 +169,7 @@ def test_channels_first_takes_the_layer_local_path_and_stays_exact():
     oracle.assert_close(fisher, oracle.categorical_exact(model, model.trainable_variables, x))
 
 
+@pytest.mark.backend_neutral
 def test_mixed_precision_matches_reference_path():
     """float16 compute: the kernels square and sum in float32, as the reference does."""
     keras.mixed_precision.set_global_policy("mixed_float16")
@@ -185,6 +193,7 @@ def test_mixed_precision_matches_reference_path():
     oracle.assert_close(fisher, reference, rtol=5e-3, atol_scale=1e-2)
 
 
+@pytest.mark.backend_neutral
 def test_every_mobilenet_v2_variable_has_a_kernel():
     """keras.applications' MobileNetV2 (depthwise convolutions, batch normalisation): no
     variable is left to the reference path (read from the layers; no data flows)."""

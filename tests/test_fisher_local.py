@@ -42,7 +42,7 @@ class Gated(L.Layer):
         self.b = self.add_weight(shape=(d,), initializer="zeros")
 
     def call(self, x, training=None, mask=None):
-        return tf.tanh(x @ self.a) * tf.sigmoid(x + self.b)
+        return keras.ops.tanh(x @ self.a) * keras.ops.sigmoid(x + self.b)
 
 
 class Twice(L.Layer):
@@ -54,7 +54,8 @@ class Twice(L.Layer):
 
     def call(self, x):
         half = x.shape[-1] // 2
-        return tf.concat([self.scale(x[:, :half]), self.scale(x[:, half:]) ** 2], -1)
+        return keras.ops.concatenate(
+            [self.scale(x[:, :half]), self.scale(x[:, half:]) ** 2], -1)
 
 
 class Block(L.Layer):
@@ -69,7 +70,7 @@ class Block(L.Layer):
         self.shift = self.add_weight(shape=(4,), initializer="random_normal", name="shift")
 
     def call(self, x):
-        return tf.nn.gelu(self.scale(self.dense(x)) + self.shift)
+        return keras.ops.gelu(self.scale(self.dense(x)) + self.shift, approximate=False)
 
 
 def _perturb(model):
@@ -126,6 +127,7 @@ def _local_layers(paths):
     return sorted({key.split("/")[-2] for key, p in paths.items() if p == "layer-local"})
 
 
+@pytest.mark.backend_neutral
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_exact_matches_oracle_and_goes_layer_local(name):
     model = MODELS[name]()
@@ -138,6 +140,7 @@ def test_exact_matches_oracle_and_goes_layer_local(name):
     oracle.assert_close(fisher, oracle.categorical_exact(model, model.trainable_variables, x))
 
 
+@pytest.mark.backend_neutral
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_empirical_matches_oracle(name):
     model = MODELS[name]()
@@ -164,6 +167,7 @@ class TiedScale(L.Layer):
         return x * self.source.w * self.v
 
 
+@pytest.mark.backend_neutral
 def test_tied_weight_takes_the_reference_path_and_fallback_names_it():
     keras.utils.set_random_seed(5)
     scale = Scale(name="scale")
@@ -184,6 +188,7 @@ def test_tied_weight_takes_the_reference_path_and_fallback_names_it():
         fisher_diagonal(model, x, likelihood="categorical", verbose=0, fallback="error")
 
 
+@pytest.mark.backend_neutral
 def test_layer_local_alone_does_not_trigger_the_fallback():
     model = gated_model()
     x = _x(model)
@@ -199,10 +204,11 @@ class FoldBatch(L.Layer):
         self.scale = Scale(name="folded_scale")
 
     def call(self, x):
-        folded = tf.reshape(x, [-1, x.shape[-1]])
-        return tf.reshape(self.scale(folded), [-1] + list(x.shape[1:]))
+        folded = keras.ops.reshape(x, [-1, x.shape[-1]])
+        return keras.ops.reshape(self.scale(folded), [-1] + list(x.shape[1:]))
 
 
+@pytest.mark.backend_neutral
 def test_a_layer_called_on_rows_that_are_not_examples_falls_back():
     keras.utils.set_random_seed(6)
     model = _perturb(keras.Sequential([
@@ -286,12 +292,13 @@ class MaskedGate(L.Layer):
 
     def call(self, x, mask=None, training=None):
         y = self.dropout(x, training=training) * self.w  # inference: no dropout
-        return y if mask is None else y * tf.cast(mask, y.dtype)[..., None]
+        return y if mask is None else y * keras.ops.cast(mask, y.dtype)[..., None]
 
     def compute_mask(self, x, mask=None):
         return mask
 
 
+@pytest.mark.backend_neutral
 def test_mask_and_training_arguments_are_passed_per_example():
     keras.utils.set_random_seed(7)
     model = _perturb(keras.Sequential([
@@ -333,6 +340,7 @@ RECURRENT = {
 }
 
 
+@pytest.mark.backend_neutral
 @pytest.mark.parametrize("estimator", ["exact", "empirical"])
 @pytest.mark.parametrize("name", [
     # Tracing pfor's conversion of the recurrence takes 20-50 s on 2 cores for these.
@@ -359,6 +367,7 @@ def test_recurrent_layers_go_layer_local_exactly(monkeypatch, name, estimator):
     oracle.assert_close(fisher, expected)
 
 
+@pytest.mark.backend_neutral
 def test_stateful_layers_are_refused():
     model = keras.Sequential([keras.Input(batch_shape=(4, 5, 3)),
                               L.LSTM(3, stateful=True, name="lstm"), L.Dense(2)])

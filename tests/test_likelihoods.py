@@ -14,6 +14,7 @@ def two_outputs():
                            keras.layers.Dense(1, name="reg")(h)])
 
 
+@pytest.mark.backend_neutral
 @pytest.mark.parametrize("kind", ["list", "dict"])
 def test_a_multi_output_model_gets_an_error_naming_its_losses_and_the_fix(kind):
     net = two_outputs()
@@ -36,6 +37,7 @@ def test_a_multi_output_model_gets_an_error_naming_its_losses_and_the_fix(kind):
     assert int(single.regularizer.tasks.numpy()) == 1
 
 
+@pytest.mark.backend_neutral
 def test_an_unknown_or_missing_loss_is_named():
     net = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
     model = keras_ewc.EWCModel(net)

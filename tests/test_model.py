@@ -124,6 +124,7 @@ def test_jit_compile_and_steps_per_execution_train_the_same(options):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.backend_neutral
 def test_subclassed_and_functional_models_build_their_state():
     class Net(keras.Model):
         def __init__(self):
@@ -144,6 +145,7 @@ def test_subclassed_and_functional_models_build_their_state():
     assert wrapped.built and len(wrapped.regularizer.anchors) == 2
 
 
+@pytest.mark.backend_neutral
 def test_include_and_exclude_select_variables():
     only_head = keras_ewc.EWCModel(mlp(), include=["head"])
     assert [v.path for v in only_head.regularised_variables] == [
@@ -191,6 +193,7 @@ def test_bad_input_errors_and_unchanged_state():
     assert int(model.regularizer.tasks.numpy()) == 1
 
 
+@pytest.mark.backend_neutral
 def test_consolidate_passes_steps_to_the_fisher():
     (xa, ya), _ = teacher_tasks(n=64)
     model = compiled(mlp(hidden=8), strength=1.0)

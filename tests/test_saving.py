@@ -498,6 +498,7 @@ def _state_from(kind, path):
     return state(model)
 
 
+@pytest.mark.backend_neutral
 @pytest.mark.parametrize("kind", sorted(SAVES))
 def test_saving_through_a_symbolic_link_writes_its_target(kind, tmp_path):
     name, method = SAVES[kind]
@@ -514,6 +515,7 @@ def test_saving_through_a_symbolic_link_writes_its_target(kind, tmp_path):
     assert float(state(model)[-1]) == 1.0  # a consolidated state, not the zero one
 
 
+@pytest.mark.backend_neutral
 @pytest.mark.parametrize("kind", sorted(SAVES))
 def test_saved_files_get_the_mode_a_plain_write_gives(kind, tmp_path):
     name, method = SAVES[kind]
@@ -531,6 +533,7 @@ def test_saved_files_get_the_mode_a_plain_write_gives(kind, tmp_path):
     assert_same(_state_from(kind, path), state(model))
 
 
+@pytest.mark.backend_neutral
 @pytest.mark.parametrize("kind", sorted(SAVES))
 def test_save_errors_name_the_path_given_and_leave_the_file(kind, tmp_path, monkeypatch):
     name, method = SAVES[kind]
@@ -573,6 +576,7 @@ def test_save_errors_name_the_path_given_and_leave_the_file(kind, tmp_path, monk
     assert_same([v.numpy() for v in model.weights], weights)
 
 
+@pytest.mark.backend_neutral
 def test_an_error_raised_while_writing_names_the_path_given(tmp_path):
     from keras_ewc import saving
 
@@ -603,6 +607,7 @@ def _snapshot(model, path):
         return [v.numpy() for v in model.weights], float(model.penalty()), f.read()
 
 
+@pytest.mark.backend_neutral
 @pytest.mark.parametrize("into", ["kronecker", "diagonal"])
 @pytest.mark.parametrize("kind", ["keras", "weights"])
 def test_a_file_of_the_other_structure_is_refused_naming_both(into, kind, tmp_path):
@@ -622,6 +627,7 @@ def test_a_file_of_the_other_structure_is_refused_naming_both(into, kind, tmp_pa
     assert after[1:] == before[1:] and after[1] > 0  # penalty and the file's bytes
 
 
+@pytest.mark.backend_neutral
 def test_a_keras_file_of_another_architecture_names_what_differs(tmp_path):
     model = after_task_a(sequential())
     model.save(tmp_path / "m.keras")
@@ -666,6 +672,7 @@ def test_from_saved_model_accepts_the_files_own_structure_and_refuses_another(
         assert_same([v.numpy() for v in net.weights], before)
 
 
+@pytest.mark.backend_neutral
 def test_the_umask_is_read_without_proc_too(monkeypatch):
     from keras_ewc import saving
 
@@ -686,6 +693,7 @@ def test_the_umask_is_read_without_proc_too(monkeypatch):
         os.umask(old)
 
 
+@pytest.mark.backend_neutral
 @pytest.mark.parametrize("kind", ["keras", "weights"])
 def test_a_plain_keras_models_file_is_refused_naming_what_to_do(kind, tmp_path):
     net = sequential()
