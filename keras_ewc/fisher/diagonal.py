@@ -392,12 +392,16 @@ class _Loop:
         self.examples += size
         return size
 
+    def _noise(self):
+        """The sampled estimator's noise shape per example (None for the others), and
+        the outputs' width, from the first rows' outputs."""
+        self.num_outputs = self.lik.num_outputs(self.probe)
+        if self.estimator != "sampled":
+            return None
+        return tuple(self.lik.noise_shape(self.probe, self.samples)[1:])
+
     def _build(self, batch, size):
-        probe = self.probe
-        self.num_outputs = self.lik.num_outputs(probe)
-        noise = None
-        if self.estimator == "sampled":
-            noise = tuple(self.lik.noise_shape(probe, self.samples)[1:])
+        noise = self._noise()
         spec = _relaxed_spec(batch)
         if self.state is None:
             self.state = (
@@ -428,7 +432,7 @@ class _Loop:
             # Traced, not run: how much memory this batch size would take.
             affordable = MEMORY_BUDGET // max(step.per_example_bytes(), 1)
             if affordable < size:
-                chunk = max(MIN_AUTO_BATCH_SIZE, 2 ** int(np.log2(max(affordable, 1))))
+                chunk = memory_chunk(affordable)
                 key = key[:4] + (chunk,) + key[5:]
                 if key not in steps:
                     steps[key] = new_step(chunk)
@@ -692,6 +696,12 @@ def _batch_fn(lik, estimator, noise, batch_size, num_outputs):
 
 
 _FORWARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def memory_chunk(affordable: int) -> int:
+    """The batch size of a call that holds `affordable` examples' worth of memory: a
+    power of two (other sizes reuse its trace), at least `MIN_AUTO_BATCH_SIZE`."""
+    return max(MIN_AUTO_BATCH_SIZE, 2 ** int(np.log2(max(affordable, 1))))
 
 
 def _first_outputs(model, x, distributed):

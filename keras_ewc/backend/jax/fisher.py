@@ -727,13 +727,7 @@ def make_loop_class():
 
     class Loop(diagonal._Loop):
         def _build(self, batch, size):
-            import weakref  # noqa: F401
-
-            probe = self.probe
-            self.num_outputs = self.lik.num_outputs(probe)
-            noise = None
-            if self.estimator == "sampled":
-                noise = tuple(self.lik.noise_shape(probe, self.samples)[1:])
+            noise = self._noise()
             if self.sums is not None and getattr(self.sums, "layers", None) is None:
                 raise ValueError(
                     "Expected the Kronecker factors' sums on the JAX backend. Received "
@@ -771,9 +765,8 @@ def make_loop_class():
                 affordable = diagonal.MEMORY_BUDGET // max(
                     step.per_example_bytes(batch, self.estimator), 1)
                 if affordable < size:
-                    chunk = max(diagonal.MIN_AUTO_BATCH_SIZE,
-                                2 ** int(np.log2(max(affordable, 1))))
-                    chunk = -(-chunk // parts) * parts  # split evenly over the devices
+                    # A multiple of the devices: the rows split evenly over them.
+                    chunk = -(-diagonal.memory_chunk(affordable) // parts) * parts
                     key = key[:4] + (chunk,) + key[5:]
                     if key not in steps:
                         steps[key] = Step(self.model, self.variables, self.lik,
