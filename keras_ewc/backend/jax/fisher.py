@@ -311,11 +311,12 @@ def column_grads(pullback, shape, scale=None):
     count = shape[1]
 
     def column(e):
-        grads = pullback(jnp.broadcast_to(e[None, :], tuple(shape)))[0]
-        if scale is None:
-            return grads
-        return [g * jnp.reshape(scale, (-1,) + (1,) * (g.ndim - 1)).astype(g.dtype)
-                for g in grads]
+        # Row n of a probe's gradient is linear in row n of the cotangent: the scale
+        # goes into the [B, T] cotangent, not into every (much larger) gradient.
+        cotangent = jnp.broadcast_to(e[None, :], tuple(shape))
+        if scale is not None:
+            cotangent = cotangent * jnp.reshape(scale, (-1, 1)).astype(cotangent.dtype)
+        return pullback(cotangent)[0]
 
     eye = jnp.eye(count, dtype=jnp.float32)
     if count <= LOOP_COLUMNS:

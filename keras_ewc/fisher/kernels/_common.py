@@ -65,6 +65,29 @@ def over_examples(fn, per_example_size, batch_axes, *tensors):
     return total
 
 
+TERM_SLICES = 64
+"""Up to this many terms, `sum_squares_over_terms` adds the terms' slices one by one."""
+
+
+def sum_squares_over_terms(values):
+    """Σ_t values[t]² of a `[T, ...]` tensor (the term columns' gradients): `[...]`.
+
+    For up to `TERM_SLICES` terms, a sum of the slices' squares rather than one
+    reduction over the leading axis: XLA (JAX on CPU) then forms each square from
+    the slice's producer, the term's own pullback, instead of reducing the stacked
+    `[T, ...]` tensor. Measured on the paper MLP's exact Fisher on JAX (9 terms,
+    2,048 rows): the step took 5.2× a gradient pass with the reduction, 2.7× with
+    the slices. (Same values: the sums differ only in float32 rounding order.)
+    """
+    count = values.shape[0]
+    if count is None or count > TERM_SLICES:
+        return keras.ops.sum(keras.ops.square(values), axis=0)
+    total = keras.ops.square(values[0])
+    for t in range(1, count):
+        total = total + keras.ops.square(values[t])
+    return total
+
+
 def broadcast_sum_squared(grads, shape):
     """Σ_n Σ_t (per-example gradient)² of a variable of `shape` added to `z`.
 
@@ -82,4 +105,4 @@ def broadcast_sum_squared(grads, shape):
         per_example = keras.ops.sum(g, axis=axes) if axes else g
         per_example = keras.ops.reshape(per_example, [-1, int(g.shape[1])] + shape)
         total = per_example if total is None else total + per_example
-    return keras.ops.sum(keras.ops.square(total), axis=[0, 1])
+    return keras.ops.sum(sum_squares_over_terms(total), axis=0)

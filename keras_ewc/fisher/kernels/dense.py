@@ -16,6 +16,7 @@ from keras_ewc.fisher.kernels._common import (
     kernel_and_bias,
     over_examples,
     stop,
+    sum_squares_over_terms,
 )
 from keras_ewc.fisher.kernels._registry import Kernel, register_kernel
 
@@ -47,7 +48,7 @@ def kernel_sum_squared(records, grads):
     """Σ_n Σ_t (Σ_s x[n, s] ⊗ g[t, n, s])², over the calls' inputs and output grads."""
     if len(records) == 1 and len(records[0].shape) == 2:
         x2 = keras.ops.square(f32(records[0]))
-        g2 = keras.ops.sum(keras.ops.square(f32(grads[0])), axis=0)
+        g2 = sum_squares_over_terms(f32(grads[0]))
         return keras.ops.einsum("ni,no->io", x2, g2)
     batch = int(records[0].shape[0])
     x = keras.ops.concatenate(

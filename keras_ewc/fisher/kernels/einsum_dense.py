@@ -19,6 +19,7 @@ from keras_ewc.fisher.kernels._common import (
     kernel_and_bias,
     over_examples,
     stop,
+    sum_squares_over_terms,
 )
 from keras_ewc.fisher.kernels._registry import Kernel, register_kernel
 
@@ -69,7 +70,7 @@ def kernel_sum_squared(equation, records, grads):
     n = x_spec[0]
     if len(records) == 1 and set(x_spec + z_spec) - {n} <= set(w_spec):
         x2 = keras.ops.square(f32(records[0]))
-        g2 = keras.ops.sum(keras.ops.square(f32(grads[0])), axis=0)
+        g2 = sum_squares_over_terms(f32(grads[0]))
         return keras.ops.einsum(f"{x_spec},{z_spec}->{w_spec}", x2, g2)
 
     per_example = f"{x_spec},{z_spec}->{n}{w_spec}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import keras
 
-from keras_ewc.fisher.kernels._common import f32, stop
+from keras_ewc.fisher.kernels._common import f32, stop, sum_squares_over_terms
 from keras_ewc.fisher.kernels._registry import Kernel, register_kernel
 
 
@@ -94,4 +94,4 @@ def sum_squared(layer, records, grads) -> dict:
 def _square_sum(per_example, shape):
     per_example = keras.ops.reshape(
         per_example, [per_example.shape[0], -1] + [int(d) for d in shape])
-    return keras.ops.sum(keras.ops.square(per_example), axis=[0, 1])
+    return keras.ops.sum(sum_squares_over_terms(per_example), axis=0)
