@@ -576,14 +576,18 @@ def checked_sum_squared(layer, kernel, params, records, grads) -> dict:
         ok = tf.logical_not(tf.reduce_any(value < 0.0)) & (
             tf.reduce_all(tf.math.is_finite(value)) | tf.logical_not(given_finite))
         check = tf.debugging.Assert(ok, [
-            f"{KERNEL_CONTRACT}: {who}: {what} holds negative, NaN or Inf values; "
-            "expected finite sums of squares >= 0. Fix `sum_squared`; or, if the kernel "
-            "is right, the per-example gradients overflow float32 (an untrained or "
-            "diverged model whose outputs explode): check the model's outputs on "
-            "this data."])
+            f"{KERNEL_CONTRACT}: {broken_contract_message(who, what)}"])
         with tf.control_dependencies([check]):
             checked[name] = tf.identity(value)
     return checked
+
+
+def broken_contract_message(who: str, what: str) -> str:
+    """The error for a kernel's sum that holds negative, NaN or Inf values."""
+    return (f"{who}: {what} holds negative, NaN or Inf values; expected finite sums of "
+            "squares >= 0. Fix `sum_squared`; or, if the kernel is right, the per-example "
+            "gradients overflow float32 (an untrained or diverged model whose outputs "
+            "explode): check the model's outputs on this data.")
 
 
 def kernel_sums_keyed(layer, kernel, params, records, grads) -> tuple:

@@ -180,12 +180,13 @@ def plan(model, variables):
 
 
 def sum_squared_grads(model, weights, values, variables, kernel_layers, local_layers,
-                      terms_fn, inputs, extra, paths=None, scale=None):
+                      terms_fn, inputs, extra, paths=None, scale=None, contract=None):
     """Per-variable Σ_n Σ_t (scale[n] ∂ terms[n, t] / ∂ v)² for one batch, in a JAX trace.
 
     `weights` are every variable the model reads, `values` their values (traced
     arrays); `variables` (a subset of `weights`) those to compute sums for. `paths`, a
-    dict, receives each variable's path by its key.
+    dict, receives each variable's path by its key; `contract`, a list, the kernels'
+    value checks (`_checked`).
     """
     local_module.check_stateless(model, variables)
     batch_size = jax.tree_util.tree_leaves(inputs)[0].shape[0]
@@ -235,7 +236,7 @@ def sum_squared_grads(model, weights, values, variables, kernel_layers, local_la
             found = {}
             if calls:
                 found = _checked(layer, kernel, params, records[id(layer)],
-                                 [grads[i] for _, i in calls])
+                                 [grads[i] for _, i in calls], contract)
             for name, v in params.items():
                 value = found.get(name)
                 sums[id(v)] = (jnp.zeros(v.shape, jnp.float32) if value is None
@@ -325,25 +326,56 @@ def column_grads(pullback, shape, scale=None):
     return list(jax.lax.map(column, eye))
 
 
-def _checked(layer, kernel, params, records, grads):
-    """The kernel's sums, with the static half of the kernel contract (keys, shapes,
-    float dtype) checked as on TensorFlow (`checks.checked_sum_squared`)."""
+def _checked(layer, kernel, params, records, grads, contract=None):
+    """The kernel's sums, with the kernel contract checked as on TensorFlow
+    (`checks.checked_sum_squared`): keys, shapes and float dtype when traced; finite and
+    >= 0 in the step, on every batch. `contract`, a list, receives `(message, ok)` for
+    each sum, `ok` a traced boolean; the loop reads them back with the sums and raises
+    the message of the first that failed (`_raise_broken_contract`). A non-finite sum
+    from non-finite inputs is not blamed on the kernel: the loop's own checks name the
+    data or the weights."""
     from keras_ewc.fisher import checks
 
     who, values, known = checks.kernel_sums_keyed(layer, kernel, params, records, grads)
+    given = [t for t in jax.tree_util.tree_leaves((records, grads))
+             if _is_array(t) and jnp.issubdtype(t.dtype, jnp.floating)]
+
+    def given_finite():
+        # Only when a sum is not finite: a reduction over every gradient costs a pass
+        # over the largest tensors of the step (`lax.cond` runs one branch).
+        return jnp.all(jnp.stack([jnp.all(jnp.isfinite(t)) for t in given])) if given \
+            else jnp.array(True)
+
     out = {}
     for name, value in values.items():
         value = jnp.asarray(value)
         shape = tuple(known[name].shape)
+        what = f"its sum for variable {name!r} ({checks._name(known[name])})"
         if not jnp.issubdtype(value.dtype, jnp.floating):
-            raise ValueError(f"{who}: its sum for variable {name!r} has dtype {value.dtype}; "
-                             "expected a float tensor (squared gradients).")
+            raise ValueError(f"{who}: {what} has dtype {value.dtype}; expected a float "
+                             "tensor (squared gradients). Cast it, or compute it in float.")
         if int(np.prod(value.shape)) != int(np.prod(shape)) or (
                 len(value.shape) == len(shape) and tuple(value.shape) != shape):
-            raise ValueError(f"{who}: its sum for variable {name!r} has shape "
-                             f"{tuple(value.shape)}; expected {shape}, the variable's shape.")
+            raise ValueError(f"{who}: {what} has shape {tuple(value.shape)}; expected "
+                             f"{shape}, the variable's shape (sum over the batch and the "
+                             "terms).")
+        if contract is not None:
+            finite = jnp.all(jnp.isfinite(value))
+            ok = jnp.logical_not(jnp.any(value < 0)) & jax.lax.cond(
+                finite, lambda: jnp.array(True),
+                lambda: jnp.logical_not(given_finite()))
+            contract.append((checks.broken_contract_message(who, what), ok))
         out[name] = value
     return out
+
+
+def _raise_broken_contract(pending):
+    """Raises the ValueError of the first kernel sum that broke the contract, from the
+    flags the steps returned (`{id: (messages, flags)}`; one read-back, at the end)."""
+    for messages, flags in pending.values():
+        for message, ok in zip(messages, np.asarray(flags)):
+            if not ok:
+                raise ValueError(message)
 
 
 def _chunk_size(per_example: int, batch_size: int) -> int:
@@ -544,6 +576,8 @@ class Step:
             target = extra[1] if len(extra) > 1 else None
             return keras.ops.cast(lik.terms(estimator, outputs, target), "float32")
         paths = self.paths
+        # The kernels' value checks, in the order of the flags the step returns.
+        messages = self.contract_messages = []
         self.weights = _weights_of(model, variables)
         weights = self.weights
 
@@ -556,8 +590,9 @@ class Step:
             if factored is not None:
                 sums = factor_sums(model, weights, values, factored, terms_fn, inputs,
                                    extra, scale=jnp.sqrt(w))
-                return [a if b is None else a + b.astype(jnp.float32)
-                        for a, b in zip(totals, sums)]
+                return ([a if b is None else a + b.astype(jnp.float32)
+                         for a, b in zip(totals, sums)], jnp.ones((0,), bool))
+            contract = []
             if estimator == "batched":
                 sums = batched_sums(model, weights, values, variables, lik, inputs, extra)
                 paths.update({engine.variable_key(v): "batched" for v in variables})
@@ -566,8 +601,11 @@ class Step:
                                                                               variables)
                 sums = sum_squared_grads(model, weights, values, variables, kernel_layers,
                                          local_layers, terms_fn, inputs, extra, paths,
-                                         scale=jnp.sqrt(w))
-            return [a + b.astype(jnp.float32) for a, b in zip(totals, sums)]
+                                         scale=jnp.sqrt(w), contract=contract)
+            messages[:] = [message for message, _ in contract]
+            flags = (jnp.stack([ok for _, ok in contract]) if contract
+                     else jnp.ones((0,), bool))
+            return [a + b.astype(jnp.float32) for a, b in zip(totals, sums)], flags
 
         self.jitted = jax.jit(step)
         self.unrecordable = unrecordable
@@ -619,13 +657,13 @@ class Step:
     def function(self, state, batch, seed):
         from keras_ewc.fisher import diagonal
 
-        totals, misc = state
+        totals, (misc, pending) = state
         x, y, w = keras.utils.unpack_x_y_sample_weight(batch)
         to_np = lambda t: None if t is None else np.asarray(t)  # noqa: E731
         x, y, w = (jax.tree_util.tree_map(to_np, t) for t in (x, y, w))
         size = int(jax.tree_util.tree_leaves(x)[0].shape[0])
-        weight, flags = _misc_of_batch(self.lik, self.estimator, self.num_outputs, x, y, w,
-                                       size)
+        weight, data_flags = _misc_of_batch(self.lik, self.estimator, self.num_outputs,
+                                            x, y, w, size)
         batch_size = self.batch_size
         x = jax.tree_util.tree_map(lambda t: _pad(t, size, batch_size), x)
         weight = np.concatenate([weight, np.zeros([batch_size - size], np.float32)])
@@ -637,8 +675,9 @@ class Step:
                                  int(seed[1]) % (2**31))
         x, weight, target = _distribute((x, weight, target))
         values = [v.value for v in self.weights]
+        messages = self.contract_messages
         try:
-            totals = self.jitted(values, totals, x, weight, target, key)
+            totals, flags = self.jitted(values, totals, x, weight, target, key)
         except jax.errors.UnexpectedTracerError:
             if self.unrecordable or self.factored is not None:
                 raise
@@ -648,11 +687,17 @@ class Step:
             # path, exact for any layer (`paths` says so, and `fallback=` applies).
             # (A new step: the failed trace's function must not be traced again.)
             fresh = self._rebuild()
-            totals = fresh.jitted(values, totals, x, weight, target, key)
+            totals, flags = fresh.jitted(values, totals, x, weight, target, key)
+            messages = self.contract_messages = fresh.contract_messages
             self.jitted, self.unrecordable = fresh.jitted, True
             self.paths.clear()
             self.paths.update(fresh.paths)  # the loop holds this dict
-        return totals, diagonal._combine_np(misc, flags)
+        # The kernels' checks stay on the device until the loop's one read-back: a
+        # flag a check, and-ed over the batches (per step: a rebuilt step has its own).
+        pending = dict(pending)
+        before = pending.get(id(messages))
+        pending[id(messages)] = (messages, flags if before is None else before[1] & flags)
+        return totals, (diagonal._combine_np(misc, data_flags), pending)
 
 
 def _distribute(batch):
@@ -741,7 +786,7 @@ def make_loop_class():
                 shapes = (self.sums.shapes if self.sums is not None
                           else [tuple(v.shape) for v in self.variables])
                 self.state = ([jnp.zeros(shape, jnp.float32) for shape in shapes],
-                              np.array(diagonal._EMPTY_MISC, np.float64))
+                              (np.array(diagonal._EMPTY_MISC, np.float64), {}))
             if self.auto:
                 size = min(diagonal.AUTO_BATCH_SIZE,
                            max(diagonal.MIN_AUTO_BATCH_SIZE, 1 << (int(size) - 1).bit_length()))
@@ -780,6 +825,8 @@ def make_loop_class():
             self.paths = step.paths
 
         def _read_back(self, totals, misc):
+            misc, pending = misc
+            _raise_broken_contract(pending)
             finite = [bool(np.all(np.isfinite(np.asarray(t)))) for t in totals]
             return np.asarray(misc, np.float64), finite
 
