@@ -76,19 +76,24 @@ def depthwise_filter_grad(x, filter_shape, g, strides):
     if backend == "jax":
         import jax
 
+        # One strided slice of the input a kernel tap, times the output gradient, summed
+        # over positions. Not the vjp of a grouped convolution: with one group an
+        # (example, channel), XLA on CPU lowered that filter gradient to buffers of tens
+        # of GB (33 GB on MobileNetV2 α 0.35 at 32×32, 8 examples).
         kh, kw, channels, multiplier = (int(d) for d in filter_shape)
-
-        def conv(w):
-            # Depthwise: one group a channel, output channel c * M + m as in Keras.
-            return jax.lax.conv_general_dilated(
-                x, w.reshape(kh, kw, 1, channels * multiplier), tuple(strides), "VALID",
-                dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels,
-                precision=jax.lax.Precision.HIGHEST)
-
-        # The convolution is linear in w: its vjp at any w (zeros) is the filter gradient.
-        zeros = jax.numpy.zeros((kh, kw, channels, multiplier), x.dtype)
-        _, pullback = jax.vjp(conv, zeros)
-        return pullback(g.astype(x.dtype))[0]
+        rows, cols = int(g.shape[1]), int(g.shape[2])
+        g = g.astype(x.dtype).reshape(rows, cols, channels, multiplier)
+        taps = []
+        for i in range(kh):
+            for j in range(kw):
+                tap = jax.lax.slice(
+                    x[0], (i, j, 0),
+                    (i + (rows - 1) * strides[0] + 1, j + (cols - 1) * strides[1] + 1,
+                     channels),
+                    (int(strides[0]), int(strides[1]), 1))
+                taps.append(jax.numpy.einsum("pqc,pqcm->cm", tap, g,
+                                             precision=jax.lax.Precision.HIGHEST))
+        return jax.numpy.stack(taps).reshape(kh, kw, channels, multiplier)
     raise _unsupported("depthwise_filter_grad")
 
 
