@@ -58,8 +58,8 @@ def is_tf_dataset(data) -> bool:
     TensorFlow is not imported (then no dataset can exist)."""
     import sys
 
-    tf = sys.modules.get("tensorflow")
-    return tf is not None and isinstance(data, tf.data.Dataset)
+    module = sys.modules.get("tensorflow")
+    return module is not None and isinstance(data, module.data.Dataset)
 
 
 def require_tensorflow(feature: str, fix: str) -> None:
