@@ -837,7 +837,7 @@ def loop_data(data, batch_size, steps, auto):
 def _graph_errors() -> tuple:
     """The errors of a TensorFlow graph (a kernel's in-graph assertion); none when
     TensorFlow is not imported (then nothing can raise them)."""
-    if "tensorflow" not in sys.modules:
+    if sys.modules.get("tensorflow") is None:
         return ()
     return (tf.errors.InvalidArgumentError,)
 
