@@ -1,5 +1,5 @@
 """On JAX, keras_ewc runs without TensorFlow: importing it, `EWCModel` fit / consolidate /
-save / load, and the Fisher (diagonal and Kronecker factors) of arrays.
+`.keras` and `.weights.h5` files, and the Fisher (diagonal and Kronecker factors) of arrays.
 
 A child process starts with `sys.modules["tensorflow"] = None`, so any import of
 TensorFlow, by keras_ewc or by Keras, raises ImportError there; it writes what it computed
@@ -73,6 +73,9 @@ CHILD = textwrap.dedent("""
     penalty = float(model.penalty())
     model.save(out + "/model.keras")
     loaded = keras.models.load_model(out + "/model.keras")
+    model.save_weights(out + "/model.weights.h5")
+    again = keras_ewc.EWCModel(keras.models.clone_model(net), strength=50.0)
+    again.load_weights(out + "/model.weights.h5")
     arrays = {f"weights{i}": v for i, v in enumerate(weights)}
     arrays.update({f"exact{i}": np.asarray(f) for i, f in enumerate(exact)})
     arrays.update({f"weighted{i}": np.asarray(f) for i, f in enumerate(weighted)})
@@ -82,6 +85,7 @@ CHILD = textwrap.dedent("""
     print("REPORT" + json.dumps({
         "tensorflow": sys.modules.get("tensorflow", "absent") is not None,
         "penalty": penalty, "loaded_penalty": float(loaded.penalty()),
+        "weights_penalty": float(again.penalty()),
         "tasks": int(np.asarray(loaded.regularizer.tasks.numpy())),
         "factors": len(factors), "error": error}))
 """)
@@ -120,6 +124,7 @@ def test_fit_consolidate_save_load_run_with_tensorflow_unimportable(child):
     assert report["tasks"] == 2 and report["factors"] == 2
     assert report["penalty"] > 0.0
     np.testing.assert_allclose(report["loaded_penalty"], report["penalty"], rtol=1e-6)
+    np.testing.assert_allclose(report["weights_penalty"], report["penalty"], rtol=1e-6)
 
 
 def test_the_fisher_of_arrays_without_tensorflow_matches_the_oracle(child):
