@@ -1,15 +1,16 @@
 """On JAX, keras_ewc runs without TensorFlow: importing it, `EWCModel` fit / consolidate /
 `.keras` and `.weights.h5` files, and the Fisher (diagonal and Kronecker factors) of arrays.
 
-A child process starts with `sys.modules["tensorflow"] = None`, so any import of
-TensorFlow, by keras_ewc or by Keras, raises ImportError there; it writes what it computed
-to a file. This process (TensorFlow importable or not) recomputes the Fisher on the
-child's weights, through a `tf.data.Dataset` when TensorFlow is installed (the loop's
-input as before arrays were batched in NumPy on JAX) and through the brute-force oracle
-(tests/oracle_jax.py). Tolerances: between the two loops (the same batches in the same
-order, the same compiled step, another process), 1e-6 relative for the diagonal and 1e-6
-of each Kronecker factor's largest entry; against the oracle (float64 sums), 1e-5 of each
-variable's largest entry, as tests/test_fisher_jax.py.
+A child process imports keras_ewc (TensorFlow must not be imported by then, installed or
+not), then sets `sys.modules["tensorflow"] = None`, so any later import of TensorFlow, by
+keras_ewc or by Keras, raises ImportError there; it writes what it computed to a file.
+This process recomputes the Fisher on the child's weights through a `tf.data.Dataset`
+when TensorFlow is installed (the loop's input before arrays were batched in NumPy on
+JAX), and through the brute-force oracle (tests/oracle_jax.py). Tolerances: between the
+two loops (the same batches in the same order, the same compiled step, another process),
+1e-6 relative for the diagonal and 1e-6 of each Kronecker factor's largest entry; against
+the oracle (float64 sums), 1e-5 of each variable's largest entry, as
+tests/test_fisher_jax.py.
 """
 
 import json
@@ -36,10 +37,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CHILD = textwrap.dedent("""
     import json, sys
-    sys.modules["tensorflow"] = None  # `import tensorflow` raises ImportError from here on
 
     import keras, numpy as np
     import keras_ewc
+
+    # Installed or not, TensorFlow was not imported; from here on, importing it fails.
+    imported = "tensorflow" in sys.modules
+    sys.modules["tensorflow"] = None
 
     out = sys.argv[1]
     keras.utils.set_random_seed(0)
@@ -83,7 +87,7 @@ CHILD = textwrap.dedent("""
         arrays[f"factor{i}_A"], arrays[f"factor{i}_G"] = np.asarray(a), np.asarray(g)
     np.savez(out + "/child.npz", x=x, y=y, w=w, **arrays)
     print("REPORT" + json.dumps({
-        "tensorflow": sys.modules.get("tensorflow", "absent") is not None,
+        "imported": imported, "tensorflow": sys.modules["tensorflow"] is not None,
         "penalty": penalty, "loaded_penalty": float(loaded.penalty()),
         "weights_penalty": float(again.penalty()),
         "tasks": int(np.asarray(loaded.regularizer.tasks.numpy())),
@@ -119,7 +123,7 @@ def _listed(arrays, name):
 
 def test_fit_consolidate_save_load_run_with_tensorflow_unimportable(child):
     report, _ = child
-    assert report["tensorflow"] is False
+    assert report["imported"] is False and report["tensorflow"] is False
     assert "needs the true labels" in report["error"]
     assert report["tasks"] == 2 and report["factors"] == 2
     assert report["penalty"] > 0.0
