@@ -187,6 +187,25 @@ def test_dataset_input_and_rebatching_give_the_same_fisher():
         np.testing.assert_allclose(a, c, rtol=1e-5)
 
 
+def test_array_batches_are_the_batches_of_tf_data():
+    # What the loop reads on JAX in place of tf.data: the same slices in the same order,
+    # a smaller last batch, `steps` batches at most, for a dict and a tuple nest.
+    from keras_ewc.fisher.diagonal import ArrayBatches
+
+    rng = np.random.default_rng(0)
+    data = ({"a": rng.normal(size=(11, 3)), "b": np.arange(11)}, rng.normal(size=(11,)))
+    for steps in (None, 2, 9):
+        ours = list(ArrayBatches(data, 4, steps))
+        theirs = list(tf.data.Dataset.from_tensor_slices(data).batch(4).take(steps or -1))
+        assert len(ours) == len(theirs) == len(ArrayBatches(data, 4, steps))
+        assert len(ours) == (2 if steps == 2 else 3)
+        for a, b in zip(ours, theirs):
+            tf.nest.assert_same_structure(a, b)
+            for u, v in zip(tf.nest.flatten(a), tf.nest.flatten(b)):
+                assert u.dtype == v.numpy().dtype
+                np.testing.assert_array_equal(u, v.numpy())
+
+
 def test_progress_bar_counts_batches(capsys):
     model = dense_model()
     x, _ = _data(model, n=10)

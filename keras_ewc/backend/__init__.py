@@ -38,6 +38,30 @@ def is_jax() -> bool:
     return name() == "jax"
 
 
+def nest():
+    """The nested-structure functions (`flatten`, `map_structure`,
+    `assert_same_structure`) of the backend: `tf.nest` on TensorFlow, as keras_ewc always
+    used there; elsewhere `keras.tree`, so that the JAX path needs no TensorFlow.
+
+    >>> nest().flatten({"b": 2, "a": (1, None)})
+    [1, None, 2]
+    """
+    if is_tensorflow():
+        from keras_ewc.backend.tensorflow import core
+
+        return core.nest()
+    return keras.tree
+
+
+def is_tf_dataset(data) -> bool:
+    """Whether `data` is a `tf.data.Dataset`; False, without importing TensorFlow, when
+    TensorFlow is not imported (then no dataset can exist)."""
+    import sys
+
+    module = sys.modules.get("tensorflow")
+    return module is not None and isinstance(data, module.data.Dataset)
+
+
 def require_tensorflow(feature: str, fix: str) -> None:
     """Raises `BackendError` unless TensorFlow is the backend.
 

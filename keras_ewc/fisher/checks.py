@@ -27,8 +27,11 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
+import keras
 import numpy as np
-import tensorflow as tf
+
+from keras_ewc import backend
+from keras_ewc._tensorflow import tf
 
 RANGE_TOL = 1e-5
 SUM_TOL = 1e-3
@@ -156,7 +159,7 @@ def check_single_output_model(model) -> None:
     outputs = getattr(model, "outputs", None)
     if outputs is None:
         return
-    flat = tf.nest.flatten(outputs)
+    flat = backend.nest().flatten(outputs)
     if len(flat) > 1:
         names = [getattr(t, "name", "?") for t in flat]
         raise ValueError(_multi_output_message(len(flat), names))
@@ -164,7 +167,7 @@ def check_single_output_model(model) -> None:
 
 def check_single_output(outputs) -> None:
     """Refuses outputs that are not a single tensor (a list or dict of heads)."""
-    flat = tf.nest.flatten(outputs)
+    flat = backend.nest().flatten(outputs)
     if len(flat) != 1:
         names = sorted(outputs) if isinstance(outputs, dict) else None
         raise ValueError(_multi_output_message(len(flat), names))
@@ -200,15 +203,33 @@ def check_finite_weights(variables: Sequence) -> None:
         if id(v) in seen:
             continue
         seen.add(id(v))
-        value = tf.convert_to_tensor(v)
-        if value.dtype.is_floating and not bool(tf.reduce_all(tf.math.is_finite(value))):
-            bad = int(tf.reduce_sum(tf.cast(~tf.math.is_finite(value), tf.int32)))
+        found = _not_finite_count(v)
+        if found is not None:
+            bad, size = found
             raise ValueError(
                 f"The model's weights are not finite: variable {_name(v)!r} holds NaN or "
-                f"Inf values ({bad} of {int(tf.size(value))}). A Fisher of such a model is "
+                f"Inf values ({bad} of {size}). A Fisher of such a model is "
                 "meaningless. Restore finite weights (e.g. from a checkpoint) and train "
                 "again with a lower learning rate or gradient clipping."
             )
+
+
+def _not_finite_count(v) -> tuple[int, int] | None:
+    """`(values that are NaN or Inf, values)` of a float variable holding any, else None."""
+    if backend.is_tensorflow():
+        value = tf.convert_to_tensor(v)
+        if value.dtype.is_floating and not bool(tf.reduce_all(tf.math.is_finite(value))):
+            return (int(tf.reduce_sum(tf.cast(~tf.math.is_finite(value), tf.int32))),
+                    int(tf.size(value)))
+        return None
+    value = keras.ops.convert_to_tensor(v)
+    if not keras.backend.is_float_dtype(value.dtype):
+        return None
+    finite = keras.ops.isfinite(value)
+    if bool(keras.ops.all(finite)):
+        return None
+    return (int(keras.ops.sum(keras.ops.cast(keras.ops.logical_not(finite), "int32"))),
+            int(np.prod(value.shape)))
 
 
 def _input_structure(model):
@@ -264,7 +285,7 @@ def check_inputs(model, x_spec) -> None:
             )
         else:
             x_spec = [x_spec[n] for n in names]
-    flat = tf.nest.flatten(x_spec)
+    flat = backend.nest().flatten(x_spec)
     if len(flat) != len(declared):
         raise ValueError(
             f"The model takes {len(declared)} input(s) ({names}). Received {len(flat)} input "
@@ -272,12 +293,12 @@ def check_inputs(model, x_spec) -> None:
             "data: `((x1, x2), y)`."
         )
     for spec, expected in zip(flat, declared):
-        shape = tf.TensorShape(getattr(spec, "shape", None))
-        want = tf.TensorShape(expected.shape)
-        if shape.rank is None or want.rank is None:
+        shape = _dims(getattr(spec, "shape", None))
+        want = _dims(expected.shape)
+        if shape is None or want is None:
             continue
-        if shape.rank == want.rank - 1 and shape.is_compatible_with(want[1:]):
-            if want[-1] == 1 and shape.is_compatible_with(want[:-1]):
+        if len(shape) == len(want) - 1 and _compatible(shape, want[1:]):
+            if want[-1] == 1 and _compatible(shape, want[:-1]):
                 continue  # Keras adds a trailing axis of size 1 itself.
             raise ValueError(
                 f"Expected batches of inputs of shape {_shape(want)}. Received inputs of "
@@ -285,7 +306,7 @@ def check_inputs(model, x_spec) -> None:
                 "tf.data.Dataset, batch it (`ds.batch(32)`); for an array holding one "
                 "example, add a leading axis (`x[None]`)."
             )
-        if shape.rank == want.rank and not shape[1:].is_compatible_with(want[1:]):
+        if len(shape) == len(want) and not _compatible(shape[1:], want[1:]):
             raise ValueError(
                 f"Expected batches of inputs of shape {_shape(want)} for this model. "
                 f"Received inputs of shape {_shape(shape)}. Pass the data the model was "
@@ -320,8 +341,12 @@ def check_outputs(likelihood, outputs, model=None) -> None:
     name = getattr(likelihood, "name", None)
     if name not in ("categorical", "bernoulli"):
         return
-    dtype = tf.as_dtype(outputs.dtype)
-    values = np.asarray(tf.cast(outputs, tf.float32))
+    if backend.is_tensorflow():
+        itemsize = tf.as_dtype(outputs.dtype).size
+        values = np.asarray(tf.cast(outputs, tf.float32))
+    else:
+        itemsize = np.dtype(keras.backend.standardize_dtype(outputs.dtype)).itemsize
+        values = keras.ops.convert_to_numpy(keras.ops.cast(outputs, "float32"))
     if values.size == 0:
         return
     classes = int(values.shape[-1]) if values.ndim > 1 else 1
@@ -358,7 +383,7 @@ def check_outputs(likelihood, outputs, model=None) -> None:
     sum_ok = True
     worst = 0.0
     if name == "categorical":
-        tol = SUM_TOL_16 if dtype.size <= 2 else SUM_TOL
+        tol = SUM_TOL_16 if itemsize <= 2 else SUM_TOL
         sums = values.reshape(-1, classes).sum(axis=-1)
         worst = float(np.max(np.abs(sums - 1.0)))
         sum_ok = worst <= tol
@@ -518,8 +543,23 @@ def _name(variable) -> str:
     return str(getattr(variable, "path", None) or getattr(variable, "name", "?"))
 
 
+def _dims(shape) -> tuple | None:
+    """A shape (a tuple, a `tf.TensorShape`, None) as a tuple of ints and Nones (unknown
+    dimensions); None when even its rank is unknown. No TensorFlow needed."""
+    if shape is None or getattr(shape, "rank", 0) is None:
+        return None
+    if hasattr(shape, "as_list"):
+        shape = shape.as_list()
+    return tuple(None if d is None else int(d) for d in shape)
+
+
+def _compatible(a: tuple, b: tuple) -> bool:
+    """Whether two shapes of `_dims` can be the same (as `TensorShape.is_compatible_with`)."""
+    return len(a) == len(b) and all(x is None or y is None or x == y for x, y in zip(a, b))
+
+
 def _shape(shape) -> str:
-    return str(tuple(tf.TensorShape(shape).as_list()))
+    return str(_dims(shape))
 
 
 

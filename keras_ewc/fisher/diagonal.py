@@ -11,9 +11,9 @@ from typing import Sequence
 
 import keras
 import numpy as np
-import tensorflow as tf
 
-from keras_ewc import distribute
+from keras_ewc import backend, distribute
+from keras_ewc._tensorflow import tf
 from keras_ewc.fisher import checks, engine, kernels
 from keras_ewc.fisher import fast as fast_module
 from keras_ewc.fisher import likelihoods as lik_module
@@ -336,7 +336,7 @@ class _Loop:
             if is_interrupt(error):
                 raise KeyboardInterrupt(str(error)) from error
             raise
-        except tf.errors.InvalidArgumentError as error:
+        except _graph_errors() as error:
             contract = checks.kernel_contract_error(error)  # a registered kernel's output
             if contract is not None:
                 raise contract from None
@@ -346,7 +346,8 @@ class _Loop:
     def add(self, batch) -> int:
         """Adds one batch of the data to the sums; returns its number of examples."""
         x, y, w = keras.utils.unpack_x_y_sample_weight(batch)
-        size = int(tf.nest.flatten(x)[0].shape[0])
+        nest = backend.nest()
+        size = int(nest.flatten(x)[0].shape[0])
         if size == 0:
             return 0
         if self.estimator in _NEEDS_LABELS and y is None:
@@ -364,7 +365,7 @@ class _Loop:
             # likelihood before anything is traced.
             # A few rows suffice, and keep an automatic batch's eager pass small.
             self.probe = _first_outputs(
-                self.model, tf.nest.map_structure(lambda t: t[:MIN_AUTO_BATCH_SIZE], x),
+                self.model, nest.map_structure(lambda t: t[:MIN_AUTO_BATCH_SIZE], x),
                 self.distributed)
             checks.check_single_output(self.probe)
             checks.check_outputs(self.lik, self.probe, self.model)
@@ -382,15 +383,20 @@ class _Loop:
         else:
             chunk = self.step.batch_size
             for start in range(0, size, chunk):
-                part = batch if size <= chunk else tf.nest.map_structure(
+                part = batch if size <= chunk else nest.map_structure(
                     lambda t, start=start: None if t is None else t[start:start + chunk],
                     batch)
-                self.state = self.step.function(
-                    self.state, part, tf.constant([self.seed, self.calls], tf.int64))
+                self.state = self.step.function(self.state, part, self._seed())
                 self.calls += 1
         self.batches += 1
         self.examples += size
         return size
+
+    def _seed(self):
+        """The step's `[seed, call]`: a tensor on TensorFlow, an array elsewhere."""
+        if backend.is_tensorflow():
+            return tf.constant([self.seed, self.calls], tf.int64)
+        return np.array([self.seed, self.calls], np.int64)
 
     def _noise(self):
         """The sampled estimator's noise shape per example (None for the others), and
@@ -813,13 +819,27 @@ def _spec_key(spec):
         str(tf.nest.map_structure(lambda _: 0, spec)),)
 
 
-def loop_data(data, batch_size, steps, auto) -> tf.data.Dataset:
+def loop_data(data, batch_size, steps, auto):
     """The data as the loop reads it: batched (`batch_size`), bounded by `steps`, and,
-    with `auto`, re-cut into batches of up to `AUTO_BATCH_SIZE` examples."""
-    if auto and not isinstance(data, tf.data.Dataset):
+    with `auto`, re-cut into batches of up to `AUTO_BATCH_SIZE` examples.
+
+    A `tf.data.Dataset` on TensorFlow, or for a dataset on any backend; arrays on another
+    backend are cut in NumPy (`ArrayBatches`: the same batches, no TensorFlow)."""
+    if auto and not backend.is_tf_dataset(data):
         batch_size = AUTO_BATCH_SIZE  # arrays: cut to the automatic size directly
+    if not backend.is_tensorflow() and not backend.is_tf_dataset(data):
+        return ArrayBatches(_arrays(data), int(batch_size or DEFAULT_BATCH_SIZE),
+                            checks.check_steps(steps))
     dataset = checks.bound_steps(as_dataset(data, batch_size), steps)
     return rebatch(dataset, AUTO_BATCH_SIZE) if auto else dataset
+
+
+def _graph_errors() -> tuple:
+    """The errors of a TensorFlow graph (a kernel's in-graph assertion); none when
+    TensorFlow is not imported (then nothing can raise them)."""
+    if sys.modules.get("tensorflow") is None:
+        return ()
+    return (tf.errors.InvalidArgumentError,)
 
 
 def is_interrupt(error: BaseException) -> bool:
@@ -852,30 +872,73 @@ def as_dataset(data, batch_size=None) -> tf.data.Dataset:
         if batch_size is not None:
             return data.unbatch().batch(int(batch_size))
         return data
+    return tf.data.Dataset.from_tensor_slices(_arrays(data)).batch(
+        int(batch_size or DEFAULT_BATCH_SIZE)
+    )
+
+
+def _arrays(data):
+    """`data` (an array, or a tuple or dict of them) checked: arrays sharing their first
+    dimension; tensors stay tensors on TensorFlow, anything else becomes a NumPy array."""
     checks.check_data_type(data)
+    nest = backend.nest()
+    if backend.is_tensorflow():
+        def convert(a):
+            return a if tf.is_tensor(a) else np.asarray(a)
+    else:
+        convert = np.asarray  # a JAX (or TensorFlow) array is copied to the host
     try:
-        structure = tf.nest.map_structure(
-            lambda a: a if tf.is_tensor(a) else np.asarray(a), data
-        )
+        structure = nest.map_structure(convert, data)
     except Exception as error:
         raise ValueError(
             "Expected data: a tf.data.Dataset, an array, or (x, y). Received an object "
             f"of type {type(data).__name__}."
         ) from error
-    lengths = {int(a.shape[0]) if len(a.shape) else -1 for a in tf.nest.flatten(structure)}
+    lengths = {int(a.shape[0]) if len(a.shape) else -1 for a in nest.flatten(structure)}
     if len(lengths) != 1 or -1 in lengths:
         raise ValueError(
             "Expected arrays sharing their first (example) dimension. Received first "
             f"dimensions {sorted(lengths)}."
         )
-    return tf.data.Dataset.from_tensor_slices(structure).batch(
-        int(batch_size or DEFAULT_BATCH_SIZE)
-    )
+    return structure
+
+
+class ArrayBatches:
+    """Consecutive batches of arrays, in order, as NumPy slices: the batches of
+    `tf.data.Dataset.from_tensor_slices(arrays).batch(batch_size).take(steps)` (the
+    last one may be smaller), cut without TensorFlow for the loop on another backend.
+
+    Args:
+        arrays: an array, or a tuple or dict of arrays sharing their first dimension.
+        batch_size: examples a batch.
+        steps: the most batches to give, or None for all of them.
+
+    Example:
+
+    >>> batches = ArrayBatches((np.arange(5), np.arange(5) * 10), 2)
+    >>> len(batches), [b[1].tolist() for b in batches]
+    (3, [[0, 10], [20, 30], [40]])
+    """
+
+    def __init__(self, arrays, batch_size: int, steps: int | None = None):
+        self.arrays = arrays
+        self.batch_size = int(batch_size)
+        examples = int(keras.tree.flatten(arrays)[0].shape[0])
+        count = -(-examples // self.batch_size)
+        self.count = count if steps is None else min(count, int(steps))
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self):
+        size = self.batch_size
+        for start in range(0, self.count * size, size):
+            yield keras.tree.map_structure(lambda a, s=start: a[s:s + size], self.arrays)
 
 
 def _x_spec(data):
     """The inputs of one batch of `data`, as specs or arrays, for `checks.check_inputs`."""
-    if isinstance(data, tf.data.Dataset):
+    if backend.is_tf_dataset(data):
         spec = data.element_spec
     else:
         checks.check_data_type(data)
@@ -894,7 +957,8 @@ class _Progress:
     def __init__(self, dataset, verbose, what="Fisher diagonal"):
         self.enabled = verbose not in (0, False)
         self.what = what
-        cardinality = int(dataset.cardinality())
+        cardinality = (len(dataset) if isinstance(dataset, ArrayBatches)
+                       else int(dataset.cardinality()))
         self.target = cardinality if cardinality > 0 else None
         self.terminal = bool(getattr(sys.stdout, "isatty", lambda: False)())
         self.start = self.shown = time.monotonic()

@@ -39,13 +39,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import tensorflow as tf
-
+from keras_ewc._tensorflow import tf
 from keras_ewc.fisher import fast as fast_module
 from keras_ewc.fisher import local as local_module
 from keras_ewc.fisher import reference
 
-TermsFn = Callable[[tf.Tensor, object], tf.Tensor]
+TermsFn = Callable[[object, object], object]  # (outputs, extra) -> [B, T] terms
 SumFn = Callable[[object, object], list]
 
 

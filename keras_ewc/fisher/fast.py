@@ -21,9 +21,8 @@ back-propagated to those outputs with the z's, and each layer alone re-run per e
 
 from __future__ import annotations
 
-import tensorflow as tf
-
 from keras_ewc import _private
+from keras_ewc._tensorflow import tf
 from keras_ewc.fisher import checks, kernels
 from keras_ewc.fisher import local as local_module
 from keras_ewc.fisher.kernels import _common

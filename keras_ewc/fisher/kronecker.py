@@ -41,10 +41,10 @@ from typing import Sequence
 
 import keras
 import numpy as np
-import tensorflow as tf
 from keras import ops
 
 from keras_ewc import distribute
+from keras_ewc._tensorflow import tf
 from keras_ewc.fisher import checks, diagonal, fast, reference
 from keras_ewc.fisher import likelihoods as lik_module
 from keras_ewc.fisher.kernels import conv

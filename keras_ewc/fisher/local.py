@@ -30,9 +30,9 @@ not interact (inference mode).
 from __future__ import annotations
 
 import keras
-import tensorflow as tf
 
 from keras_ewc import _private
+from keras_ewc._tensorflow import tf
 from keras_ewc.fisher.kernels import _common
 
 NAME = "layer-local"

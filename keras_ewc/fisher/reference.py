@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import keras
-import tensorflow as tf
 
 from keras_ewc import _private
+from keras_ewc._tensorflow import tf
 
 
 def reference_sums(model, variables, terms_fn, inputs, extra) -> dict:

@@ -7,3 +7,8 @@ def tensor(x) -> tf.Tensor:
     """`x` as a tensor: a variable is read (`keras.ops.convert_to_tensor` would hand the
     Keras variable itself back)."""
     return tf.convert_to_tensor(x)
+
+
+def nest():
+    """`tf.nest`, the nested-structure functions keras_ewc uses on TensorFlow."""
+    return tf.nest

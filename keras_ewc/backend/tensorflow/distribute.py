@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-import tensorflow as tf
+from keras_ewc._tensorflow import tf
 
 
 def replicas_in_sync() -> int:
