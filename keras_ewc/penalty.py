@@ -284,9 +284,15 @@ class EWCRegularizer(keras.layers.Layer):
 
             return tf_penalty.penalty(self._strength_variable, self.precision,
                                       self.anchors, self.offset, theta, self.tasks)
-        return penalty_value(_tensors([self._strength_variable])[0],
-                             _tensors(self.precision), _tensors(self.anchors),
-                             _tensors([self.offset])[0], _tensors(theta))
+        def value():
+            return penalty_value(_tensors([self._strength_variable])[0],
+                                 _tensors(self.precision), _tensors(self.anchors),
+                                 _tensors([self.offset])[0], _tensors(theta))
+
+        # As on TensorFlow, a step with no task skips the arithmetic (`ops.cond` runs
+        # one branch on JAX, also under `jit`).
+        return ops.cond(backend.tensor(self.tasks) > 0, value,
+                        lambda: ops.zeros((), "float32"))
 
     def consolidate(self, fisher: Sequence, theta: Sequence | None = None) -> None:
         """Merges a task's Fisher diagonal, anchored at `theta` (default: the current
