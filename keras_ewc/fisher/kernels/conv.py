@@ -24,6 +24,8 @@ from keras_ewc.fisher.kernels._common import (
 )
 from keras_ewc.fisher.kernels._registry import Kernel, register_kernel
 
+BATCHED_TERMS = True
+
 
 @register_kernel(keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
                  methods=("convolution_op", "kernel"))
@@ -102,8 +104,28 @@ def sum_squared(layer, records, grads) -> dict:
     # Positions of every call are summed within an example before squaring.
     x, g = keras.ops.concatenate(xs, 1), keras.ops.concatenate(gs, 2)
 
+    if groups == 1 and BATCHED_TERMS:
+        # Every term in one batched matmul: xᵀ (patches, [n, K * C, P], transposed once)
+        # broadcast over the T terms of g ([T, n, P, filters]).
+        def chunk(x, g):
+            xt = keras.ops.transpose(x, [0, 2, 1])[None]
+            per_example = keras.ops.matmul(xt, g)  # [T, n, K * C, filters]
+            return keras.ops.sum(keras.ops.square(per_example), axis=[0, 1])
+
+        terms = int(g.shape[0])
+        kernel = over_examples(chunk, terms * size(layer.kernel.shape), (0, 1), x, g)
+    else:
+        kernel = over_examples(_chunk(groups, channels), size(layer.kernel.shape), (0, 1),
+                               x, g)
+    out = {"kernel": keras.ops.reshape(kernel, layer.kernel.shape)}
+    if layer.use_bias:
+        out["bias"] = broadcast_sum_squared(grads, layer.bias.shape)
+    return out
+
+
+def _chunk(groups, channels):
     def chunk(x, g):
-        # One term at a time: T small batched matmuls beat one broadcast over T.
+        # One term at a time.
         total = 0.0
         for t in range(g.shape[0]):
             if groups == 1:
@@ -116,8 +138,4 @@ def sum_squared(layer, records, grads) -> dict:
             total += keras.ops.sum(keras.ops.square(per_example), axis=0)
         return total
 
-    kernel = over_examples(chunk, size(layer.kernel.shape), (0, 1), x, g)
-    out = {"kernel": keras.ops.reshape(kernel, layer.kernel.shape)}
-    if layer.use_bias:
-        out["bias"] = broadcast_sum_squared(grads, layer.bias.shape)
-    return out
+    return chunk
