@@ -19,13 +19,12 @@ def _unsupported(name):
     )
 
 
-def extract_patches(x, kernel_size, strides, dilation, padding="valid"):
+def extract_patches(x, kernel_size, strides, dilation):
     """`[B, *out, K * C]`: the "valid" patches of `x` (`[B, *S, C]`, 1 to 3 spatial axes).
 
     Offsets are ordered as the kernel's spatial axes, channels fastest, like the rows
     of a convolution kernel reshaped to `[K * C, filters]`. 3D patches with dilations
-    are not taken here (see `conv.patches`). `padding="same"` (TensorFlow, 1 or 2
-    spatial axes only) pads as a "same" convolution, inside the op.
+    are not taken here (see `conv.patches`).
     """
     rank = len(kernel_size)
     backend = keras.backend.backend()
@@ -37,21 +36,15 @@ def extract_patches(x, kernel_size, strides, dilation, padding="valid"):
             y = x[:, None] if rank == 1 else x
             lift = (lambda v: [1, 1, v[0], 1]) if rank == 1 else (lambda v: [1, *v, 1])
             y = tf.image.extract_patches(
-                y, lift(kernel_size), lift(strides), lift(dilation), padding.upper()
+                y, lift(kernel_size), lift(strides), lift(dilation), "VALID"
             )
             return y[:, 0] if rank == 1 else y
-        if padding != "valid":
-            raise ValueError(f'Expected padding="valid" for 3D patches (the caller '
-                             f'pads). Received: padding={padding!r}')
         if any(d != 1 for d in dilation):
             raise ValueError(
                 "Expected unit dilations for 3D patches (tf.extract_volume_patches has "
                 f"none). Received: dilation={tuple(dilation)}"
             )
         return tf.extract_volume_patches(x, [1, *kernel_size, 1], [1, *strides, 1], "VALID")
-    if padding != "valid":
-        raise ValueError(
-            f'Expected padding="valid" here (the caller pads). Received: padding={padding!r}')
     if backend == "jax":
         import jax
 

@@ -24,10 +24,6 @@ from keras_ewc.fisher.kernels._common import (
 )
 from keras_ewc.fisher.kernels._registry import Kernel, register_kernel
 
-PAD_IN_OP = True
-"""On TensorFlow, "same" patches are padded inside `tf.image.extract_patches` (False:
-an explicit pad, then "valid" patches, as before; kept for A/B timings)."""
-
 
 @register_kernel(keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
                  methods=("convolution_op", "kernel"))
@@ -73,12 +69,6 @@ def patches(x, kernel_size, strides, dilation, padding):
     Offsets are ordered as the kernel's spatial axes, channels fastest, like the rows
     of the kernel reshaped to `[K * C, filters]`.
     """
-    if (PAD_IN_OP and padding == "same" and len(kernel_size) <= 2
-            and keras.backend.backend() == "tensorflow"):
-        # TensorFlow pads as a "same" convolution inside the op: an explicit pad first
-        # was a copy of x (of each term's output gradient, for Conv*DTranspose) that
-        # cost a third as much as the patches themselves.
-        return _backend_ops.extract_patches(x, kernel_size, strides, dilation, "same")
     pads = [[0, 0]]
     for length, k, s, d in zip(x.shape[1:-1], kernel_size, strides, dilation):
         span = (k - 1) * d + 1
@@ -113,9 +103,9 @@ def sum_squared(layer, records, grads) -> dict:
     x, g = keras.ops.concatenate(xs, 1), keras.ops.concatenate(gs, 2)
 
     def chunk(x, g):
-        # One term at a time: T small batched matmuls beat one broadcast over T (matmul
-        # of xᵀ [1, n, K * C, P] with g [T, n, P, filters]: 5% slower on MobileNetV2's
-        # exact Fisher, 20% faster on the autoencoder's two Conv2D; measured again).
+        # One term at a time: T small batched matmuls beat one broadcast over T (measured
+        # again: a matmul of xᵀ [1, n, K * C, P] with g [T, n, P, filters] was 20% faster
+        # on the zoo autoencoder's two Conv2D, 5% slower on MobileNetV2's exact Fisher).
         total = 0.0
         for t in range(g.shape[0]):
             if groups == 1:
