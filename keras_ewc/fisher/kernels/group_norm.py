@@ -95,14 +95,23 @@ def _normalize_closed_form(xg, reduce, epsilon):
 
 
 def _mean(x, axes):
-    """The mean over `axes` (kept), one axis at a time from the last.
+    """The mean over `axes` (kept), a run of adjacent axes at a time, the first first.
 
-    One reduction over axes that are not adjacent ((H, W, channels in a group), the
-    group axis between) is a transpose and a reduction on TensorFlow's CPU; one axis
-    at a time is a reduction of a contiguous run each, the largest first.
+    One reduction over axes that are not adjacent ((H, W) and the channels in a group,
+    the group axis between) is a transpose and a reduction on TensorFlow's CPU; a run
+    of adjacent axes at a time is a plain reduction each, and the spatial run first
+    leaves a tensor as small as the channels for the next one.
     """
+    runs = []
+    for axis in sorted(axes):
+        if runs and runs[-1][-1] == axis - 1:
+            runs[-1].append(axis)
+        else:
+            runs.append([axis])
     count = 1
-    for axis in sorted(axes, reverse=True):
-        count *= int(x.shape[axis])
-        x = keras.ops.sum(x, axis=axis, keepdims=True)
+    for run in runs:
+        for axis in run:
+            count *= int(x.shape[axis])
+        x = keras.ops.sum(x, axis=run, keepdims=True)
     return x / count
+
