@@ -570,6 +570,11 @@ KERNEL_CONTRACT = "keras_ewc kernel contract"
 them from other errors of the step and raise their message as a ValueError."""
 
 
+LAZY_INPUT_CHECK = True
+"""`checked_sum_squared` reads the kernel's inputs only when a sum is not finite (False:
+on every batch, as before; kept for A/B timings)."""
+
+
 def checked_sum_squared(layer, kernel, params, records, grads) -> dict:
     """`kernel.sum_squared(layer, records, grads)`, with its contract checked.
 
@@ -578,24 +583,17 @@ def checked_sum_squared(layer, kernel, params, records, grads) -> dict:
     and include every name of `params` (the variables it must cover), each value a
     float tensor of its variable's shape. An error the kernel raises while traced is
     re-raised naming the layer, the kernel and its class. Finite and >= 0 (a sum of
-    squares) is checked in the graph on every batch (a reduction a variable, and one
-    over the kernel's inputs: a non-finite sum from non-finite inputs is the data's or
-    the model's fault, which the loop's own checks name), by an assertion whose message
-    `fisher_diagonal` raises as a ValueError.
+    squares) is checked in the graph on every batch (a reduction a variable, and, when
+    a sum is not finite, one over the kernel's inputs: a non-finite sum from non-finite
+    inputs is the data's or the model's fault, which the loop's own checks name), by an
+    assertion whose message `fisher_diagonal` raises as a ValueError.
 
     Not checked: sums that are well-formed but wrong (the wrong maths, or over part of
     the batch); compare a new kernel with the per-example oracle, as the tests of the
     built-in kernels do (tests/test_fisher_kernels.py).
     """
     who, values, known = kernel_sums_keyed(layer, kernel, params, records, grads)
-    # A NaN in the data or the model reaches the kernel's inputs: blame the kernel for a
-    # non-finite sum only when what it was given was finite (the loop's own checks name
-    # the data or the weights otherwise).
-    given = [t for t in tf.nest.flatten((records, grads))
-             if tf.is_tensor(t) and t.dtype.is_floating]
-    given_finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in given]
-                                 ) if given else tf.constant(True)
-    checked = {}
+    converted = {}
     for name, value in values.items():
         variable = known[name]
         what = f"its sum for variable {name!r} ({_name(variable)})"
@@ -612,9 +610,29 @@ def checked_sum_squared(layer, kernel, params, records, grads) -> dict:
                 f"{who}: {what} has shape {_shape(value.shape)}; expected "
                 f"{_shape(variable.shape)}, the variable's shape (sum over the batch and "
                 "the terms).")
-        value = tf.reshape(tf.cast(value, tf.float32), variable.shape)
+        converted[name] = (what, tf.reshape(tf.cast(value, tf.float32), variable.shape))
+    # A NaN in the data or the model reaches the kernel's inputs: blame the kernel for a
+    # non-finite sum only when what it was given was finite (the loop's own checks name
+    # the data or the weights otherwise). The inputs (the T columns' gradients, [T, B,
+    # *z] a call) are read only when some sum is not finite: read on every batch, that
+    # test was about a tenth of the exact Fisher's step on MobileNetV2
+    # (docs/fisher_speed.md); when every sum is finite, its value is moot.
+    given = [t for t in tf.nest.flatten((records, grads))
+             if tf.is_tensor(t) and t.dtype.is_floating]
+
+    def given_finite():
+        return tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in given]
+                             ) if given else tf.constant(True)
+
+    finite = {name: tf.reduce_all(tf.math.is_finite(value))
+              for name, (_, value) in converted.items()}
+    sums_finite = tf.reduce_all(list(finite.values())) if finite else tf.constant(True)
+    blame = (tf.cond(sums_finite, lambda: tf.constant(True), given_finite)
+             if LAZY_INPUT_CHECK else given_finite())
+    checked = {}
+    for name, (what, value) in converted.items():
         ok = tf.logical_not(tf.reduce_any(value < 0.0)) & (
-            tf.reduce_all(tf.math.is_finite(value)) | tf.logical_not(given_finite))
+            finite[name] | tf.logical_not(blame))
         check = tf.debugging.Assert(ok, [
             f"{KERNEL_CONTRACT}: {broken_contract_message(who, what)}"])
         with tf.control_dependencies([check]):

@@ -103,7 +103,9 @@ def sum_squared(layer, records, grads) -> dict:
     x, g = keras.ops.concatenate(xs, 1), keras.ops.concatenate(gs, 2)
 
     def chunk(x, g):
-        # One term at a time: T small batched matmuls beat one broadcast over T.
+        # One term at a time: T small batched matmuls beat one broadcast over T (measured
+        # again: a matmul of xᵀ [1, n, K * C, P] with g [T, n, P, filters] was 20% faster
+        # on the zoo autoencoder's two Conv2D, 5% slower on MobileNetV2's exact Fisher).
         total = 0.0
         for t in range(g.shape[0]):
             if groups == 1:
