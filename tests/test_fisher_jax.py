@@ -390,3 +390,37 @@ def test_a_registered_kernel_breaking_its_contract_is_named():
     x, _ = _data(n=8)
     with pytest.raises(ValueError, match=r"WrongKeys.*unknown \['weights'\], missing \['w'\]"):
         keras_ewc.fisher_diagonal(net, x, likelihood="categorical", verbose=0)
+
+
+class _Branchy(keras.Model):
+    """Calls `b` only on sequences longer than 4: another input signature traces a step
+    that checks other kernels' sums."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.out = (keras.layers.Dense(4), keras.layers.Dense(4),
+                                    keras.layers.Dense(3))
+
+    def call(self, x, training=False):
+        h = self.a(x)
+        if x.shape[1] > 4:
+            h = h + self.b(x)
+        return self.out(keras.ops.mean(h, axis=1))
+
+
+def test_a_step_traced_again_for_another_input_signature_keeps_its_checks_apart():
+    # The jitted step is traced again for each input shape (padded sequences of another
+    # length); each trace checks the sums of the kernels it calls. Before, their flags
+    # were combined by position: a crash (shapes (4,) and (6,)) or a check misnamed.
+    import tensorflow as tf
+
+    net = _Branchy()
+    rng = np.random.default_rng(0)
+    short = rng.normal(size=(8, 3, 4)).astype("float32")
+    long = rng.normal(size=(8, 5, 4)).astype("float32")
+    net(long)
+    data = tf.data.Dataset.from_tensors(short).concatenate(tf.data.Dataset.from_tensors(long))
+    fisher = keras_ewc.fisher_diagonal(net, data, likelihood="categorical", verbose=0)
+    expected = [(a + b) / 2 for a, b in zip(oracle_jax.categorical(net, short),
+                                            oracle_jax.categorical(net, long))]
+    _close(fisher, expected)

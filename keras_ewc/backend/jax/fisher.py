@@ -371,11 +371,11 @@ def _checked(layer, kernel, params, records, grads, contract=None):
 
 def _raise_broken_contract(pending):
     """Raises the ValueError of the first kernel sum that broke the contract, from the
-    flags the steps returned (`{id: (messages, flags)}`; one read-back, at the end)."""
-    for messages, flags in pending.values():
-        for message, ok in zip(messages, np.asarray(flags)):
-            if not ok:
-                raise ValueError(message)
+    flags the steps returned (`{message: ok}`, and-ed over the batches; one read-back,
+    at the end)."""
+    for message, ok in pending.items():
+        if not bool(np.asarray(ok)):
+            raise ValueError(message)
 
 
 def _chunk_size(per_example: int, batch_size: int) -> int:
@@ -576,8 +576,6 @@ class Step:
             target = extra[1] if len(extra) > 1 else None
             return keras.ops.cast(lik.terms(estimator, outputs, target), "float32")
         paths = self.paths
-        # The kernels' value checks, in the order of the flags the step returns.
-        messages = self.contract_messages = []
         self.weights = _weights_of(model, variables)
         weights = self.weights
 
@@ -591,7 +589,7 @@ class Step:
                 sums = factor_sums(model, weights, values, factored, terms_fn, inputs,
                                    extra, scale=jnp.sqrt(w))
                 return ([a if b is None else a + b.astype(jnp.float32)
-                         for a, b in zip(totals, sums)], jnp.ones((0,), bool))
+                         for a, b in zip(totals, sums)], {})
             contract = []
             if estimator == "batched":
                 sums = batched_sums(model, weights, values, variables, lik, inputs, extra)
@@ -602,9 +600,11 @@ class Step:
                 sums = sum_squared_grads(model, weights, values, variables, kernel_layers,
                                          local_layers, terms_fn, inputs, extra, paths,
                                          scale=jnp.sqrt(w), contract=contract)
-            messages[:] = [message for message, _ in contract]
-            flags = (jnp.stack([ok for _, ok in contract]) if contract
-                     else jnp.ones((0,), bool))
+            # Keyed by message (static strings): a trace for another input signature
+            # may check other layers, or the same in another order.
+            flags = {}
+            for message, ok in contract:
+                flags[message] = ok & flags[message] if message in flags else ok
             return [a + b.astype(jnp.float32) for a, b in zip(totals, sums)], flags
 
         self.jitted = jax.jit(step)
@@ -675,7 +675,6 @@ class Step:
                                  int(seed[1]) % (2**31))
         x, weight, target = _distribute((x, weight, target))
         values = [v.value for v in self.weights]
-        messages = self.contract_messages
         try:
             totals, flags = self.jitted(values, totals, x, weight, target, key)
         except jax.errors.UnexpectedTracerError:
@@ -688,15 +687,15 @@ class Step:
             # (A new step: the failed trace's function must not be traced again.)
             fresh = self._rebuild()
             totals, flags = fresh.jitted(values, totals, x, weight, target, key)
-            messages = self.contract_messages = fresh.contract_messages
             self.jitted, self.unrecordable = fresh.jitted, True
             self.paths.clear()
             self.paths.update(fresh.paths)  # the loop holds this dict
         # The kernels' checks stay on the device until the loop's one read-back: a
-        # flag a check, and-ed over the batches (per step: a rebuilt step has its own).
+        # flag a check (its message), and-ed over the batches.
         pending = dict(pending)
-        before = pending.get(id(messages))
-        pending[id(messages)] = (messages, flags if before is None else before[1] & flags)
+        for message, ok in flags.items():
+            before = pending.get(message)
+            pending[message] = ok if before is None else before & ok
         return totals, (diagonal._combine_np(misc, data_flags), pending)
 
 

@@ -80,7 +80,7 @@ def sum_squares_over_terms(values):
     the slices. (Same values: the sums differ only in float32 rounding order.)
     """
     count = values.shape[0]
-    if count is None or count > TERM_SLICES:
+    if count is None or count == 0 or count > TERM_SLICES:
         return keras.ops.sum(keras.ops.square(values), axis=0)
     total = keras.ops.square(values[0])
     for t in range(1, count):
