@@ -930,6 +930,10 @@ class ArrayBatches:
     def __len__(self) -> int:
         return self.count
 
+    def cardinality(self) -> int:
+        """The number of batches, as `tf.data.Dataset.cardinality` says it."""
+        return self.count
+
     def __iter__(self):
         size = self.batch_size
         for start in range(0, self.count * size, size):
@@ -957,8 +961,7 @@ class _Progress:
     def __init__(self, dataset, verbose, what="Fisher diagonal"):
         self.enabled = verbose not in (0, False)
         self.what = what
-        cardinality = (len(dataset) if isinstance(dataset, ArrayBatches)
-                       else int(dataset.cardinality()))
+        cardinality = int(dataset.cardinality())
         self.target = cardinality if cardinality > 0 else None
         self.terminal = bool(getattr(sys.stdout, "isatty", lambda: False)())
         self.start = self.shown = time.monotonic()

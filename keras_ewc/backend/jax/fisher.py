@@ -369,6 +369,14 @@ def _checked(layer, kernel, params, records, grads, contract=None):
     return out
 
 
+def _and_flags(flags, pairs) -> dict:
+    """A copy of `flags` (`{message: ok}`) with each `(message, ok)` of `pairs` and-ed in."""
+    out = dict(flags)
+    for message, ok in pairs:
+        out[message] = ok & out[message] if message in out else ok
+    return out
+
+
 def _raise_broken_contract(pending):
     """Raises the ValueError of the first kernel sum that broke the contract, from the
     flags the steps returned (`{message: ok}`, and-ed over the batches; one read-back,
@@ -602,10 +610,8 @@ class Step:
                                          scale=jnp.sqrt(w), contract=contract)
             # Keyed by message (static strings): a trace for another input signature
             # may check other layers, or the same in another order.
-            flags = {}
-            for message, ok in contract:
-                flags[message] = ok & flags[message] if message in flags else ok
-            return [a + b.astype(jnp.float32) for a, b in zip(totals, sums)], flags
+            return ([a + b.astype(jnp.float32) for a, b in zip(totals, sums)],
+                    _and_flags({}, contract))
 
         self.jitted = jax.jit(step)
         self.unrecordable = unrecordable
@@ -692,11 +698,8 @@ class Step:
             self.paths.update(fresh.paths)  # the loop holds this dict
         # The kernels' checks stay on the device until the loop's one read-back: a
         # flag a check (its message), and-ed over the batches.
-        pending = dict(pending)
-        for message, ok in flags.items():
-            before = pending.get(message)
-            pending[message] = ok if before is None else before & ok
-        return totals, (diagonal._combine_np(misc, data_flags), pending)
+        return totals, (diagonal._combine_np(misc, data_flags),
+                        _and_flags(pending, flags.items()))
 
 
 def _distribute(batch):
