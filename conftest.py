@@ -72,6 +72,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(
                 reason=f"TensorFlow only (KERAS_BACKEND={_backend()}; not marked "
                        "backend_neutral)"))
+        if _backend() != "jax" and item.get_closest_marker("jax_only") is not None:
+            item.add_marker(pytest.mark.skip(
+                reason=f"JAX only (KERAS_BACKEND={_backend()})"))
         path = item.nodeid.split("::", 1)[0]
         fixtures = set(getattr(item, "fixturenames", ()))
         if (item.nodeid in listed or item.nodeid.split("[", 1)[0] in listed

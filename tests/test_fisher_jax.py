@@ -11,7 +11,6 @@ import pytest
 
 pytestmark = [
     pytest.mark.jax_only,
-    pytest.mark.skipif(keras.backend.backend() != "jax", reason="the JAX engine's tests"),
 ]
 
 import keras_ewc  # noqa: E402

@@ -27,7 +27,6 @@ import pytest
 pytestmark = [
     pytest.mark.jax_only,
     pytest.mark.slow,
-    pytest.mark.skipif(keras.backend.backend() != "jax", reason="the JAX backend's tests"),
 ]
 
 import keras_ewc  # noqa: E402

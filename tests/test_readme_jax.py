@@ -4,14 +4,12 @@ import contextlib
 import io
 import re
 
-import keras
 import pytest
 
 from tests.test_readme import README, TOLERANCE, parse_quickstart_lines, python_blocks
 
 pytestmark = [
     pytest.mark.jax_only,
-    pytest.mark.skipif(keras.backend.backend() != "jax", reason="the README's JAX section"),
 ]
 
 
