@@ -19,7 +19,9 @@ gradient only" adds just the gradient `P (θ − m)` (a subtract, a multiply, an
 the loss's gradient; its value is taken as 0, which no real penalty can do); "floor,
 gradient and value" also computes the value `½ Σ P (θ − m)²`. No penalty a step can
 cost less than these without fusing elementwise ops (XLA, which Keras does not use on
-CPU, measured slower for the penalty alone).
+CPU, measured slower for the penalty alone). On JAX the floors are the plain expression,
+which XLA fuses; the EWC rows with tasks should match "gradient and value" (what is left
+over a plain step is reading P and m: in the optimizer's update and for the value).
 
     python benchmarks/train_step_speed.py [--rounds 15] [--steps 50] [--threads 1]
     KERAS_BACKEND=jax python benchmarks/train_step_speed.py    (the same on JAX, where

@@ -79,9 +79,10 @@ class EWCRegularizer(keras.layers.Layer):
     learning rate: assigning `reg.strength = 10.0` takes effect at the next step, with
     no retracing. A strength so large that the penalty's gradient would overflow
     float32 is refused. The penalty's gradient, `strength * P (θ − m)`, is given
-    directly on TensorFlow (`tf.custom_gradient`), so training does not differentiate
-    through a chain of small operations per variable; on JAX, whose compiled step fuses
-    that chain, it is plain autodiff of the same expression.
+    directly, so training does not differentiate through a chain of small operations
+    per variable: on TensorFlow as a `tf.custom_gradient`, on JAX as a `jax.custom_jvp`
+    (whose jitted step then saves no weight-sized residuals; see
+    `keras_ewc.backend.jax.penalty`).
 
     Args:
         strength: λ ≥ 0, the weight of the penalty.
@@ -284,13 +285,21 @@ class EWCRegularizer(keras.layers.Layer):
 
             return tf_penalty.penalty(self._strength_variable, self.precision,
                                       self.anchors, self.offset, theta, self.tasks)
+        if backend.is_jax():
+            from keras_ewc.backend.jax import penalty as jax_penalty
+
+            return jax_penalty.penalty(_tensors([self._strength_variable])[0],
+                                       _tensors(self.precision), _tensors(self.anchors),
+                                       _tensors([self.offset])[0], _tensors(theta),
+                                       backend.tensor(self.tasks))
+
         def value():
             return penalty_value(_tensors([self._strength_variable])[0],
                                  _tensors(self.precision), _tensors(self.anchors),
                                  _tensors([self.offset])[0], _tensors(theta))
 
-        # As on TensorFlow, a step with no task skips the arithmetic (`ops.cond` runs
-        # one branch on JAX, also under `jit`).
+        # Any other backend: the same expression, autodiff for its gradient; as on
+        # TensorFlow and JAX, a step with no task skips the arithmetic.
         return ops.cond(backend.tensor(self.tasks) > 0, value,
                         lambda: ops.zeros((), "float32"))
 
@@ -586,9 +595,9 @@ def commit(owner, variables, values) -> None:
 def penalty_value(strength, precision, anchor, offset, theta):
     """`strength * (½ Σ P (θ − m)² + c)` in `keras.ops`, float32 whatever θ's dtype.
 
-    Its gradient is autodiff's, `strength * P (θ − m)` (the backends that compile a
-    step, JAX, fuse the chain into one loop a variable, so a closed form buys nothing;
-    TensorFlow gives it in closed form: `keras_ewc.backend.tensorflow.penalty`).
+    Its gradient is autodiff's, `strength * P (θ − m)`. A training step uses the
+    backend's closed form instead (`keras_ewc.backend.tensorflow.penalty`,
+    `keras_ewc.backend.jax.penalty`), with the same value and gradients.
     """
     total = ops.zeros((), "float32")
     for p, m, t in zip(precision, anchor, theta):

@@ -1,5 +1,7 @@
 """The consolidated state: pure merges, the penalty, and the Keras object."""
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -175,6 +177,145 @@ def test_closed_form_gradient_matches_autodiff_of_the_quadratic_in_float64():
     np.testing.assert_allclose(float(value), float(oracle), rtol=1e-6)
     for g, e in zip(grads, expected):
         np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-6)
+
+
+def _jax_state(rng, dtype="float32"):
+    shapes = [(3, 2), (2,), ()]
+    precision = [rng.gamma(0.5, 1.0, s).astype("float32") for s in shapes]
+    anchor = [rng.normal(size=s).astype("float32") for s in shapes]
+    theta = [rng.normal(size=s).astype(dtype) for s in shapes]
+    return precision, anchor, theta
+
+
+@pytest.mark.jax_only
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_jax_closed_form_gradients_match_a_float64_oracle(dtype):
+    # Every argument's gradient (θ's in θ's dtype), not only θ's: the derivative rule
+    # covers every argument, as autodiff did. The oracle differentiates by hand in
+    # float64.
+    import jax
+    import jax.numpy as jnp
+
+    from keras_ewc.backend.jax import penalty as jax_penalty
+
+    rng = np.random.default_rng(6)
+    precision, anchor, theta = _jax_state(rng, "float32")
+    theta = [jnp.asarray(t).astype(dtype) for t in theta]
+    args = (jnp.float32(3.0), [jnp.asarray(p) for p in precision],
+            [jnp.asarray(m) for m in anchor], jnp.float32(0.25), theta)
+    step = jax.jit(jax.value_and_grad(
+        lambda *a: jax_penalty.penalty(*a, jnp.int32(2)), argnums=(0, 1, 2, 3, 4)))
+    value, (g_s, g_p, g_m, g_c, g_t) = step(*args)
+    p64 = [np.float64(p) for p in precision]
+    m64 = [np.float64(m) for m in anchor]
+    t64 = [np.asarray(t, np.float64) for t in theta]
+    d = [t - m for t, m in zip(t64, m64)]
+    unscaled = 0.25 + sum(0.5 * np.sum(p * e * e) for p, e in zip(p64, d))
+    np.testing.assert_allclose(float(value), 3.0 * unscaled, rtol=1e-6)
+    np.testing.assert_allclose(float(g_s), unscaled, rtol=1e-6)
+    np.testing.assert_allclose(float(g_c), 3.0, rtol=1e-6)
+    tolerance = 1e-6 if dtype == "float32" else 1e-2  # θ's gradient is rounded to θ's dtype
+    for gt, gp, gm, p, e in zip(g_t, g_p, g_m, p64, d):
+        assert gt.dtype == jnp.dtype(dtype)
+        np.testing.assert_allclose(np.asarray(gt, np.float64), 3.0 * p * e, rtol=tolerance,
+                                   atol=1e-7)
+        np.testing.assert_allclose(gm, -3.0 * p * e, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(gp, 1.5 * e * e, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.jax_only
+def test_jax_penalty_keeps_forward_mode_and_second_derivatives():
+    # A derivative rule for forward mode (not only reverse): `jacfwd` and `hessian`
+    # work as with plain autodiff; the Hessian in θ is diag(strength * P).
+    import jax
+    import jax.numpy as jnp
+
+    from keras_ewc.backend.jax import penalty as jax_penalty
+
+    precision, anchor, theta = _jax_state(np.random.default_rng(9))
+
+    def value(t):
+        return jax_penalty.penalty(jnp.float32(3.0), precision, anchor, jnp.float32(0.0),
+                                   [jnp.asarray(theta[0]), t], jnp.int32(1))
+
+    t = jnp.asarray(theta[1])
+    np.testing.assert_allclose(jax.jacfwd(value)(t), 3.0 * precision[1] * (theta[1] - anchor[1]),
+                               rtol=1e-6)
+    np.testing.assert_allclose(jax.hessian(value)(t), np.diag(3.0 * precision[1]), rtol=1e-6)
+
+
+@pytest.mark.jax_only
+def test_jax_penalty_with_no_task_is_zero_with_zero_gradients_whatever_the_weights():
+    # A state with no task is skipped: 0, and every gradient exactly 0 (a select, not a
+    # product with the zero precision, which would give NaN for a non-finite weight).
+    import jax
+    import jax.numpy as jnp
+
+    from keras_ewc.backend.jax import penalty as jax_penalty
+
+    precision, anchor, theta = _jax_state(np.random.default_rng(7))
+    theta = [jnp.full(np.shape(t), value, "float32")
+             for t, value in zip(theta, (np.inf, np.nan, -np.inf))]
+    precision = [np.zeros_like(p) for p in precision]
+    grad = jax.jit(jax.value_and_grad(
+        lambda *a: jax_penalty.penalty(*a, jnp.int32(0)), argnums=(0, 1, 2, 3, 4)))
+    value, grads = grad(jnp.float32(3.0), precision, anchor, jnp.float32(0.0), theta)
+    assert float(value) == 0.0
+    for g in jax.tree.leaves(grads):
+        np.testing.assert_array_equal(g, np.zeros_like(g))
+
+
+def _compiled_train_step(model, x, y):
+    """The HLO text of Keras' jitted train step of `model` (as `make_train_function`
+    jits it: the state donated), after one `fit` has built everything."""
+    import jax
+
+    model.fit(x, y, batch_size=len(x), epochs=1, shuffle=False, verbose=0)
+    state = tuple([v.value for v in variables] for variables in (
+        model.trainable_variables, model.non_trainable_variables,
+        model.optimizer.variables, model.metrics_variables))
+    step = jax.jit(model.train_step, donate_argnums=0)
+    return step.lower(state, (x, y)).compile().as_text()
+
+
+def _copied_arrays(hlo):
+    """The shapes of the non-scalar arrays the entry computation copies."""
+    entry = hlo[hlo.index("ENTRY"):]
+    return sorted(shape for shape in re.findall(r"= \w+\[([\d,]+)\]\S* copy\(", entry))
+
+
+@pytest.mark.jax_only
+@pytest.mark.parametrize("tasks", [0, 1])
+def test_jax_train_step_saves_no_weight_sized_residual_and_copies_what_a_plain_step_does(
+        tasks):
+    # What made the step cost 0.1x a plain step more than a bare penalty (see
+    # keras_ewc/backend/jax/penalty.py): autodiff of a conditional writes weight-sized
+    # residuals out of it, and a conditional reading the weights made XLA copy each one
+    # before updating it in place. Structure, not time: the only conditional returns
+    # scalars, and the weights copied are the plain model's.
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(16, 12)).astype("float32")
+    y = rng.integers(0, 3, 16)
+
+    def net():
+        keras.utils.set_random_seed(0)
+        return keras.Sequential([keras.Input((12,)), keras.layers.Dense(9, "relu"),
+                                 keras.layers.Dense(7, "relu"), keras.layers.Dense(3)])
+
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    plain = net()
+    plain.compile(keras.optimizers.Adam(1e-3), loss)
+    model = keras_ewc.EWCModel(net(), strength=10.0)
+    model.compile(keras.optimizers.Adam(1e-3), loss)
+    for _ in range(tasks):
+        model.regularizer.consolidate([rng.gamma(0.5, 1.0, v.shape).astype("float32")
+                                       for v in model.regularised_variables])
+    hlo = _compiled_train_step(model, x, y)
+    conditionals = [line for line in hlo.splitlines() if " conditional(" in line]
+    assert len(conditionals) == 1  # the penalty's value, skipped with no task
+    outputs = conditionals[0].split("=", 1)[1].split("conditional(", 1)[0]
+    assert "[]" in outputs and not re.search(r"\[\d", outputs), outputs
+    assert _copied_arrays(hlo) == _copied_arrays(_compiled_train_step(plain, x, y))
 
 
 @pytest.mark.backend_neutral
