@@ -2,7 +2,8 @@
 
 Example n's gradient of W is Σ_s x[n, s] ⊗ g[n, s] (one term s a position, and a call of
 the layer). With one position its square factorises, Σ_n (x_n ⊗ g_n)² = (x∘x)ᵀ (g∘g),
-so no per-example gradient is formed; otherwise positions are summed before squaring.
+so no per-example gradient is formed; otherwise positions are summed before squaring
+(`_common.positions_sum_squared`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from keras_ewc.fisher.kernels._common import (
     broadcast_sum_squared,
     f32,
     kernel_and_bias,
-    over_examples,
+    positions_sum_squared,
     stop,
     sum_squares_over_terms,
 )
@@ -57,13 +58,4 @@ def kernel_sum_squared(records, grads):
         [keras.ops.reshape(f32(g), [g.shape[0], batch, -1, g.shape[-1]]) for g in grads], 2
     )
 
-    def chunk(x, g):
-        # One term at a time: T small batched matmuls beat one broadcast over T.
-        total = 0.0
-        for t in range(g.shape[0]):
-            per_example = keras.ops.einsum("nsi,nso->nio", x, g[t])  # [n, I, O]
-            total += keras.ops.sum(keras.ops.square(per_example), axis=0)
-        return total
-
-    per_example_size = int(x.shape[-1]) * int(g.shape[-1])
-    return over_examples(chunk, per_example_size, (0, 1), x, g)
+    return positions_sum_squared(x, g)
