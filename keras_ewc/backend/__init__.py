@@ -103,3 +103,13 @@ def index_dtype() -> str:
         if not jax.config.jax_enable_x64:
             return "int32"
     return "int64"
+
+
+def has_float64() -> bool:
+    """Whether the backend computes in float64: always on TensorFlow; on JAX only with
+    `jax_enable_x64` (without it a cast to float64 silently gives float32)."""
+    if is_jax():
+        import jax
+
+        return bool(jax.config.jax_enable_x64)
+    return True

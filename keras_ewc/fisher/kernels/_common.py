@@ -88,31 +88,66 @@ def sum_squares_over_terms(values):
     return total
 
 
+GRAM = None
+"""Whether `positions_sum_squared` expands the square over pairs of positions (float64):
+None chooses by `gram_is_cheaper`; True or False forces it (tests, side-by-side
+timings; True still needs float64, see `keras_ewc.backend.has_float64`)."""
+
+
+def gram_is_cheaper(terms, positions, inputs, outputs) -> bool:
+    """Whether the pairs-of-positions form costs less than per-example products.
+
+    A cost model fitted to side-by-side timings (TensorFlow on CPU, 128 examples, CPU
+    s, per example → pairs): ResNet50's last 3×3 convolution at 64×64 (T 9, P 4,
+    I 4,608, O 512) 8.5 → 0.51, and 0.90 → 0.40 with one term (empirical); its
+    512 → 2,048 1×1 6.8 → 0.53; MobileNetV2's last 1×1 (P 4, 320 → 1,280) 1.46 → 0.27;
+    a 3×3 map (P 9, 1,152 → 256) 1.13 → 0.47, and 0.17 → 0.43 with one term; a 4×4 map
+    (P 16, 144 → 24) 0.017 → 0.086 and an 8×8 one (P 64, 576 → 64) 0.37 → 6.9. The
+    per-example products are small matmuls bound by memory: about
+    (T + 1)·I·O·(P + 200), whatever P (the +1: a pass over the chunk's inputs); the
+    pairs, one large float64 matmul over P (P + 1) / 2 pairs, about
+    8·P (P + 1)·(I + T·O + I·O). So the pairs win at P ≤ 4 for any T, at P ≤ 9 with 9
+    terms, and never beyond about 15 positions.
+    """
+    per_example = (terms + 1) * inputs * outputs * (positions + 200)
+    pairs = 8 * positions * (positions + 1) * (inputs + terms * outputs + inputs * outputs)
+    return pairs < per_example
+
+
 def positions_sum_squared(x, g):
     """Σ_n Σ_t (Σ_p x[n, p] ⊗ g[t, n, p])² of `x` `[B, P, I]` and `g` `[T, B, P, O]`: `[I, O]`.
 
     The per-example gradient of a kernel applied at P positions (a Dense layer on a
     sequence, a convolution's patches, a recurrent kernel over time steps) squared and
-    summed over examples and terms. Each example's `[I, O]` gradient is formed a term at
-    a time (a matmul an example), in chunks of examples that materialise at most
-    `BUDGET` elements, and squared: T·P·I·O multiply-adds an example. At one position
-    (a convolution on a 1×1 feature map) the square factorises, Σ_n (x_n ∘ x_n)ᵀ
-    Σ_t (g_tn ∘ g_tn), so no per-example gradient is formed; every factor is
-    non-negative.
+    summed over examples and terms. At one position (a convolution on a 1×1 feature
+    map) the square factorises, Σ_n (x_n ∘ x_n)ᵀ Σ_t (g_tn ∘ g_tn), so no per-example
+    gradient is formed; every factor is non-negative.
 
-    The square is not expanded over pairs of positions (Σ_{p,q} x_p x_q Σ_t g_tp g_tq)
-    at P > 1, although that is far cheaper where P < T (ResNet50's last 3×3 convolution
-    on a 2×2 map, 9 terms, 128 examples: 0.41 s against 8.8 s on TensorFlow): its sum
-    of signed products cancels in float32 and came out negative, and orders of magnitude
-    wrong, where the gradients sum to about zero over positions (a normalisation over
-    positions after the layer; tests/test_fisher_kernels_gram.py keeps that case).
+    Otherwise one of two forms, whichever `gram_is_cheaper` says costs less:
+    - per-example products: each example's `[I, O]` gradient formed a term at a time (a
+      matmul an example), in chunks of examples that materialise at most `BUDGET`
+      elements, and squared: T·P·I·O multiply-adds an example, a sum of squares;
+    - pairs of positions: the square expanded, Σ_{p,q} x_p x_q Σ_t g_tp g_tq, one large
+      matmul over examples and pairs, far cheaper where P < T (the last stages of a CNN:
+      ResNet50's last 3×3 convolution on a 2×2 map, 9 terms, 17× faster). It is a sum of
+      signed products and cancels where the gradients sum to about zero over positions
+      (a normalisation over positions after the layer: in float32 it came out negative,
+      orders of magnitude wrong; tests/test_fisher_kernels_gram.py keeps the case), so it
+      runs in float64 (where the backend has it; else the per-example form) and is
+      clamped at 0: its error is then about 1e-16 of the products' size, below the
+      per-example form's float32 rounding.
     """
+    from keras_ewc import backend
+
     terms, positions = int(g.shape[0]), int(x.shape[1])
     inputs, outputs = int(x.shape[-1]), int(g.shape[-1])
-    if positions == 1:
-        x2 = keras.ops.square(x[:, 0])
-        g2 = sum_squares_over_terms(g[:, :, 0])
+    if positions == 1:  # reshapes, not slices: no copy
+        x2 = keras.ops.square(keras.ops.reshape(x, [x.shape[0], inputs]))
+        g2 = sum_squares_over_terms(keras.ops.reshape(g, [terms, g.shape[1], outputs]))
         return keras.ops.einsum("ni,no->io", x2, g2)
+    gram = GRAM if GRAM is not None else gram_is_cheaper(terms, positions, inputs, outputs)
+    if gram and backend.has_float64():
+        return _pairs_sum_squared(x, g)
 
     def chunk(x, g):
         # One term at a time: T small batched matmuls beat one broadcast over T (measured
@@ -126,6 +161,34 @@ def positions_sum_squared(x, g):
         return total
 
     return over_examples(chunk, inputs * outputs, (0, 1), x, g)
+
+
+def _pairs_sum_squared(x, g):
+    """`positions_sum_squared` as Σ_n Σ_{p,q} (x_np ∘ x_nq)ᵀ Σ_t (g_tnp ∘ g_tnq), float64.
+
+    Both factors are symmetric in (p, q): the pairs p ≤ q are kept, the others counted
+    by doubling p < q, so the matmul runs over P (P + 1) / 2 pairs, not P².
+    """
+    import numpy as np
+
+    positions, inputs, outputs = int(x.shape[1]), int(x.shape[-1]), int(g.shape[-1])
+    upper = [(p, q) for p in range(positions) for q in range(p, positions)]
+    index = np.array([p * positions + q for p, q in upper], "int32")
+    weight = np.array([1.0 if p == q else 2.0 for p, q in upper], "float64")[:, None]
+
+    def chunk(x, g):
+        x, g = keras.ops.cast(x, "float64"), keras.ops.cast(g, "float64")
+        n = int(x.shape[0])
+        xx = keras.ops.einsum("npi,nqi->npqi", x, x)  # [n, P, P, I]
+        gg = keras.ops.einsum("tnpo,tnqo->npqo", g, g)  # [n, P, P, O], Σ over terms
+        xx = keras.ops.take(keras.ops.reshape(xx, [n, -1, inputs]), index, axis=1) * weight
+        gg = keras.ops.take(keras.ops.reshape(gg, [n, -1, outputs]), index, axis=1)
+        # One matmul over examples and pairs: [I, n·P(P+1)/2] by [n·P(P+1)/2, O].
+        return keras.ops.tensordot(xx, gg, axes=[[0, 1], [0, 1]])
+
+    # float64 elements count twice against the float32 budget.
+    total = over_examples(chunk, 2 * positions * positions * (inputs + outputs), (0, 1), x, g)
+    return keras.ops.cast(keras.ops.maximum(total, 0.0), "float32")
 
 
 def broadcast_sum_squared(grads, shape):
