@@ -23,21 +23,55 @@ def _brute(x, g):
     return total
 
 
+def _spy_on_pairs(monkeypatch):
+    """A list that gets an entry each time the pairs form runs."""
+    used = []
+    pairs = _common._pairs_sum_squared
+    monkeypatch.setattr(_common, "_pairs_sum_squared",
+                        lambda x, g: used.append(True) or pairs(x, g))
+    return used
+
+
 @pytest.mark.backend_neutral
-@pytest.mark.parametrize("gram", [False, True])
-@pytest.mark.parametrize("budget", [None, 40])
-@pytest.mark.parametrize("terms, positions", [(1, 1), (3, 1), (9, 4), (2, 5)])
-def test_matches_brute_force(monkeypatch, gram, budget, terms, positions):
-    """Both forms to 1e-5 of a float64 one-example-at-a-time sum (float32 inputs)."""
+@pytest.mark.parametrize("budget", [None, 40, 2000])
+@pytest.mark.parametrize("terms, positions, gram", [
+    (1, 1, None), (3, 1, None), (9, 4, False), (9, 4, True), (2, 5, False), (2, 5, True)])
+def test_matches_brute_force(monkeypatch, budget, terms, positions, gram):
+    """Both forms to 1e-5 of a float64 one-example-at-a-time sum (float32 inputs); the
+    pairs form where float64 runs on the CPU (TensorFlow; JAX with x64), else the
+    per-example form. The budgets: one chunk; examples one at a time (the pairs form
+    then does not fit: per-example); two or three examples a chunk in the pairs form."""
+    from keras_ewc import backend
+
     monkeypatch.setattr(_common, "GRAM", gram)
-    if budget is not None:  # a chunk of one or two examples (one in the pairs form)
+    if budget is not None:
         monkeypatch.setattr(_common, "BUDGET", budget)
+    used = _spy_on_pairs(monkeypatch)
     rng = np.random.default_rng(terms * 10 + positions)
     x = rng.normal(size=(5, positions, 3)).astype("float32")
     g = rng.normal(size=(terms, 5, positions, 4)).astype("float32")
     got = _common.positions_sum_squared(keras.ops.convert_to_tensor(x),
                                         keras.ops.convert_to_tensor(g))
     np.testing.assert_allclose(keras.ops.convert_to_numpy(got), _brute(x, g), rtol=1e-5)
+    fits = _common.pairs_size(terms, positions, 3, 4) <= _common.BUDGET
+    assert bool(used) == bool(gram and backend.float64_on_cpu() and fits)
+
+
+@pytest.mark.jax_only
+def test_jax_with_x64_runs_the_pairs_form_in_float64(monkeypatch):
+    """JAX with `jax_enable_x64`: the pairs form runs, equal to brute force, and in
+    float64 (where the sum cancels, within 1e-12 of the products' size)."""
+    import jax
+
+    used = _spy_on_pairs(monkeypatch)
+    x, g = _cancelling_inputs()
+    with jax.enable_x64(True):
+        monkeypatch.setattr(_common, "GRAM", True)
+        got = keras.ops.convert_to_numpy(_common.positions_sum_squared(
+            keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(g)))
+    assert used == [True]
+    assert got.min() >= 0.0
+    assert np.abs(got - _brute(x, g)).max() <= 1e-12 * _scale(x, g)
 
 
 @pytest.mark.backend_neutral
@@ -53,7 +87,10 @@ def test_gradients_that_cancel_over_positions_give_a_non_negative_fisher(monkeyp
     to zero: float32 noise, here and in the oracle); the others equal to the oracle's.
     In both forms: the expanded one runs in float64 (on JAX without x64, which has no
     float64, the per-example form runs instead)."""
+    from keras_ewc import backend
+
     monkeypatch.setattr(_common, "GRAM", gram)
+    used = _spy_on_pairs(monkeypatch)
     keras.utils.set_random_seed(0)
     model = keras.Sequential([
         keras.Input((1, 1, 6)), keras.layers.UpSampling2D(2), keras.layers.Conv2D(16, 1),
@@ -63,6 +100,7 @@ def test_gradients_that_cancel_over_positions_give_a_non_negative_fisher(monkeyp
     fisher, paths = diagonal.fisher_diagonal(model, x, likelihood="categorical",
                                              verbose=0, return_paths=True)
     assert set(paths.values()) == {"fast"}, paths
+    assert bool(used) == (gram and backend.float64_on_cpu())
     fisher = [keras.ops.convert_to_numpy(f) for f in fisher]
     assert all(f.min() >= 0.0 for f in fisher)
     largest = max(float(f.max()) for f in fisher)
@@ -72,35 +110,54 @@ def test_gradients_that_cancel_over_positions_give_a_non_negative_fisher(monkeyp
     oracle.assert_close(fisher[3:], expected[3:])
 
 
-@pytest.mark.backend_neutral
-def test_the_expanded_form_in_float64_is_closer_than_float32_where_it_cancels():
-    """Inputs constant over positions and gradients centred over them: the sum is 0 up
-    to the float32 rounding of the centring. The float64 expansion is within 1e-12 of
-    the products' size of brute force in float64 (a float32 expansion is off by about
-    1e-7 of it, signed: tried and dropped); per-example products in float32 are never
-    negative."""
-    from keras_ewc import backend
-
-    if not backend.has_float64():
-        pytest.skip("the expanded form needs float64 (JAX without jax_enable_x64)")
+def _cancelling_inputs():
+    """x constant over 4 positions, g whose sum over them is exactly 0 (multiples of
+    2⁻¹² below 2¹³·2⁻¹², summed exactly in float32): every per-example gradient is 0,
+    the products are not."""
     rng = np.random.default_rng(0)
     x = np.repeat(rng.normal(size=(16, 1, 8)), 4, axis=1).astype("float32")
-    g = rng.normal(size=(9, 16, 4, 5)).astype("float32")
-    g = g - g.mean(axis=2, keepdims=True)
-    scale = float(_brute(np.abs(x), np.abs(g)).max())  # the products' size
+    g = rng.integers(-2**11, 2**11, size=(9, 16, 4, 5)).astype("float32")
+    g[:, :, 3] = -(g[:, :, 0] + g[:, :, 1] + g[:, :, 2])
+    g = g * np.float32(2.0 ** -12)
+    assert (g.astype(np.float64).sum(axis=2) == 0).all()
+    return x, g
+
+
+def _scale(x, g):
+    """The products' size: the sum as if nothing cancelled."""
+    return float(_brute(np.abs(x), np.abs(g)).max())
+
+
+@pytest.mark.backend_neutral
+def test_where_the_sum_cancels_the_pairs_form_is_float64_and_clamped(monkeypatch):
+    """Every per-example gradient is exactly 0 (`_cancelling_inputs`). The float64
+    expansion before the clamp (`_pairs_total`) has negative entries here, so the clamp
+    is what keeps the result non-negative; clamped, it is within 1e-12 of the products'
+    size of brute force in float64. The same expansion in float32 (NumPy) is off by
+    far more than that bound (the form tried before, and dropped, in float32), and the
+    per-example products in float32 are within 1e-6 of it and never negative."""
+    from keras_ewc import backend
+
+    if not backend.float64_on_cpu():
+        pytest.skip("the pairs form needs float64 on the CPU (JAX without "
+                    "jax_enable_x64 has no float64: test_jax_with_x64_…)")
+    x, g = _cancelling_inputs()
+    expected, scale = _brute(x, g), _scale(x, g)
     x_t, g_t = keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(g)
+    unclamped = keras.ops.convert_to_numpy(_common._pairs_total(x_t, g_t))
+    assert unclamped.min() < 0.0
     got = {}
     for gram in (False, True):
-        _common.GRAM = gram
-        try:
-            got[gram] = keras.ops.convert_to_numpy(_common.positions_sum_squared(x_t, g_t))
-        finally:
-            _common.GRAM = None
+        monkeypatch.setattr(_common, "GRAM", gram)
+        got[gram] = keras.ops.convert_to_numpy(_common.positions_sum_squared(x_t, g_t))
     assert got[True].min() >= 0.0 and got[False].min() >= 0.0
-    expected = _brute(x, g)
-    assert np.abs(got[True] - expected).max() <= 1e-12 * scale, (
-        np.abs(got[True] - expected).max(), scale)
+    assert np.abs(got[True] - expected).max() <= 1e-12 * scale
     assert np.abs(got[False] - expected).max() <= 1e-6 * scale
+    xx = np.einsum("npi,nqi->npqi", x, x)
+    gg = np.einsum("tnpo,tnqo->npqo", g, g)
+    in_float32 = np.tensordot(xx, gg, axes=[[0, 1, 2], [0, 1, 2]])
+    assert in_float32.dtype == np.float32
+    assert np.abs(in_float32 - expected).max() > 1e-9 * scale
 
 
 @pytest.mark.parametrize("terms, positions, inputs, outputs, expanded", [
@@ -117,3 +174,27 @@ def test_the_cost_rule_chooses_the_form_measured_faster(terms, positions, inputs
     """`gram_is_cheaper` on the shapes it was fitted to (TensorFlow, CPU, 128 examples,
     both forms timed side by side: the comments)."""
     assert _common.gram_is_cheaper(terms, positions, inputs, outputs) is expanded
+
+
+def test_an_accelerator_keeps_the_per_example_form(monkeypatch):
+    """With a GPU visible (float64 slow there; a TPU has none) the expanded form is not
+    used, even where the cost rule (fitted on the CPU) prefers it; on the CPU it is."""
+    import tensorflow as tf
+
+    from keras_ewc import backend
+
+    used = _spy_on_pairs(monkeypatch)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 4, 6)).astype("float32")
+    g = rng.normal(size=(9, 3, 4, 5)).astype("float32")
+    assert _common.gram_is_cheaper(9, 4, 6, 5)
+    on_cpu = _common.positions_sum_squared(tf.constant(x), tf.constant(g)).numpy()
+    assert used == [True]
+    listed = tf.config.list_logical_devices
+    monkeypatch.setattr(tf.config, "list_logical_devices",
+                        lambda kind=None: ["/GPU:0"] if kind == "GPU" else listed(kind))
+    assert not backend.float64_on_cpu()
+    on_gpu = _common.positions_sum_squared(tf.constant(x), tf.constant(g)).numpy()
+    assert used == [True]
+    np.testing.assert_allclose(on_gpu, on_cpu, rtol=1e-5)
+    np.testing.assert_allclose(on_cpu, _brute(x, g), rtol=1e-5)

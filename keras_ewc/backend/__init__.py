@@ -113,3 +113,19 @@ def has_float64() -> bool:
 
         return bool(jax.config.jax_enable_x64)
     return True
+
+
+def float64_on_cpu() -> bool:
+    """Whether the backend computes float64 on the CPU: float64 there (`has_float64`)
+    and no accelerator visible (on an accelerator float64 is slow, or on a TPU absent)."""
+    if not has_float64():
+        return False
+    if is_jax():
+        import jax
+
+        return jax.default_backend() == "cpu"
+    if is_tensorflow():
+        from keras_ewc._tensorflow import tf
+
+        return not any(tf.config.list_logical_devices(kind) for kind in ("GPU", "TPU"))
+    return False

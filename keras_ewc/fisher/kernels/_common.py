@@ -91,7 +91,7 @@ def sum_squares_over_terms(values):
 GRAM = None
 """Whether `positions_sum_squared` expands the square over pairs of positions (float64):
 None chooses by `gram_is_cheaper`; True or False forces it (tests, side-by-side
-timings; True still needs float64, see `keras_ewc.backend.has_float64`)."""
+timings; True still needs float64 on the CPU: `keras_ewc.backend.float64_on_cpu`)."""
 
 
 def gram_is_cheaper(terms, positions, inputs, outputs) -> bool:
@@ -133,9 +133,12 @@ def positions_sum_squared(x, g):
       signed products and cancels where the gradients sum to about zero over positions
       (a normalisation over positions after the layer: in float32 it came out negative,
       orders of magnitude wrong; tests/test_fisher_kernels_gram.py keeps the case), so it
-      runs in float64 (where the backend has it; else the per-example form) and is
-      clamped at 0: its error is then about 1e-16 of the products' size, below the
-      per-example form's float32 rounding.
+      runs in float64 and is clamped at 0: its error is then about 1e-16 of the
+      products' size, below the per-example form's float32 rounding. Only on the CPU,
+      where the cost model was fitted (`keras_ewc.backend.float64_on_cpu`: not on JAX
+      without x64, whose float64 is float32, nor where an accelerator is visible, whose
+      float64 is slow or, on a TPU, absent), and where one example's share fits in
+      `BUDGET` (`pairs_size`): elsewhere the per-example form runs.
     """
     from keras_ewc import backend
 
@@ -146,7 +149,8 @@ def positions_sum_squared(x, g):
         g2 = sum_squares_over_terms(keras.ops.reshape(g, [terms, g.shape[1], outputs]))
         return keras.ops.einsum("ni,no->io", x2, g2)
     gram = GRAM if GRAM is not None else gram_is_cheaper(terms, positions, inputs, outputs)
-    if gram and backend.has_float64():
+    if (gram and backend.float64_on_cpu()
+            and pairs_size(terms, positions, inputs, outputs) <= BUDGET):
         return _pairs_sum_squared(x, g)
 
     def chunk(x, g):
@@ -163,7 +167,22 @@ def positions_sum_squared(x, g):
     return over_examples(chunk, inputs * outputs, (0, 1), x, g)
 
 
+def pairs_size(terms, positions, inputs, outputs) -> int:
+    """The float32-sized elements `_pairs_sum_squared` holds at once for one example: the
+    float64 copies of x and g, both factors over every pair, the kept pairs of both and
+    the weighted copy of x's (a float64 element counts as two)."""
+    kept = positions * (positions + 1) // 2
+    return 2 * (positions * inputs + terms * positions * outputs
+                + positions * positions * (inputs + outputs) + kept * (2 * inputs + outputs))
+
+
 def _pairs_sum_squared(x, g):
+    """`_pairs_total` clamped at 0 (where the true sum is about 0 its rounding may be
+    below), in float32."""
+    return keras.ops.cast(keras.ops.maximum(_pairs_total(x, g), 0.0), "float32")
+
+
+def _pairs_total(x, g):
     """`positions_sum_squared` as Σ_n Σ_{p,q} (x_np ∘ x_nq)ᵀ Σ_t (g_tnp ∘ g_tnq), float64.
 
     Both factors are symmetric in (p, q): the pairs p ≤ q are kept, the others counted
@@ -186,9 +205,8 @@ def _pairs_sum_squared(x, g):
         # One matmul over examples and pairs: [I, n·P(P+1)/2] by [n·P(P+1)/2, O].
         return keras.ops.tensordot(xx, gg, axes=[[0, 1], [0, 1]])
 
-    # float64 elements count twice against the float32 budget.
-    total = over_examples(chunk, 2 * positions * positions * (inputs + outputs), (0, 1), x, g)
-    return keras.ops.cast(keras.ops.maximum(total, 0.0), "float32")
+    size = pairs_size(int(g.shape[0]), positions, inputs, outputs)
+    return over_examples(chunk, size, (0, 1), x, g)
 
 
 def broadcast_sum_squared(grads, shape):
