@@ -168,11 +168,17 @@ def test_where_the_sum_cancels_the_pairs_form_is_float64_and_clamped(monkeypatch
     (1, 9, 1152, 256, False),   # the same, one term: 2.6× slower
     (9, 16, 144, 24, False),    # a 4×4 map: 5× slower
     (9, 64, 576, 64, False),    # an 8×8 map: 18× slower
+    (99, 16, 576, 128, True),   # 99 terms (100 classes), a 4×4 map: 1.75× faster
+    (99, 25, 288, 64, False),   # a 5×5 map: 1.2× slower
+    (99, 36, 256, 64, False),   # a 6×6 map: 2.1× slower
+    (99, 64, 128, 64, False),   # an 8×8 map: 4× slower
 ])
 def test_the_cost_rule_chooses_the_form_measured_faster(terms, positions, inputs, outputs,
                                                         expanded):
     """`gram_is_cheaper` on the shapes it was fitted to (TensorFlow, CPU, 128 examples,
-    both forms timed side by side: the comments)."""
+    32 with 99 terms, both forms timed side by side: the comments). (A first fit, with
+    the terms' products over pairs as cheap as the big matmul's, chose the pairs at
+    5×5 and 6×6 with 99 terms.)"""
     assert _common.gram_is_cheaper(terms, positions, inputs, outputs) is expanded
 
 
@@ -185,9 +191,9 @@ def test_an_accelerator_keeps_the_per_example_form(monkeypatch):
 
     used = _spy_on_pairs(monkeypatch)
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(3, 4, 6)).astype("float32")
-    g = rng.normal(size=(9, 3, 4, 5)).astype("float32")
-    assert _common.gram_is_cheaper(9, 4, 6, 5)
+    x = rng.normal(size=(3, 4, 64)).astype("float32")
+    g = rng.normal(size=(9, 3, 4, 32)).astype("float32")
+    assert _common.gram_is_cheaper(9, 4, 64, 32)
     on_cpu = _common.positions_sum_squared(tf.constant(x), tf.constant(g)).numpy()
     assert used == [True]
     listed = tf.config.list_logical_devices

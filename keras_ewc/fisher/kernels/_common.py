@@ -102,15 +102,18 @@ def gram_is_cheaper(terms, positions, inputs, outputs) -> bool:
     I 4,608, O 512) 8.5 → 0.51, and 0.90 → 0.40 with one term (empirical); its
     512 → 2,048 1×1 6.8 → 0.53; MobileNetV2's last 1×1 (P 4, 320 → 1,280) 1.46 → 0.27;
     a 3×3 map (P 9, 1,152 → 256) 1.13 → 0.47, and 0.17 → 0.43 with one term; a 4×4 map
-    (P 16, 144 → 24) 0.017 → 0.086 and an 8×8 one (P 64, 576 → 64) 0.37 → 6.9. The
+    (P 16, 144 → 24) 0.017 → 0.086 and an 8×8 one (P 64, 576 → 64) 0.37 → 6.9; with 99
+    terms (100 classes; 32 examples): a 4×4 map (576 → 128) 0.62 → 0.35, 5×5 (288 → 64)
+    0.24 → 0.28, 6×6 (256 → 64) 0.20 → 0.43, 8×8 (128 → 64) 0.19 → 0.80. The
     per-example products are small matmuls bound by memory: about
     (T + 1)·I·O·(P + 200), whatever P (the +1: a pass over the chunk's inputs); the
-    pairs, one large float64 matmul over P (P + 1) / 2 pairs, about
-    8·P (P + 1)·(I + T·O + I·O). So the pairs win at P ≤ 4 for any T, at P ≤ 9 with 9
-    terms, and never beyond about 15 positions.
+    pairs, one large float64 matmul over P (P + 1) / 2 pairs and the terms' products
+    over pairs (small matmuls again), about 8·P (P + 1)·(I + 24·T·O + I·O). So the pairs
+    win at P ≤ 4 for any T, at P ≤ 9 with 9 terms, at 16 with 99, and not beyond.
     """
     per_example = (terms + 1) * inputs * outputs * (positions + 200)
-    pairs = 8 * positions * (positions + 1) * (inputs + terms * outputs + inputs * outputs)
+    pairs = 8 * positions * (positions + 1) * (inputs + 24 * terms * outputs
+                                               + inputs * outputs)
     return pairs < per_example
 
 
