@@ -125,7 +125,7 @@ def float64_on_cpu() -> bool:
 
         return jax.default_backend() == "cpu"
     if is_tensorflow():
-        from keras_ewc._tensorflow import tf
+        from keras_ewc.backend.tensorflow import core
 
-        return not any(tf.config.list_logical_devices(kind) for kind in ("GPU", "TPU"))
+        return not core.accelerator_visible()
     return False

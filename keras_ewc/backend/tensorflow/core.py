@@ -12,3 +12,8 @@ def tensor(x) -> tf.Tensor:
 def nest():
     """`tf.nest`, the nested-structure functions keras_ewc uses on TensorFlow."""
     return tf.nest
+
+
+def accelerator_visible() -> bool:
+    """Whether TensorFlow sees a GPU or a TPU."""
+    return any(tf.config.list_logical_devices(kind) for kind in ("GPU", "TPU"))
