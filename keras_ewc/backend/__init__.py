@@ -97,17 +97,13 @@ def index_dtype() -> str:
     """The dtype of counters held in variables (the task count): int64, except on JAX
     without `jax_enable_x64`, where an int64 variable silently holds int32 (and warns
     at every creation); a task count never comes near 2**31."""
-    if is_jax():
-        import jax
-
-        if not jax.config.jax_enable_x64:
-            return "int32"
-    return "int64"
+    return "int64" if has_64_bit() else "int32"
 
 
-def has_float64() -> bool:
-    """Whether the backend computes in float64: always on TensorFlow; on JAX only with
-    `jax_enable_x64` (without it a cast to float64 silently gives float32)."""
+def has_64_bit() -> bool:
+    """Whether the backend computes in 64-bit types: always on TensorFlow; on JAX only
+    with `jax_enable_x64` (without it a cast to float64 or int64 silently gives float32
+    or int32)."""
     if is_jax():
         import jax
 
@@ -116,9 +112,9 @@ def has_float64() -> bool:
 
 
 def float64_on_cpu() -> bool:
-    """Whether the backend computes float64 on the CPU: float64 there (`has_float64`)
+    """Whether the backend computes float64 on the CPU: float64 there (`has_64_bit`)
     and no accelerator visible (on an accelerator float64 is slow, or on a TPU absent)."""
-    if not has_float64():
+    if not has_64_bit():
         return False
     if is_jax():
         import jax

@@ -88,6 +88,13 @@ def sum_squares_over_terms(values):
     return total
 
 
+def factorised_sum_squared(x, g):
+    """Σ_n Σ_t (x[n] ⊗ g[t, n])² of `x` `[B, I]` and `g` `[T, B, O]`: `[I, O]`, as
+    Σ_n (x_n ∘ x_n)ᵀ Σ_t (g_tn ∘ g_tn) (a kernel applied at one position: the square
+    factorises, and no per-example gradient is formed)."""
+    return keras.ops.einsum("ni,no->io", keras.ops.square(x), sum_squares_over_terms(g))
+
+
 GRAM = None
 """Whether `positions_sum_squared` expands the square over pairs of positions (float64):
 None chooses by `gram_is_cheaper`; True or False forces it (tests, side-by-side
@@ -148,9 +155,8 @@ def positions_sum_squared(x, g):
     terms, positions = int(g.shape[0]), int(x.shape[1])
     inputs, outputs = int(x.shape[-1]), int(g.shape[-1])
     if positions == 1:  # reshapes, not slices: no copy
-        x2 = keras.ops.square(keras.ops.reshape(x, [x.shape[0], inputs]))
-        g2 = sum_squares_over_terms(keras.ops.reshape(g, [terms, g.shape[1], outputs]))
-        return keras.ops.einsum("ni,no->io", x2, g2)
+        return factorised_sum_squared(keras.ops.reshape(x, [x.shape[0], inputs]),
+                                      keras.ops.reshape(g, [terms, g.shape[1], outputs]))
     gram = GRAM if GRAM is not None else gram_is_cheaper(terms, positions, inputs, outputs)
     if (gram and backend.float64_on_cpu()
             and pairs_size(terms, positions, inputs, outputs) <= BUDGET):

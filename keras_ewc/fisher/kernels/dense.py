@@ -14,10 +14,10 @@ from keras_ewc.fisher.kernels._common import (
     activation,
     broadcast_sum_squared,
     f32,
+    factorised_sum_squared,
     kernel_and_bias,
     positions_sum_squared,
     stop,
-    sum_squares_over_terms,
 )
 from keras_ewc.fisher.kernels._registry import Kernel, register_kernel
 
@@ -48,9 +48,7 @@ class DenseKernel(Kernel):
 def kernel_sum_squared(records, grads):
     """Σ_n Σ_t (Σ_s x[n, s] ⊗ g[t, n, s])², over the calls' inputs and output grads."""
     if len(records) == 1 and len(records[0].shape) == 2:
-        x2 = keras.ops.square(f32(records[0]))
-        g2 = sum_squares_over_terms(f32(grads[0]))
-        return keras.ops.einsum("ni,no->io", x2, g2)
+        return factorised_sum_squared(f32(records[0]), f32(grads[0]))
     batch = int(records[0].shape[0])
     x = keras.ops.concatenate(
         [keras.ops.reshape(f32(r), [batch, -1, r.shape[-1]]) for r in records], 1)
