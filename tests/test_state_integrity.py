@@ -4,6 +4,7 @@ threads nor a Ctrl-C can tear (diagonal and Kronecker states alike)."""
 
 import re
 import shutil
+import signal
 import threading
 import zipfile
 
@@ -395,10 +396,19 @@ def _interrupt_consolidations(structure, trials, seed):
 @pytest.mark.parametrize("structure", STRUCTURES)
 def test_a_ctrl_c_near_the_end_of_consolidate_never_tears_the_state(structure):
     trials = 300 if structure == "diagonal" else 250  # a Kronecker call is ~3x longer
-    interrupted, torn = _interrupt_consolidations(structure, trials, seed=1)
+    # `_thread.interrupt_main` does nothing unless Python's own SIGINT handler is set; in
+    # one run of the whole suite something before this test had replaced it, and no
+    # interrupt landed. A user's process has Python's handler: so does this test.
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        interrupted, torn = _interrupt_consolidations(structure, trials, seed=1)
+        # consolidate itself leaves the handler alone.
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert not torn, f"{len(torn)} torn states in {interrupted} interrupted calls: {torn[:5]}"
     # The interrupts did land, most of them inside the calls.
-    assert interrupted > trials // 2, interrupted
+    assert interrupted > trials // 2, (interrupted, before)
 
 
 # A Ctrl-C that lands inside TensorFlow's C++ code (the data iterator's next batch)
