@@ -21,6 +21,7 @@ else:  # pragma: no cover
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
+XDIST = "-n 2 --dist loadfile"  # the test command's pytest-xdist options
 TOLERANCE = 0.03  # the README promises the quickstart's accuracies within this, any CPU
 
 
@@ -148,12 +149,17 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
         ["bash", "-c", "grep -A2 '<!-- test command -->' README.md | grep -m1 '^pip install'"],
         cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
     assert found == test_command
-    assert test_command.endswith("python -m pytest")
+    # Both passes run in two worker processes, whole test files a worker (pytest-xdist,
+    # in the test extra), so a module fixture runs once.
+    assert test_command.count(f"python -m pytest {XDIST}") == 2
+    assert test_command.endswith(f"python -m pytest {XDIST}")
     assert main_command.endswith("keras-ewc demo")
     if tomllib is not None:
         with open(ROOT / "pyproject.toml", "rb") as f:
             project = tomllib.load(f)["project"]
         assert project["scripts"]["keras-ewc"] == "keras_ewc.cli:main"
+        assert any(d.startswith("pytest-xdist")
+                   for d in project["optional-dependencies"]["test"])
         for command in (main_command, test_command):
             extra = re.search(r'pip install -e "\.\[(\w+)\]"', command).group(1)
             assert extra in project["optional-dependencies"], extra
