@@ -396,9 +396,11 @@ def _interrupt_consolidations(structure, trials, seed):
 @pytest.mark.parametrize("structure", STRUCTURES)
 def test_a_ctrl_c_near_the_end_of_consolidate_never_tears_the_state(structure):
     trials = 300 if structure == "diagonal" else 250  # a Kronecker call is ~3x longer
-    # `_thread.interrupt_main` does nothing unless Python's own SIGINT handler is set; in
-    # one run of the whole suite something before this test had replaced it, and no
-    # interrupt landed. A user's process has Python's handler: so does this test.
+    # `_thread.interrupt_main` does nothing unless Python's own SIGINT handler is set. In
+    # one run of the whole suite no interrupt landed (the test passes alone), most likely
+    # because something earlier had replaced that handler; the culprit was not found. A
+    # user's process has Python's handler: so does this test (a failure shows the one it
+    # found).
     before = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         interrupted, torn = _interrupt_consolidations(structure, trials, seed=1)
