@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_ewc.fisher import diagonal, engine, likelihoods
+from keras_ewc.fisher import diagonal, engine, fast, likelihoods
 from keras_ewc.fisher.kernels import _common
 from tests import oracle
 
@@ -400,3 +400,72 @@ def test_mixed_precision_matches_reference_path():
     assert all(keras.backend.standardize_dtype(f.dtype) == "float32" for f in fisher)
     # Both paths round in float16, in different orders.
     oracle.assert_close(fisher, reference, rtol=2e-3)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_kernel_matches_oracle_with_the_columns_vectorised(name, monkeypatch):
+    """TensorFlow back-propagates the T term columns one at a time by default, kept apart
+    (`fast.COLUMN_AT_A_TIME`); the vectorised jacobian (pfor) is the other path: both
+    exact."""
+    monkeypatch.setattr(fast, "COLUMN_AT_A_TIME", False)
+    model, x = CONFIGS[name]()
+    fisher, paths = _sums(model, x)
+    assert set(paths.values()) == {"fast"}, paths
+    oracle.assert_close(fisher, oracle.categorical_exact(model, model.trainable_variables, x))
+
+
+def test_kernels_that_read_the_columns_apart_never_stack_them(monkeypatch):
+    """The kernels marked `_columns_apart` take the columns' gradients as `Columns` and
+    never stack them (the copy the default path avoids): stacking raises here, and the
+    sums still match the oracle. The others get stacked tensors from the engine."""
+    made = []
+    init = _common.Columns.__init__
+
+    def spy(self, columns):
+        made.append(1)
+        init(self, columns)
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("a kernel stacked the columns it reads apart")
+
+    monkeypatch.setattr(_common.Columns, "__init__", spy)
+    monkeypatch.setattr(_common.Columns, "stacked", refuse)
+    monkeypatch.setattr(_common.Columns, "__tf_tensor__", refuse)
+    for name in sorted(CONFIGS):
+        model, x = CONFIGS[name]()
+        fisher, paths = _sums(model, x)
+        assert set(paths.values()) == {"fast"}, (name, paths)
+        oracle.assert_close(fisher,
+                            oracle.categorical_exact(model, model.trainable_variables, x))
+    assert made  # the columns did reach the kernels apart
+
+
+def test_columns_read_as_the_stacked_tensor():
+    """`Columns` and the helpers that keep columns apart give what the stacked tensor
+    gives (exactly: the same ops on the same slices)."""
+    rng = np.random.default_rng(0)
+    parts = [tf.constant(rng.normal(size=(4, 3, 5)).astype("float32")) for _ in range(3)]
+    cols, whole = _common.Columns(parts), tf.stack(parts)
+    assert tuple(cols.shape) == tuple(whole.shape) and cols.ndim == 4 and len(cols) == 3
+    np.testing.assert_array_equal(cols[1], whole[1])
+    np.testing.assert_array_equal(cols[2, 1:3], whole[2, 1:3])
+    np.testing.assert_array_equal(tf.stack(cols[:, 1:3, ::2].columns), whole[:, 1:3, ::2])
+    np.testing.assert_array_equal(cols[1:], whole[1:])  # anything else: the stacked tensor
+    np.testing.assert_array_equal(tf.convert_to_tensor(cols), whole)
+    np.testing.assert_array_equal(keras.ops.square(cols), keras.ops.square(whole))
+    np.testing.assert_array_equal(tf.stack((cols + cols).columns), whole + whole)
+    assert 0.0 + cols is cols
+    np.testing.assert_array_equal(
+        tf.stack(_common.reshape_terms(cols, [4, 15]).columns), tf.reshape(whole, [3, 4, 15]))
+    joined = _common.concatenate_terms([cols, _common.Columns(parts[::-1])], 2)
+    np.testing.assert_array_equal(tf.stack(joined.columns),
+                                  tf.concat([whole, tf.stack(parts[::-1])], 2))
+    np.testing.assert_allclose(_common.sum_squares_over_terms(cols),
+                               tf.reduce_sum(whole ** 2, 0), rtol=1e-6)
+    x = tf.constant(rng.normal(size=(4, 3, 2)).astype("float32"))
+    np.testing.assert_allclose(_common.positions_sum_squared(x, cols),
+                               _common.positions_sum_squared(x, whole), rtol=1e-6)
+    np.testing.assert_allclose(_common.broadcast_sum_squared([cols], [5]),
+                               _common.broadcast_sum_squared([whole], [5]), rtol=1e-6)
+    with pytest.raises(ValueError, match="at least one term column"):
+        _common.Columns([])

@@ -32,6 +32,7 @@ import numpy as np
 
 from keras_ewc import backend
 from keras_ewc._tensorflow import tf
+from keras_ewc.fisher.kernels import _common
 
 RANGE_TOL = 1e-5
 SUM_TOL = 1e-3
@@ -617,7 +618,8 @@ def checked_sum_squared(layer, kernel, params, records, grads) -> dict:
     # *z] a call) are read only when some sum is not finite: read on every batch, that
     # test was about a tenth of the exact Fisher's step on MobileNetV2
     # (docs/fisher_speed.md); when every sum is finite, its value is moot.
-    given = [t for t in tf.nest.flatten((records, grads))
+    given = [t for t in tf.nest.flatten((records, [_common.terms_of(g) if isinstance(
+                 g, _common.Columns) else g for g in grads]))
              if tf.is_tensor(t) and t.dtype.is_floating]
 
     def given_finite():

@@ -126,13 +126,17 @@ def kernel_sums(model, layers, terms_fn, inputs, extra, loops=False, local=()) -
     kept_local = local_kept(recorder.local, leaks)
     zs = [z for _, _, _, calls in fast for _, z in calls]
     outputs = [y for entry in kept_local for y in entry.outputs]
-    grads = column_grads(tape, terms, columns, total, zs + outputs, loops) if zs or outputs else []
+    grads = (column_grads(tape, terms, columns, total, zs + outputs, loops, apart=True)
+             if zs or outputs else [])
     del tape
     grads, local_grads = grads[: len(zs)], grads[len(zs):]
+    local_grads = [_stack(g) for g in local_grads]
 
     sums = {}
     for layer, kernel, params, calls in fast:
         part, grads = grads[: len(calls)], grads[len(calls):]
+        if not kernel._columns_apart:
+            part = [_stack(g) for g in part]
         values = (checks.checked_sum_squared(layer, kernel, params, [r for r, _ in calls],
                                              part) if calls else {})
         for name, v in params.items():
@@ -140,6 +144,11 @@ def kernel_sums(model, layers, terms_fn, inputs, extra, loops=False, local=()) -
             sums[id(v)] = tf.cast(value, tf.float32)
     sums.update(local_module.local_sums(kept_local, local_grads))
     return sums
+
+
+def _stack(g):
+    """`[T, *z]` as one tensor, for a kernel (or the layer-local path) that takes tensors."""
+    return tf.stack(g.columns) if isinstance(g, _common.Columns) else g
 
 
 def leaked(tape, total, variables) -> set:
@@ -189,16 +198,24 @@ def record(model, layers, terms_fn, inputs, extra, local=()):
     return tape, recorder, terms, columns, total
 
 
-def column_grads(tape, terms, columns, total, zs, loops=False):
+COLUMN_AT_A_TIME = None
+"""Whether `column_grads(apart=True)` back-propagates the term columns one at a time
+(True), or vectorised by pfor where it can (False); None: one at a time."""
+
+
+def column_grads(tape, terms, columns, total, zs, loops=False, apart=False):
     """`[T, *z.shape]` for each z: the gradient of each term column summed over examples.
 
     Vectorised over the T columns (`tape.jacobian` with pfor); where pfor cannot
-    vectorise the backward pass (`loops`: recurrent layers), one pass a column.
+    vectorise the backward pass (`loops`: recurrent layers), one pass a column. With
+    `apart`, one pass a column (see `COLUMN_AT_A_TIME`), the T results kept apart as
+    `_common.Columns`, never stacked (kernels read them as `[T, *z.shape]`).
     """
     # Targets must be computed while the tape records: `total`, or `columns` as a whole.
     if terms.shape[1] == 1:
         return [g[None] for g in tape.gradient(total, zs, unconnected_gradients="zero")]
-    if not loops:
+    at_a_time = apart and COLUMN_AT_A_TIME is not False
+    if not loops and not at_a_time:
         try:
             return tape.jacobian(columns, zs, unconnected_gradients="zero")
         except (ValueError, TypeError, NotImplementedError):
@@ -209,4 +226,6 @@ def column_grads(tape, terms, columns, total, zs, loops=False):
                       unconnected_gradients="zero")
         for t in range(count)
     ]
+    if at_a_time:
+        return [_common.Columns(g) for g in zip(*per_column)]
     return [tf.stack(list(g)) for g in zip(*per_column)]

@@ -31,7 +31,102 @@ def activation(layer):
 
 
 def f32(t):
+    if isinstance(t, Columns):
+        return t.map(f32)
     return keras.ops.cast(t, "float32")
+
+
+class Columns:
+    """The T term columns' gradients at one `z`, kept as T tensors: `[T, B, *z]` as a kernel
+    reads it.
+
+    TensorFlow's engine back-propagates the columns one at a time, which is faster than
+    its vectorised jacobian (`keras_ewc.fisher.fast.column_grads`); stacking the T
+    results into one tensor would copy every gradient, 1.8× a gradient pass on the
+    zoo's GroupNorm CNN (docs/fisher_speed.md). Kernels whose `_columns_apart` is True
+    get this; the others get the stacked tensor. It reads as a tensor does: `g[t]` is
+    column t, `g[:, a:b]` and `g[:, ...]` slice every column, `g.shape` is `[T, B, *z]`;
+    the helpers of this module (`f32`, `reshape_terms`, `concatenate_terms`,
+    `sum_squares_over_terms`, `positions_sum_squared`, `broadcast_sum_squared`) keep
+    the columns apart. Anything else converts it to the stacked tensor (TensorFlow's
+    `__tf_tensor__`): still right, only slower (tests/test_fisher_kernels.py checks
+    that the built-in kernels never do).
+    """
+
+    def __init__(self, columns):
+        self.columns = list(columns)
+        if not self.columns:
+            raise ValueError("Expected at least one term column. Received none.")
+
+    @property
+    def shape(self):
+        return (len(self.columns),) + tuple(self.columns[0].shape)
+
+    @property
+    def dtype(self):
+        return self.columns[0].dtype
+
+    @property
+    def ndim(self):
+        return len(self.shape)
+
+    def __len__(self):
+        return len(self.columns)
+
+    def map(self, fn):
+        """`fn` applied to each column (`[B, *z]` → anything per column)."""
+        return Columns([fn(c) for c in self.columns])
+
+    def stacked(self):
+        return keras.ops.stack(self.columns)
+
+    def __add__(self, other):
+        if isinstance(other, Columns) and len(other) == len(self):
+            return Columns([a + b for a, b in zip(self.columns, other.columns)])
+        return self.stacked() + other
+
+    def __radd__(self, other):
+        if isinstance(other, (int, float)) and other == 0:
+            return self
+        return other + self.stacked()
+
+    def __getitem__(self, key):
+        if isinstance(key, int):
+            return self.columns[key]
+        if isinstance(key, tuple) and key:
+            first, rest = key[0], key[1:]
+            if isinstance(first, int):
+                return self.columns[first][rest] if rest else self.columns[first]
+            if first == slice(None):
+                return self.map(lambda c: c[rest]) if rest else self
+        return self.stacked()[key]
+
+    def __tf_tensor__(self, dtype=None, name=None):
+        import tensorflow as tf
+
+        return tf.convert_to_tensor(self.stacked(), dtype=dtype, name=name)
+
+
+def terms_of(g) -> list:
+    """The T columns of a `[T, B, *z]` gradient (a tensor's slices, or `Columns`' own)."""
+    return list(g.columns) if isinstance(g, Columns) else [g[t] for t in range(g.shape[0])]
+
+
+def reshape_terms(g, shape):
+    """`g` `[T, B, *z]` reshaped to `[T, *shape]`, its columns kept apart if they are."""
+    if isinstance(g, Columns):
+        return g.map(lambda c: keras.ops.reshape(c, shape))
+    return keras.ops.reshape(g, [g.shape[0]] + list(shape))
+
+
+def concatenate_terms(gs, axis):
+    """`keras.ops.concatenate(gs, axis)` of `[T, ...]` gradients (`axis` counts T's)."""
+    if len(gs) == 1:
+        return gs[0]
+    if any(isinstance(g, Columns) for g in gs):
+        per = [terms_of(g) for g in gs]
+        return Columns([keras.ops.concatenate(list(cs), axis - 1) for cs in zip(*per)])
+    return keras.ops.concatenate(gs, axis)
 
 
 def size(shape) -> int:
@@ -156,7 +251,7 @@ def positions_sum_squared(x, g):
     inputs, outputs = int(x.shape[-1]), int(g.shape[-1])
     if positions == 1:  # reshapes, not slices: no copy
         return factorised_sum_squared(keras.ops.reshape(x, [x.shape[0], inputs]),
-                                      keras.ops.reshape(g, [terms, g.shape[1], outputs]))
+                                      reshape_terms(g, [g.shape[1], outputs]))
     gram = GRAM if GRAM is not None else gram_is_cheaper(terms, positions, inputs, outputs)
     if (gram and backend.float64_on_cpu()
             and pairs_size(terms, positions, inputs, outputs) <= BUDGET):
@@ -205,10 +300,17 @@ def _pairs_total(x, g):
     weight = np.array([1.0 if p == q else 2.0 for p, q in upper], "float64")[:, None]
 
     def chunk(x, g):
-        x, g = keras.ops.cast(x, "float64"), keras.ops.cast(g, "float64")
+        x = keras.ops.cast(x, "float64")
+        g = g if isinstance(g, Columns) else keras.ops.cast(g, "float64")
         n = int(x.shape[0])
         xx = keras.ops.einsum("npi,nqi->npqi", x, x)  # [n, P, P, I]
-        gg = keras.ops.einsum("tnpo,tnqo->npqo", g, g)  # [n, P, P, O], Σ over terms
+        if isinstance(g, Columns):  # Σ over terms, a column at a time
+            gg = 0.0
+            for c in g.columns:
+                c = keras.ops.cast(c, "float64")
+                gg += keras.ops.einsum("npo,nqo->npqo", c, c)
+        else:
+            gg = keras.ops.einsum("tnpo,tnqo->npqo", g, g)  # [n, P, P, O], Σ over terms
         xx = keras.ops.take(keras.ops.reshape(xx, [n, -1, inputs]), index, axis=1) * weight
         gg = keras.ops.take(keras.ops.reshape(gg, [n, -1, outputs]), index, axis=1)
         # One matmul over examples and pairs: [I, n·P(P+1)/2] by [n·P(P+1)/2, O].
@@ -232,7 +334,13 @@ def broadcast_sum_squared(grads, shape):
         rank = len(g.shape) - 2
         axes = list(range(2, 2 + rank - len(shape)))
         axes += [2 + rank - len(shape) + i for i, d in enumerate(shape) if d == 1]
-        per_example = keras.ops.sum(g, axis=axes) if axes else g
-        per_example = keras.ops.reshape(per_example, [-1, int(g.shape[1])] + shape)
+        batch = int(g.shape[1])
+
+        def reduce(c, axes=tuple(a - 1 for a in axes), batch=batch):  # a column, [B, *z]
+            c = keras.ops.sum(c, axis=list(axes)) if axes else c
+            return keras.ops.reshape(c, [batch] + shape)
+
+        per_example = g.map(reduce) if isinstance(g, Columns) else keras.ops.reshape(
+            keras.ops.sum(g, axis=axes) if axes else g, [-1, batch] + shape)
         total = per_example if total is None else total + per_example
     return keras.ops.sum(sum_squares_over_terms(total), axis=0)

@@ -35,6 +35,10 @@ class Kernel:
       covered (default: every instance).
     """
 
+    # Whether `sum_squared` takes the columns' gradients kept apart (`_common.Columns`)
+    # where the engine has them so: the built-in kernels do; a user's kernel gets tensors.
+    _columns_apart = False
+
     def supports(self, layer) -> bool:
         return True
 

@@ -17,10 +17,12 @@ from keras_ewc.fisher.kernels import _backend_ops
 from keras_ewc.fisher.kernels._common import (
     activation,
     broadcast_sum_squared,
+    concatenate_terms,
     f32,
     kernel_and_bias,
     over_examples,
     positions_sum_squared,
+    reshape_terms,
     size,
     stop,
 )
@@ -30,6 +32,8 @@ from keras_ewc.fisher.kernels._registry import Kernel, register_kernel
 @register_kernel(keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
                  methods=("convolution_op", "kernel"))
 class ConvKernel(Kernel):
+    _columns_apart = True  # reads grads as [T, B, *z] through _common's helpers
+
     def supports(self, layer) -> bool:
         if getattr(layer, "lora_enabled", False) or layer.quantization_mode is not None:
             return False
@@ -100,9 +104,9 @@ def sum_squared(layer, records, grads) -> dict:
     for (x, padding), g in zip(records, grads):
         p = patches(f32(x), layer.kernel_size, layer.strides, layer.dilation_rate, padding)
         xs.append(keras.ops.reshape(p, [batch, -1, p.shape[-1]]))
-        gs.append(keras.ops.reshape(f32(g), [g.shape[0], batch, -1, g.shape[-1]]))
+        gs.append(reshape_terms(f32(g), [batch, -1, g.shape[-1]]))
     # Positions of every call are summed within an example before squaring.
-    x, g = keras.ops.concatenate(xs, 1), keras.ops.concatenate(gs, 2)
+    x, g = keras.ops.concatenate(xs, 1), concatenate_terms(gs, 2)
 
     if groups == 1:
         kernel = positions_sum_squared(x, g)

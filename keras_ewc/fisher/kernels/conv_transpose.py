@@ -27,6 +27,8 @@ from keras_ewc.fisher.kernels.conv import patches
 @register_kernel(keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose,
                  keras.layers.Conv3DTranspose, methods=("kernel",))
 class ConvTransposeKernel(Kernel):
+    _columns_apart = True  # reads grads as [T, B, *z] through _common's helpers
+
     def supports(self, layer) -> bool:
         # Tested: channels_last, "valid"/"same", strides, output_padding. Neither
         # channels_first nor dilations run on CPU in TensorFlow, so neither is tested:

@@ -13,10 +13,12 @@ import keras
 from keras_ewc.fisher.kernels._common import (
     activation,
     broadcast_sum_squared,
+    concatenate_terms,
     f32,
     factorised_sum_squared,
     kernel_and_bias,
     positions_sum_squared,
+    reshape_terms,
     stop,
 )
 from keras_ewc.fisher.kernels._registry import Kernel, register_kernel
@@ -24,6 +26,8 @@ from keras_ewc.fisher.kernels._registry import Kernel, register_kernel
 
 @register_kernel(keras.layers.Dense, methods=("kernel",))
 class DenseKernel(Kernel):
+    _columns_apart = True  # reads grads as [T, B, *z] through _common's helpers
+
     def supports(self, layer) -> bool:
         # LoRA and quantised layers compute their kernel: `layer.kernel` is no variable.
         return not layer.lora_enabled and layer.quantization_mode is None
@@ -52,8 +56,6 @@ def kernel_sum_squared(records, grads):
     batch = int(records[0].shape[0])
     x = keras.ops.concatenate(
         [keras.ops.reshape(f32(r), [batch, -1, r.shape[-1]]) for r in records], 1)
-    g = keras.ops.concatenate(
-        [keras.ops.reshape(f32(g), [g.shape[0], batch, -1, g.shape[-1]]) for g in grads], 2
-    )
+    g = concatenate_terms([reshape_terms(f32(g), [batch, -1, g.shape[-1]]) for g in grads], 2)
 
     return positions_sum_squared(x, g)

@@ -26,6 +26,8 @@ from keras_ewc.fisher.kernels._registry import Kernel, register_kernel
 
 @register_kernel(keras.layers.EinsumDense, methods=("kernel",))
 class EinsumDenseKernel(Kernel):
+    _columns_apart = True  # reads grads as [T, B, *z] through _common's helpers
+
     def supports(self, layer) -> bool:
         if layer.lora_enabled or layer.quantization_mode is not None:
             return False

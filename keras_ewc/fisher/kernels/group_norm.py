@@ -17,6 +17,8 @@ from keras_ewc.fisher.kernels._registry import Kernel, register_kernel
 
 @register_kernel(keras.layers.GroupNormalization)
 class GroupNormalizationKernel(Kernel):
+    _columns_apart = True  # reads grads as [T, B, *z] through _common's helpers
+
     def supports(self, layer) -> bool:
         # Tested: the channel axis last (-1) or given as a positive index.
         return layer.axis == -1 or layer.axis > 0

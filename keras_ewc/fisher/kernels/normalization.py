@@ -10,12 +10,20 @@ from __future__ import annotations
 
 import keras
 
-from keras_ewc.fisher.kernels._common import f32, stop, sum_squares_over_terms
+from keras_ewc.fisher.kernels._common import (
+    Columns,
+    f32,
+    reshape_terms,
+    stop,
+    sum_squares_over_terms,
+)
 from keras_ewc.fisher.kernels._registry import Kernel, register_kernel
 
 
 @register_kernel(keras.layers.LayerNormalization, keras.layers.BatchNormalization)
 class NormalizationKernel(Kernel):
+    _columns_apart = True  # reads grads as [T, B, *z] through _common's helpers
+
     def supports(self, layer) -> bool:
         if isinstance(layer, keras.layers.LayerNormalization):
             return not layer.rms_scaling
@@ -78,10 +86,13 @@ def sum_squared(layer, records, grads) -> dict:
     reduce = [a + 1 for a in range(1, rank) if a not in axes]
     gamma = beta = 0.0
     for x_hat, g in zip(records, grads):
-        g = f32(g)
-        gamma += keras.ops.sum(f32(x_hat)[None] * g, axis=reduce) if reduce else (
-            f32(x_hat)[None] * g
-        )
+        g, x_hat = f32(g), f32(x_hat)
+        if isinstance(g, Columns):  # a column at a time: [B, *z], the reduced axes one less
+            each = [a - 1 for a in reduce]
+            gamma += g.map(lambda c, x=x_hat, a=each: keras.ops.sum(x * c, axis=a) if a else x * c)
+            beta += g.map(lambda c, a=each: keras.ops.sum(c, axis=a) if a else c)
+            continue
+        gamma += keras.ops.sum(x_hat[None] * g, axis=reduce) if reduce else x_hat[None] * g
         beta += keras.ops.sum(g, axis=reduce) if reduce else g
     out = {}
     if layer.gamma is not None:
@@ -92,6 +103,5 @@ def sum_squared(layer, records, grads) -> dict:
 
 
 def _square_sum(per_example, shape):
-    per_example = keras.ops.reshape(
-        per_example, [per_example.shape[0], -1] + [int(d) for d in shape])
+    per_example = reshape_terms(per_example, [-1] + [int(d) for d in shape])
     return keras.ops.sum(sum_squares_over_terms(per_example), axis=0)
