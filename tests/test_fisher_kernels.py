@@ -404,20 +404,19 @@ def test_mixed_precision_matches_reference_path():
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_kernel_matches_oracle_with_the_columns_vectorised(name, monkeypatch):
-    """TensorFlow back-propagates the T term columns one at a time by default, kept apart
-    (`fast.COLUMN_AT_A_TIME`); the vectorised jacobian (pfor) is the other path: both
-    exact."""
-    monkeypatch.setattr(fast, "COLUMN_AT_A_TIME", False)
+    """TensorFlow back-propagates up to `fast.COLUMNS_AT_A_TIME` term columns one at a
+    time, kept apart; pfor's vectorised jacobian (0 here, and above the cap) is the
+    other path: both exact."""
+    monkeypatch.setattr(fast, "COLUMNS_AT_A_TIME", 0)
     model, x = CONFIGS[name]()
     fisher, paths = _sums(model, x)
     assert set(paths.values()) == {"fast"}, paths
     oracle.assert_close(fisher, oracle.categorical_exact(model, model.trainable_variables, x))
 
 
-def test_kernels_that_read_the_columns_apart_never_stack_them(monkeypatch):
-    """The kernels marked `_columns_apart` take the columns' gradients as `Columns` and
-    never stack them (the copy the default path avoids): stacking raises here, and the
-    sums still match the oracle. The others get stacked tensors from the engine."""
+def refuse_stacking(monkeypatch) -> list:
+    """Makes stacking a `Columns` raise; returns a list that grows by one for each
+    `Columns` made (so that a test can check the columns did reach the kernels apart)."""
     made = []
     init = _common.Columns.__init__
 
@@ -431,13 +430,84 @@ def test_kernels_that_read_the_columns_apart_never_stack_them(monkeypatch):
     monkeypatch.setattr(_common.Columns, "__init__", spy)
     monkeypatch.setattr(_common.Columns, "stacked", refuse)
     monkeypatch.setattr(_common.Columns, "__tf_tensor__", refuse)
-    for name in sorted(CONFIGS):
-        model, x = CONFIGS[name]()
+    return made
+
+
+def _apart_kernels_model():
+    """Dense and LayerNorm called twice, a convolution on a 4×4 map (the pairs form when
+    forced) and one on a 1×1 map (the factorised form), a transposed convolution and a
+    group normalisation."""
+    keras.utils.set_random_seed(4)
+    inputs = keras.Input((6, 6, 2))
+    h = L.Conv2DTranspose(4, 2, strides=2)(inputs)
+    # Two channels a group: with one, the normalisation would cancel the bias above
+    # (its Fisher exactly 0, float32 noise against the oracle's float64).
+    h = L.GroupNormalization(groups=2)(h)
+    h = L.Conv2D(4, 3, strides=3)(h)  # 12×12 → 4×4
+    h = L.Conv2D(4, 3, strides=2)(h)  # 4×4 → 1×1
+    h = L.Flatten()(h)
+    shared, norm = L.Dense(4, activation="tanh"), L.LayerNormalization()
+    h = norm(shared(norm(shared(h))))
+    return keras.Model(inputs, L.Dense(CLASSES)(h))
+
+
+@pytest.mark.parametrize("gram, budget", [(True, _common.BUDGET), (False, 60)])
+def test_kernels_that_read_the_columns_apart_never_stack_them(monkeypatch, gram, budget):
+    """The kernels marked `_columns_apart` take the columns' gradients as `Columns` and
+    never stack them (the copy the default path avoids): stacking raises here, and the
+    sums still match the oracle, with the pairs form forced, and with the per-example
+    form over chunks of an example or two (a budget of 60 elements). The others get
+    stacked tensors from the engine."""
+    made = refuse_stacking(monkeypatch)
+    monkeypatch.setattr(_common, "GRAM", gram)
+    monkeypatch.setattr(_common, "BUDGET", budget)
+    pairs, total = [], _common._pairs_total
+    monkeypatch.setattr(_common, "_pairs_total",
+                        lambda x, g: pairs.append(type(g)) or total(x, g))
+    models = [CONFIGS[name]() for name in sorted(CONFIGS)]
+    models.append((_apart_kernels_model(), _x((6, 6, 2))))
+    for model, x in models:
         fisher, paths = _sums(model, x)
-        assert set(paths.values()) == {"fast"}, (name, paths)
+        assert set(paths.values()) == {"fast"}, paths
         oracle.assert_close(fisher,
                             oracle.categorical_exact(model, model.trainable_variables, x))
     assert made  # the columns did reach the kernels apart
+    assert (_common.Columns in pairs) == gram  # and the pairs form, when forced
+
+
+def test_more_columns_than_the_cap_take_the_vectorised_jacobian(monkeypatch):
+    """Above `fast.COLUMNS_AT_A_TIME` columns the engine stacks pfor's jacobian (no
+    `Columns` is made), and stays exact."""
+    made = refuse_stacking(monkeypatch)
+    monkeypatch.setattr(fast, "COLUMNS_AT_A_TIME", 1)  # 2 columns (3 classes): above it
+    model, x = CONFIGS["conv2d"]()
+    fisher, _ = _sums(model, x)
+    oracle.assert_close(fisher, oracle.categorical_exact(model, model.trainable_variables, x))
+    assert not made
+
+
+def test_only_a_kernel_that_says_so_reads_the_columns_apart():
+    """A user's kernel, a subclass of a built-in kernel that overrides `sum_squared`, and
+    a kernel not derived from `Kernel` get tensors; the built-in ones marked so, Columns."""
+    from keras_ewc.fisher import kernels
+    from keras_ewc.fisher.kernels import dense, depthwise
+
+    class Mine(dense.DenseKernel):
+        def sum_squared(self, layer, records, grads):
+            return super().sum_squared(layer, records, grads)
+
+    class Inherits(dense.DenseKernel):
+        pass
+
+    class Duck:
+        def sum_squared(self, layer, records, grads):
+            return {}
+
+    assert kernels.reads_columns_apart(dense.DenseKernel())
+    assert kernels.reads_columns_apart(Inherits())
+    assert not kernels.reads_columns_apart(Mine())
+    assert not kernels.reads_columns_apart(Duck())
+    assert not kernels.reads_columns_apart(depthwise.DepthwiseConvKernel())
 
 
 def test_columns_read_as_the_stacked_tensor():
@@ -450,7 +520,10 @@ def test_columns_read_as_the_stacked_tensor():
     np.testing.assert_array_equal(cols[1], whole[1])
     np.testing.assert_array_equal(cols[2, 1:3], whole[2, 1:3])
     np.testing.assert_array_equal(tf.stack(cols[:, 1:3, ::2].columns), whole[:, 1:3, ::2])
+    np.testing.assert_array_equal(cols[np.int64(2)], whole[2])
+    assert cols[:] is cols and cols[...] is cols and cols[:, ...] is cols
     np.testing.assert_array_equal(cols[1:], whole[1:])  # anything else: the stacked tensor
+    np.testing.assert_array_equal(cols[..., 0], whole[..., 0])
     np.testing.assert_array_equal(tf.convert_to_tensor(cols), whole)
     np.testing.assert_array_equal(keras.ops.square(cols), keras.ops.square(whole))
     np.testing.assert_array_equal(tf.stack((cols + cols).columns), whole + whole)
@@ -467,5 +540,7 @@ def test_columns_read_as_the_stacked_tensor():
                                _common.positions_sum_squared(x, whole), rtol=1e-6)
     np.testing.assert_allclose(_common.broadcast_sum_squared([cols], [5]),
                                _common.broadcast_sum_squared([whole], [5]), rtol=1e-6)
+    with pytest.raises(ValueError, match="an axis after the terms"):
+        _common.concatenate_terms([cols, cols], 0)
     with pytest.raises(ValueError, match="at least one term column"):
         _common.Columns([])

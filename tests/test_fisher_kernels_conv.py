@@ -10,10 +10,10 @@ import keras
 import numpy as np
 import pytest
 
-from keras_ewc.fisher import diagonal, likelihoods
+from keras_ewc.fisher import diagonal, kernels, likelihoods
 from keras_ewc.fisher.kernels import _common
 from tests import oracle
-from tests.test_fisher_kernels import CLASSES, N, _bn, _seq, _sums, _x
+from tests.test_fisher_kernels import CLASSES, N, _bn, _seq, _sums, _x, refuse_stacking
 
 L = keras.layers
 
@@ -202,3 +202,20 @@ def test_every_mobilenet_v2_variable_has_a_kernel():
     paths = diagonal.kernel_paths(model)
     assert len(paths) == len(model.trainable_variables) > 100
     assert set(paths.values()) == {"fast"}, sorted(k for k, p in paths.items() if p != "fast")
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_the_columns_reach_the_kernels_that_read_them_apart_unstacked(monkeypatch, name):
+    """With stacking a `Columns` made to raise: the kernels that read the columns apart
+    (transposed convolutions, group normalisation) never stack them, the others
+    (depthwise, separable) get stacked tensors from the engine, and every sum matches the
+    oracle. (A model a test: the group_norm model built after six others in one process
+    came out 1.1e-5 from the oracle, on either column path and before them, against
+    6e-7 fresh; not investigated.)"""
+    made = refuse_stacking(monkeypatch)
+    model, x = CONFIGS[name]()
+    fisher, paths = _sums(model, x)
+    assert set(paths.values()) == {"fast"}, paths
+    oracle.assert_close(fisher, oracle.categorical_exact(model, model.trainable_variables, x))
+    assert made
+    assert kernels.reads_columns_apart(kernels.lookup(keras.layers.Conv2DTranspose(2, 2)))

@@ -13,7 +13,7 @@ Data flows one way, batch → recorded layers → kernels → sums:
   Dense, EinsumDense, Conv1D/2D/3D, Embedding, LayerNormalization, BatchNormalization,
   and any registered with `register_kernel`) covers requested variables;
 - `fast.kernel_sums` runs one batched forward pass that records those layers, one
-  batched backward pass a term column (vectorised over the columns), and lets each
+  batched backward pass a term column (the columns kept apart), and lets each
   kernel form the sums, without materialising per-example gradients where it can;
 - `local.plan` picks, for the other variables, the innermost layer that owns them; the
   same pass records that layer's inputs and outputs, and `local.local_sums` re-runs the

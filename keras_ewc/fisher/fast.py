@@ -3,9 +3,9 @@
 Data flows one way: `plan` picks the layers whose kernel covers requested variables;
 `kernel_sums` runs one forward pass with those layers recorded (each call's inputs and
 pre-activation output z, through the kernel's `forward`), back-propagates the T term
-columns to every recorded z at once (a batched gradient for T = 1, a vectorised jacobian
-over T otherwise), and hands inputs and gradients to each layer's kernel, which returns
-Σ_n Σ_t (∂ terms[n, t] / ∂ v)².
+columns to every recorded z (one batched backward pass a column, the T results kept
+apart as `_common.Columns` for the kernels that read them so), and hands inputs and
+gradients to each layer's kernel, which returns Σ_n Σ_t (∂ terms[n, t] / ∂ v)².
 
 A planned variable is left out of the result (for the reference path) when its layer
 was called where it could not be recorded (inside a loop body, a nested function, on a
@@ -130,13 +130,13 @@ def kernel_sums(model, layers, terms_fn, inputs, extra, loops=False, local=()) -
              if zs or outputs else [])
     del tape
     grads, local_grads = grads[: len(zs)], grads[len(zs):]
-    local_grads = [_stack(g) for g in local_grads]
+    local_grads = [_stacked(g) for g in local_grads]
 
     sums = {}
     for layer, kernel, params, calls in fast:
         part, grads = grads[: len(calls)], grads[len(calls):]
-        if not kernel._columns_apart:
-            part = [_stack(g) for g in part]
+        if not kernels.reads_columns_apart(kernel):
+            part = [_stacked(g) for g in part]
         values = (checks.checked_sum_squared(layer, kernel, params, [r for r, _ in calls],
                                              part) if calls else {})
         for name, v in params.items():
@@ -146,8 +146,9 @@ def kernel_sums(model, layers, terms_fn, inputs, extra, loops=False, local=()) -
     return sums
 
 
-def _stack(g):
-    """`[T, *z]` as one tensor, for a kernel (or the layer-local path) that takes tensors."""
+def _stacked(g):
+    """`[T, *z]` as one tensor, for a kernel (or the layer-local path) that takes tensors.
+    (Not `Columns.stacked`: tests make that raise, to catch a kernel that stacks.)"""
     return tf.stack(g.columns) if isinstance(g, _common.Columns) else g
 
 
@@ -198,23 +199,29 @@ def record(model, layers, terms_fn, inputs, extra, local=()):
     return tape, recorder, terms, columns, total
 
 
-COLUMN_AT_A_TIME = None
-"""Whether `column_grads(apart=True)` back-propagates the term columns one at a time
-(True), or vectorised by pfor where it can (False); None: one at a time."""
+COLUMNS_AT_A_TIME = 16
+"""Up to this many term columns, `column_grads(apart=True)` back-propagates them one at a
+time and keeps the results apart; above it (and at 0), pfor's vectorised jacobian. With
+9 columns one at a time was as fast or faster on every model measured (MobileNetV2 and
+ResNet50 1.6× faster; docs/fisher_speed.md), but the graph holds a backward pass a
+column: on a small MLP with 99 columns it traced 15× the ops of pfor's (5.2 s against
+0.35 s). 16 covers the exact Fisher of up to 17 classes."""
 
 
 def column_grads(tape, terms, columns, total, zs, loops=False, apart=False):
     """`[T, *z.shape]` for each z: the gradient of each term column summed over examples.
 
-    Vectorised over the T columns (`tape.jacobian` with pfor); where pfor cannot
-    vectorise the backward pass (`loops`: recurrent layers), one pass a column. With
-    `apart`, one pass a column (see `COLUMN_AT_A_TIME`), the T results kept apart as
-    `_common.Columns`, never stacked (kernels read them as `[T, *z.shape]`).
+    One batched gradient for T = 1. Otherwise vectorised over the T columns
+    (`tape.jacobian` with pfor), or one pass a column: where pfor cannot vectorise the
+    backward pass (`loops`: recurrent layers), and with `apart` for up to
+    `COLUMNS_AT_A_TIME` columns, whose results are then kept apart as `_common.Columns`,
+    never stacked (kernels read them as `[T, *z.shape]`).
     """
     # Targets must be computed while the tape records: `total`, or `columns` as a whole.
     if terms.shape[1] == 1:
         return [g[None] for g in tape.gradient(total, zs, unconnected_gradients="zero")]
-    at_a_time = apart and COLUMN_AT_A_TIME is not False
+    at_a_time = (apart and terms.shape[1] is not None
+                 and int(terms.shape[1]) <= COLUMNS_AT_A_TIME)
     if not loops and not at_a_time:
         try:
             return tape.jacobian(columns, zs, unconnected_gradients="zero")

@@ -11,9 +11,10 @@ from keras_ewc.fisher.kernels import recurrent  # noqa: F401, I001
 from keras_ewc.fisher.kernels._registry import (
     Kernel,
     lookup,
+    reads_columns_apart,
     register_kernel,
     registry,
     version,
 )
 
-__all__ = ["Kernel", "lookup", "register_kernel", "registry", "version"]
+__all__ = ["Kernel", "lookup", "reads_columns_apart", "register_kernel", "registry", "version"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import keras
 
 # Most float32 elements a kernel materialises at once (per-example gradients): 64 MiB.
@@ -49,8 +51,8 @@ class Columns:
     the helpers of this module (`f32`, `reshape_terms`, `concatenate_terms`,
     `sum_squares_over_terms`, `positions_sum_squared`, `broadcast_sum_squared`) keep
     the columns apart. Anything else converts it to the stacked tensor (TensorFlow's
-    `__tf_tensor__`): still right, only slower (tests/test_fisher_kernels.py checks
-    that the built-in kernels never do).
+    `__tf_tensor__`): still right, only slower (tests/test_fisher_kernels.py checks that
+    the kernels that read it never stack it, on small models of each kind).
     """
 
     def __init__(self, columns):
@@ -91,13 +93,17 @@ class Columns:
         return other + self.stacked()
 
     def __getitem__(self, key):
-        if isinstance(key, int):
-            return self.columns[key]
+        if isinstance(key, numbers.Integral):
+            return self.columns[int(key)]
+        if key is Ellipsis or (isinstance(key, slice) and key == slice(None)) or (
+                isinstance(key, tuple) and all(k is Ellipsis or (
+                    isinstance(k, slice) and k == slice(None)) for k in key)):
+            return self
         if isinstance(key, tuple) and key:
             first, rest = key[0], key[1:]
-            if isinstance(first, int):
-                return self.columns[first][rest] if rest else self.columns[first]
-            if first == slice(None):
+            if isinstance(first, numbers.Integral):
+                return self.columns[int(first)][rest] if rest else self.columns[int(first)]
+            if isinstance(first, slice) and first == slice(None):
                 return self.map(lambda c: c[rest]) if rest else self
         return self.stacked()[key]
 
@@ -120,7 +126,9 @@ def reshape_terms(g, shape):
 
 
 def concatenate_terms(gs, axis):
-    """`keras.ops.concatenate(gs, axis)` of `[T, ...]` gradients (`axis` counts T's)."""
+    """`keras.ops.concatenate(gs, axis)` of `[T, ...]` gradients (`axis` ≥ 1 counts T's)."""
+    if axis < 1:
+        raise ValueError(f"Expected an axis after the terms' (>= 1). Received: {axis}")
     if len(gs) == 1:
         return gs[0]
     if any(isinstance(g, Columns) for g in gs):
@@ -175,11 +183,18 @@ def sum_squares_over_terms(values):
     the slices. (Same values: the sums differ only in float32 rounding order.)
     """
     count = values.shape[0]
+    if isinstance(values, Columns):  # kept apart: never stacked, whatever T
+        return sum_of_squares(values.columns)
     if count is None or count == 0 or count > TERM_SLICES:
         return keras.ops.sum(keras.ops.square(values), axis=0)
-    total = keras.ops.square(values[0])
-    for t in range(1, count):
-        total = total + keras.ops.square(values[t])
+    return sum_of_squares([values[t] for t in range(count)])
+
+
+def sum_of_squares(tensors):
+    """Σ_i tensors[i]², one slice's square at a time."""
+    total = keras.ops.square(tensors[0])
+    for t in tensors[1:]:
+        total = total + keras.ops.square(t)
     return total
 
 
@@ -325,7 +340,7 @@ def broadcast_sum_squared(grads, shape):
 
     The variable broadcasts against the trailing axes of `z` (a bias); its per-example
     gradient sums `g` over every other axis, and over the layer's calls, before squaring.
-    `grads` lists `[T, B, *z]` tensors (B static).
+    `grads` lists `[T, B, *z]` gradients, tensors or `Columns` (B static).
     """
     shape = [int(d) for d in shape]
     total = None

@@ -35,8 +35,8 @@ class Kernel:
       covered (default: every instance).
     """
 
-    # Whether `sum_squared` takes the columns' gradients kept apart (`_common.Columns`)
-    # where the engine has them so: the built-in kernels do; a user's kernel gets tensors.
+    # Whether this class's `sum_squared` takes the columns' gradients kept apart
+    # (`_common.Columns`) where the engine has them so; see `reads_columns_apart`.
     _columns_apart = False
 
     def supports(self, layer) -> bool:
@@ -50,6 +50,17 @@ class Kernel:
 
     def sum_squared(self, layer, records, grads) -> dict:
         raise NotImplementedError(f"{type(self).__name__} must implement `sum_squared`.")
+
+
+def reads_columns_apart(kernel) -> bool:
+    """Whether `kernel.sum_squared` takes `_common.Columns`: only where the class that
+    defines `sum_squared` says so (a built-in kernel). A user's kernel, a subclass of a
+    built-in one that overrides `sum_squared`, or a kernel not derived from `Kernel`
+    gets `[T, B, *z]` tensors, as the contract says."""
+    for cls in type(kernel).__mro__:
+        if "sum_squared" in vars(cls):
+            return bool(vars(cls).get("_columns_apart", False))
+    return False
 
 
 # Layer class -> (kernel instance, names of the methods a subclass must not override).
