@@ -103,8 +103,8 @@ class Columns:
             first, rest = key[0], key[1:]
             if isinstance(first, numbers.Integral):
                 return self.columns[int(first)][rest] if rest else self.columns[int(first)]
-            if isinstance(first, slice) and first == slice(None):
-                return self.map(lambda c: c[rest]) if rest else self
+            if isinstance(first, slice) and first == slice(None):  # rest: not all slices
+                return self.map(lambda c: c[rest])
         return self.stacked()[key]
 
     def __tf_tensor__(self, dtype=None, name=None):
@@ -316,15 +316,15 @@ def _pairs_total(x, g):
 
     def chunk(x, g):
         x = keras.ops.cast(x, "float64")
-        g = g if isinstance(g, Columns) else keras.ops.cast(g, "float64")
         n = int(x.shape[0])
         xx = keras.ops.einsum("npi,nqi->npqi", x, x)  # [n, P, P, I]
-        if isinstance(g, Columns):  # Σ over terms, a column at a time
+        if isinstance(g, Columns):  # [n, P, P, O], Σ over terms a column at a time
             gg = 0.0
             for c in g.columns:
                 c = keras.ops.cast(c, "float64")
                 gg += keras.ops.einsum("npo,nqo->npqo", c, c)
         else:
+            g = keras.ops.cast(g, "float64")
             gg = keras.ops.einsum("tnpo,tnqo->npqo", g, g)  # [n, P, P, O], Σ over terms
         xx = keras.ops.take(keras.ops.reshape(xx, [n, -1, inputs]), index, axis=1) * weight
         gg = keras.ops.take(keras.ops.reshape(gg, [n, -1, outputs]), index, axis=1)
