@@ -435,11 +435,13 @@ def refuse_stacking(monkeypatch) -> list:
 
 def _apart_kernels_model():
     """Dense and LayerNorm called twice, a convolution on a 4×4 map (the pairs form when
-    forced) and one on a 1×1 map (the factorised form), a transposed convolution and a
-    group normalisation."""
+    forced) and one on a 1×1 map (the factorised form), a transposed convolution, a
+    depthwise convolution called twice, a separable one and a group normalisation."""
     keras.utils.set_random_seed(4)
     inputs = keras.Input((6, 6, 2))
-    h = L.Conv2DTranspose(4, 2, strides=2)(inputs)
+    depthwise = L.DepthwiseConv2D(3, padding="same", depth_multiplier=1, activation="tanh")
+    h = L.SeparableConv2D(2, 2, padding="same", depth_multiplier=2)(depthwise(depthwise(inputs)))
+    h = L.Conv2DTranspose(4, 2, strides=2)(h)
     # Two channels a group: with one, the normalisation would cancel the bias above
     # (its Fisher exactly 0, float32 noise against the oracle's float64).
     h = L.GroupNormalization(groups=2)(h)
@@ -490,7 +492,7 @@ def test_only_a_kernel_that_says_so_reads_the_columns_apart():
     """A user's kernel, a subclass of a built-in kernel that overrides `sum_squared`, and
     a kernel not derived from `Kernel` get tensors; the built-in ones marked so, Columns."""
     from keras_ewc.fisher import kernels
-    from keras_ewc.fisher.kernels import dense, depthwise
+    from keras_ewc.fisher.kernels import dense, embedding
 
     class Mine(dense.DenseKernel):
         def sum_squared(self, layer, records, grads):
@@ -507,7 +509,7 @@ def test_only_a_kernel_that_says_so_reads_the_columns_apart():
     assert kernels.reads_columns_apart(Inherits())
     assert not kernels.reads_columns_apart(Mine())
     assert not kernels.reads_columns_apart(Duck())
-    assert not kernels.reads_columns_apart(depthwise.DepthwiseConvKernel())
+    assert not kernels.reads_columns_apart(embedding.EmbeddingKernel())
 
 
 def test_columns_read_as_the_stacked_tensor():

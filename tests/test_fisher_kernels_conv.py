@@ -207,11 +207,10 @@ def test_every_mobilenet_v2_variable_has_a_kernel():
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_the_columns_reach_the_kernels_that_read_them_apart_unstacked(monkeypatch, name):
     """With stacking a `Columns` made to raise: the kernels that read the columns apart
-    (transposed convolutions, group normalisation) never stack them, the others
-    (depthwise, separable) get stacked tensors from the engine, and every sum matches the
-    oracle. (A model a test: the group_norm model built after six others in one process
-    came out 1.1e-5 from the oracle, on either column path and before them, against
-    6e-7 fresh; not investigated.)"""
+    (depthwise, separable and transposed convolutions, group normalisation) never stack
+    them, and every sum matches the oracle. (A model a test: the group_norm model built
+    after six others in one process came out 1.1e-5 from the oracle, on either column
+    path and before them, against 6e-7 fresh; not investigated.)"""
     made = refuse_stacking(monkeypatch)
     model, x = CONFIGS[name]()
     fisher, paths = _sums(model, x)

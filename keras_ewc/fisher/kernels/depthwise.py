@@ -25,6 +25,8 @@ from keras_ewc.fisher.kernels._registry import Kernel, register_kernel
 @register_kernel(keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D,
                  methods=("kernel",))
 class DepthwiseConvKernel(Kernel):
+    _columns_apart = True
+
     def supports(self, layer) -> bool:
         # Tested: channels_last, "valid" and "same" padding, strides or dilations, any
         # depth multiplier. Strides and dilations together: Keras decomposes that
@@ -134,23 +136,35 @@ def depthwise_sum_squared(records, grads, kernel_size, strides, dilation, paddin
     `records` are the calls' channels-last inputs, `grads` the `[T, B, *P, C * M]`
     gradients at their outputs. Examples are taken in chunks, so that at most
     `_common.BUDGET` elements of per-example gradients exist at once.
+
+    Gradients kept apart as `_common.Columns` are taken a column at a time (one
+    filter-gradient call each, the term axis of size 1), so that the columns are never
+    stacked; a stacked `[T, ...]` tensor is taken in one call, its terms folded into
+    the depth multiplier.
     """
     xs = [pad_to_valid(f32(x), kernel_size, strides, dilation, padding) for x in records]
     gs = [f32(g) for g in grads]
     batch, terms = int(xs[0].shape[0]), int(gs[0].shape[0])
-    per_example = terms * int(xs[0].shape[-1]) * multiplier
+    apart = any(isinstance(g, _common.Columns) for g in gs)
+    # Each call's gradients as groups of terms: one group of T, or T groups of one.
+    if apart:
+        groups = [[c[None] for c in _common.terms_of(g)] for g in gs]
+    else:
+        groups = [[g] for g in gs]
+    per_example = (1 if apart else terms) * int(xs[0].shape[-1]) * multiplier
     for k, d in zip(kernel_size, dilation):
         per_example *= (k - 1) * d + 1
     chunk = max(1, _common.BUDGET // per_example)
+    rank = len(kernel_size)
     total = None
     for start in range(0, batch, chunk):
-        part = None
-        for x, g in zip(xs, gs):
-            value = depthwise_filter_grads(
-                x[start:start + chunk], g[:, start:start + chunk], kernel_size,
-                strides, dilation, multiplier)
-            part = value if part is None else part + value  # calls: sum, then square
-        rank = len(kernel_size)
-        value = keras.ops.sum(keras.ops.square(part), axis=[rank, rank + 2])
-        total = value if total is None else total + value
+        for group in zip(*groups):
+            part = None
+            for x, g in zip(xs, group):
+                value = depthwise_filter_grads(
+                    x[start:start + chunk], g[:, start:start + chunk], kernel_size,
+                    strides, dilation, multiplier)
+                part = value if part is None else part + value  # calls: sum, then square
+            value = keras.ops.sum(keras.ops.square(part), axis=[rank, rank + 2])
+            total = value if total is None else total + value
     return total

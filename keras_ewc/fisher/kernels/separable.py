@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import keras
 
-from keras_ewc.fisher.kernels._common import broadcast_sum_squared, f32, stop
+from keras_ewc.fisher.kernels._common import Columns, broadcast_sum_squared, f32, stop
 from keras_ewc.fisher.kernels._registry import Kernel, register_kernel
 from keras_ewc.fisher.kernels.dense import kernel_sum_squared
 from keras_ewc.fisher.kernels.depthwise import (
@@ -24,6 +24,8 @@ from keras_ewc.fisher.kernels.depthwise import (
 @register_kernel(keras.layers.SeparableConv1D, keras.layers.SeparableConv2D,
                  methods=("depthwise_kernel", "pointwise_kernel"))
 class SeparableConvKernel(Kernel):
+    _columns_apart = True
+
     def supports(self, layer) -> bool:
         # The depthwise half has the DepthwiseConv kernel's coverage (channels_last,
         # "valid"/"same", strides or dilations).
@@ -53,8 +55,12 @@ class SeparableConvKernel(Kernel):
 
     def sum_squared(self, layer, records, grads) -> dict:
         pointwise = f32(_pointwise(stop(layer.pointwise_kernel)))
-        # The gradient at u of each term: g Pᵀ.
-        grads_u = [keras.ops.matmul(f32(g), keras.ops.transpose(pointwise)) for g in grads]
+
+        def to_u(g):  # the gradient at u of each term: g Pᵀ (a column at a time if apart)
+            return keras.ops.matmul(g, keras.ops.transpose(pointwise))
+
+        grads_u = [f32(g).map(to_u) if isinstance(g, Columns) else to_u(f32(g))
+                   for g in grads]
         depthwise = depthwise_sum_squared(
             [x for x, _ in records], grads_u, layer.kernel_size, layer.strides,
             layer.dilation_rate, layer.padding, int(layer.depth_multiplier))
