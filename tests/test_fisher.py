@@ -326,14 +326,58 @@ def test_automatic_batches_combine_the_datasets_batches():
     assert diagonal.trace_count(model) == 1
 
 
+def test_a_large_model_may_hold_a_few_gradient_steps_worth(monkeypatch):
+    """Where MEMORY_BUDGET would cut a call below what GRADIENT_MEMORY_RATIO batched
+    gradient steps of DEFAULT_BATCH_SIZE examples hold (counted the same way), the
+    automatic batch takes the latter; the Fisher is the same."""
+    from keras_ewc.fisher import diagonal
+
+    model = conv_model()
+    x, y = _data(model, n=11, classes=3)
+    fisher_diagonal(model, x, likelihood="categorical", verbose=0)
+    per_example = next(iter(diagonal._STEPS[model].values())).per_example_bytes()
+    gradient = diagonal.gradient_bytes(model, model.trainable_variables, (x,))
+    # More than the forward pass alone, counted the same way, and less than the exact
+    # Fisher's step (its T term columns back-propagated, the kernels' products).
+    size = diagonal._COUNTED_SIZE
+    forward = tf.function(lambda x: model(x, training=False)).get_concrete_function(
+        tf.TensorSpec([size, *x.shape[1:]], tf.float32)).graph
+    assert diagonal._per_example_bytes(forward, size) < gradient < per_example
+    monkeypatch.setattr(diagonal, "MEMORY_BUDGET", 1)  # alone: calls of one example
+    monkeypatch.setattr(diagonal, "MIN_MEMORY_CHUNK", 1)
+    # Four and a half examples of the Fisher step's bytes, as gradient steps: calls of 4.
+    monkeypatch.setattr(diagonal, "GRADIENT_MEMORY_RATIO",
+                        4.5 * per_example / (diagonal.DEFAULT_BATCH_SIZE * gradient))
+    diagonal._STEPS.pop(model)
+    fisher = fisher_diagonal(model, x, likelihood="categorical", verbose=0)
+    assert _step_sizes(model) == [4, 64]  # the step sized from the data, and the chunk
+    oracle.assert_close(fisher, oracle.categorical_exact(model, model.trainable_variables, x))
+
+
+def test_the_memory_bound_cuts_no_call_below_min_memory_chunk(monkeypatch):
+    """However little memory the bounds allow, a call takes MIN_MEMORY_CHUNK examples
+    (16); the Fisher is the same."""
+    from keras_ewc.fisher import diagonal
+
+    model = conv_model()
+    x, _ = _data(model, n=40, classes=3)
+    monkeypatch.setattr(diagonal, "MEMORY_BUDGET", 1)
+    monkeypatch.setattr(diagonal, "GRADIENT_MEMORY_RATIO", 0)
+    fisher = fisher_diagonal(model, x, likelihood="categorical", verbose=0)
+    assert _step_sizes(model) == [16, 64]
+    oracle.assert_close(fisher, oracle.categorical_exact(model, model.trainable_variables, x))
+
+
 def test_automatic_batches_are_cut_to_the_memory_budget(monkeypatch):
     """A step whose batch-sized tensors pass MEMORY_BUDGET runs in chunks (never fewer
-    than MIN_AUTO_BATCH_SIZE examples), exactly, and later calls reuse both traces."""
+    than MIN_MEMORY_CHUNK examples), exactly, and later calls reuse both traces."""
     from keras_ewc.fisher import diagonal
 
     model = conv_model()
     x, y = _data(model, n=11, classes=3)
     monkeypatch.setattr(diagonal, "MIN_AUTO_BATCH_SIZE", 1)
+    monkeypatch.setattr(diagonal, "MIN_MEMORY_CHUNK", 1)
+    monkeypatch.setattr(diagonal, "GRADIENT_MEMORY_RATIO", 0)  # the fixed budget alone
     # A budget for four examples of this step (and not five): chunks of 4, 4, 3.
     monkeypatch.setattr(diagonal, "AUTO_BATCH_SIZE", 8)
     fisher_diagonal(model, x[:8], likelihood="categorical", verbose=0)

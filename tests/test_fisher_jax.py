@@ -326,10 +326,27 @@ def test_the_automatic_batch_respects_the_memory_budget(monkeypatch):
     assert per_example > 4 * (64 + 5) * 4  # at least the probes' gradients, 4 columns
     # A budget for about 100 examples: calls of 64 (a power of two), the same Fisher.
     monkeypatch.setattr(diagonal, "MEMORY_BUDGET", 100 * per_example)
+    monkeypatch.setattr(diagonal, "GRADIENT_MEMORY_RATIO", 0)  # the fixed budget alone
     jax_fisher._JAX_STEPS.pop(net)
     chunked = keras_ewc.fisher_diagonal(net, x, likelihood="categorical", verbose=0)
     sizes = sorted(s.batch_size for s in jax_fisher._JAX_STEPS[net].values())
     assert sizes == [64, 512]  # the 512 step measured what a call of 512 would hold
+    _close(chunked, [np.asarray(w, np.float64) for w in whole])
+    # A large model: the budget alone would allow one example a call; 40 examples'
+    # worth of the Fisher step's bytes, as gradient steps, give calls of 32.
+    gradient = diagonal.gradient_bytes(net, net.trainable_variables, (x,))
+    assert 4 * (64 + 5) <= gradient < per_example  # the hidden layer and logits at least
+    # An integer variable asked for (a dropout's seed state) is not differentiated.
+    dropped = keras.Sequential([keras.Input((30,)), keras.layers.Dense(8),
+                                keras.layers.Dropout(0.5), keras.layers.Dense(5)])
+    assert diagonal.gradient_bytes(dropped, dropped.variables, (x,)) >= 4 * (8 + 5)
+    monkeypatch.setattr(diagonal, "MEMORY_BUDGET", 1)
+    monkeypatch.setattr(diagonal, "GRADIENT_MEMORY_RATIO",
+                        40.5 * per_example / (diagonal.DEFAULT_BATCH_SIZE * gradient))
+    jax_fisher._JAX_STEPS.pop(net)
+    chunked = keras_ewc.fisher_diagonal(net, x, likelihood="categorical", verbose=0)
+    sizes = sorted(s.batch_size for s in jax_fisher._JAX_STEPS[net].values())
+    assert sizes == [32, 512]
     _close(chunked, [np.asarray(w, np.float64) for w in whole])
 
 

@@ -492,7 +492,7 @@ def test_only_a_kernel_that_says_so_reads_the_columns_apart():
     """A user's kernel, a subclass of a built-in kernel that overrides `sum_squared`, and
     a kernel not derived from `Kernel` get tensors; the built-in ones marked so, Columns."""
     from keras_ewc.fisher import kernels
-    from keras_ewc.fisher.kernels import dense, embedding
+    from keras_ewc.fisher.kernels import dense, depthwise, embedding, separable
 
     class Mine(dense.DenseKernel):
         def sum_squared(self, layer, records, grads):
@@ -509,6 +509,8 @@ def test_only_a_kernel_that_says_so_reads_the_columns_apart():
     assert kernels.reads_columns_apart(Inherits())
     assert not kernels.reads_columns_apart(Mine())
     assert not kernels.reads_columns_apart(Duck())
+    assert kernels.reads_columns_apart(depthwise.DepthwiseConvKernel())
+    assert kernels.reads_columns_apart(separable.SeparableConvKernel())
     assert not kernels.reads_columns_apart(embedding.EmbeddingKernel())
 
 

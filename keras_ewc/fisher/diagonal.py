@@ -28,12 +28,26 @@ AUTO_BATCH_SIZE = 2048
 """Most examples one traced call takes when `batch_size` is None (see `fisher_diagonal`)."""
 
 MIN_AUTO_BATCH_SIZE = 64
+"""Fewest examples an automatic step is traced for (smaller data is padded to it)."""
+
+MIN_MEMORY_CHUNK = 16
 """Fewest examples a call the memory bound may bring an automatic batch down to."""
 
 MEMORY_BUDGET = 2**30
 """Bytes of batch-sized tensors one traced call may hold, as `_per_example_bytes`
 counts them (every such tensor of the step's graph, live or not: a bound that measured
-3-4 times the actual peak on the MLP and CNN of benchmarks/fisher_speed.py)."""
+3-4 times the actual peak on the MLP and CNN of benchmarks/fisher_speed.py), unless
+`GRADIENT_MEMORY_RATIO` gradient steps hold more (large models)."""
+
+GRADIENT_MEMORY_RATIO = 4
+"""A call may also hold this many times what a batched gradient step of
+`DEFAULT_BATCH_SIZE` examples holds, counted the same way, where that is more than
+`MEMORY_BUDGET`. The counts overstate the Fisher's peak against the gradient's: on
+ResNet50 (64×64, batches of 64, exact) they count 17.5× the gradient's bytes an example,
+where the measured peaks above the model's resident memory are 6.1 GB against 0.62 GB
+(10×). With 4, ResNet50's and EfficientNetB0's exact Fisher run 16 examples a call:
+ResNet50's then peaked at 3.4 GB resident against the gradient step's 1.6 GB
+(docs/fisher_speed.md)."""
 
 
 def fisher_diagonal(
@@ -100,11 +114,13 @@ def fisher_diagonal(
             chosen for speed, since the Fisher's cost a batch is mostly fixed overhead
             on small batches: the data is re-cut into batches of up to 2,048 examples
             (`AUTO_BATCH_SIZE`), fewer when the step's batch-sized tensors would pass
-            `MEMORY_BUDGET` (1 GiB as counted; a large CNN's exact Fisher gets a few
-            dozen examples a call). A dataset whose elements cannot be re-cut (a free
-            non-batch dimension, ragged or sparse tensors) keeps its own batches, cut
-            further when memory needs it. `"batched"` always uses the data's batches
-            (its value depends on them).
+            `MEMORY_BUDGET` (1 GiB as counted) and `GRADIENT_MEMORY_RATIO` (4) batched
+            gradient steps of 64 examples, whichever is larger, but never fewer than
+            `MIN_MEMORY_CHUNK` (16): a large CNN's exact Fisher gets 16 examples a
+            call, and peaks at about twice the memory of a gradient step. A dataset
+            whose elements cannot be re-cut (a free non-batch dimension, ragged or
+            sparse tensors) keeps its own batches, cut further when memory needs it.
+            `"batched"` always uses the data's batches (its value depends on them).
         seed: integer seed for the `"sampled"` estimator.
         verbose: 0 for silence, 1 (or "auto") for a progress bar.
         variables: the variables to compute the Fisher for (default:
@@ -434,9 +450,14 @@ class _Loop:
         step = steps.get(key)
         if step is None or step.batch_size < size:
             step = steps[key] = new_step(size)
-        if self.auto and size > MIN_AUTO_BATCH_SIZE:
+        if self.auto and size > MIN_MEMORY_CHUNK:
             # Traced, not run: how much memory this batch size would take.
-            affordable = MEMORY_BUDGET // max(step.per_example_bytes(), 1)
+            per_example = max(step.per_example_bytes(), 1)
+            affordable = MEMORY_BUDGET // per_example
+            if affordable < size:  # a large model: a few gradient steps' worth may do
+                affordable = max(affordable, GRADIENT_MEMORY_RATIO * DEFAULT_BATCH_SIZE
+                                 * gradient_bytes(self.model, self.variables, batch)
+                                 // per_example)
             if affordable < size:
                 chunk = memory_chunk(affordable)
                 key = key[:4] + (chunk,) + key[5:]
@@ -566,6 +587,49 @@ class _Step:
             graph = self.function.get_concrete_function().graph
             self._per_example_bytes = _per_example_bytes(graph, self.batch_size)
         return self._per_example_bytes
+
+
+_GRADIENT_BYTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+_COUNTED_SIZE = 61
+"""The batch size `gradient_bytes` traces at: odd, so that no weight's axis of 64 is
+taken for the batch."""
+
+
+def gradient_bytes(model, variables, batch) -> int:
+    """Bytes a batched gradient step's tensors hold an example, as `_per_example_bytes`
+    counts them: the gradient of the sum of `model(x, training=False)` with respect to
+    the model's trainable floating-point variables (the step users train with; `variables`
+    for a callable that is not a Keras model), traced (not run) at `_COUNTED_SIZE`
+    examples of the packed `batch`'s inputs; cached a model."""
+    cached = _GRADIENT_BYTES.setdefault(model, {})
+    x = batch[0]
+    trained = [v for v in (getattr(model, "trainable_variables", None) or variables)
+               if keras.backend.is_float_dtype(v.dtype)]
+    key = (str(backend.nest().map_structure(
+        lambda t: (tuple(t.shape[1:]), str(t.dtype)), x)), tuple(id(v) for v in trained))
+    if key not in cached:
+        if not backend.is_tensorflow():
+            from keras_ewc.backend.jax import fisher as jax_fisher
+
+            cached[key] = jax_fisher.gradient_bytes(model, trained, x, _COUNTED_SIZE)
+            return cached[key]
+        variables = trained
+        model_ref = weakref.ref(model)
+
+        def grad(x):
+            model = model_ref()
+            with tf.GradientTape() as tape:
+                loss = tf.add_n([tf.reduce_sum(tf.cast(t, tf.float32)) for t in
+                                 tf.nest.flatten(model(x, training=False))])
+            return tape.gradient(loss, variables)
+
+        spec = tf.nest.map_structure(
+            lambda t: tf.TensorSpec([_COUNTED_SIZE, *t.shape[1:]], t.dtype), x)
+        graph = tf.function(grad, autograph=False).get_concrete_function(spec).graph
+        cached[key] = _per_example_bytes(graph, _COUNTED_SIZE)
+    return cached[key]
 
 
 def _per_example_bytes(graph, batch_size) -> int:
@@ -706,8 +770,8 @@ _FORWARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def memory_chunk(affordable: int) -> int:
     """The batch size of a call that holds `affordable` examples' worth of memory: a
-    power of two (other sizes reuse its trace), at least `MIN_AUTO_BATCH_SIZE`."""
-    return max(MIN_AUTO_BATCH_SIZE, 2 ** int(np.log2(max(affordable, 1))))
+    power of two (other sizes reuse its trace), at least `MIN_MEMORY_CHUNK`."""
+    return max(MIN_MEMORY_CHUNK, 2 ** int(np.log2(max(affordable, 1))))
 
 
 def _first_outputs(model, x, distributed):

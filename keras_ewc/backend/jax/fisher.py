@@ -651,13 +651,7 @@ class Step:
             [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in self.factored_shapes],
             jax.tree_util.tree_map(spec, x), jax.ShapeDtypeStruct((size,), jnp.float32),
             target, jax.random.PRNGKey(0))
-        total = 0
-        for eqn in _all_equations(jaxpr.jaxpr):
-            for var in eqn.outvars:
-                shape = tuple(getattr(var.aval, "shape", ()))
-                if shape and size in shape[:2]:
-                    total += int(np.prod(shape)) * np.dtype(var.aval.dtype).itemsize
-        self._per_example_bytes = total // max(size, 1)
+        self._per_example_bytes = _per_example_bytes(jaxpr, size)
         return self._per_example_bytes
 
     def function(self, state, batch, seed):
@@ -758,6 +752,46 @@ def compiled_forward(model):
     return call
 
 
+def gradient_bytes(model, variables, x, batch_size) -> int:
+    """Bytes a batched gradient step's values hold an example, counted from its jaxpr
+    as `Step.per_example_bytes` counts the Fisher step's: the gradient of the sum of
+    `model(x, training=False)` with respect to `variables` (floating-point), at
+    `batch_size` examples of `x`'s shapes (traced, not compiled or run)."""
+    weights = _weights_of(model, variables)
+    wanted = {id(v) for v in variables}
+    trained = [i for i, v in enumerate(weights) if id(v) in wanted]
+
+    def loss(values, others, x):
+        merged = list(others)
+        for i, value in zip(trained, values):
+            merged[i] = value
+        with keras.StatelessScope(list(zip(weights, merged))):
+            out = model(x, training=False)
+        return sum(jnp.sum(t.astype(jnp.float32)) for t in jax.tree_util.tree_leaves(out))
+
+    def spec(t):
+        t = np.asarray(t) if not hasattr(t, "dtype") else t
+        dtype = np.dtype(getattr(t.dtype, "as_numpy_dtype", t.dtype))
+        return jax.ShapeDtypeStruct((batch_size,) + tuple(t.shape[1:]), dtype)
+
+    avals = [jax.ShapeDtypeStruct(tuple(v.shape), v.dtype) for v in weights]
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(
+        [avals[i] for i in trained], avals, jax.tree_util.tree_map(spec, x))
+    return _per_example_bytes(jaxpr, batch_size)
+
+
+def _per_example_bytes(jaxpr, size) -> int:
+    """Σ bytes of the jaxpr's values with `size` as one of their first two axes, / size
+    (every value, live or not; the bodies of loops are not counted)."""
+    total = 0
+    for eqn in _all_equations(jaxpr.jaxpr):
+        for var in eqn.outvars:
+            shape = tuple(getattr(var.aval, "shape", ()))
+            if shape and size in shape[:2]:
+                total += int(np.prod(shape)) * np.dtype(var.aval.dtype).itemsize
+    return total // max(size, 1)
+
+
 def _weights_of(model, variables) -> list:
     """Every variable the model reads (its weights), then any requested one it lacks."""
     seen, out = set(), []
@@ -808,10 +842,15 @@ def make_loop_class():
                                          factored=None if self.sums is None
                                          else self.sums.layers)
             step.num_outputs = self.num_outputs
-            if self.auto and size > diagonal.MIN_AUTO_BATCH_SIZE:
+            if self.auto and size > diagonal.MIN_MEMORY_CHUNK:
                 # Traced, not run: how much memory this batch size would take.
-                affordable = diagonal.MEMORY_BUDGET // max(
-                    step.per_example_bytes(batch, self.estimator), 1)
+                per_example = max(step.per_example_bytes(batch, self.estimator), 1)
+                affordable = diagonal.MEMORY_BUDGET // per_example
+                if affordable < size:  # a large model: a few gradient steps' worth may do
+                    affordable = max(affordable, (
+                        diagonal.GRADIENT_MEMORY_RATIO * diagonal.DEFAULT_BATCH_SIZE
+                        * diagonal.gradient_bytes(self.model, self.variables, batch)
+                        // per_example))
                 if affordable < size:
                     # A multiple of the devices: the rows split evenly over them.
                     chunk = -(-diagonal.memory_chunk(affordable) // parts) * parts

@@ -3,9 +3,10 @@
 Example n's gradient of W is Σ_p x[n, p s + k d, c] g[n, p, c, m], summed over output
 positions p (and the layer's calls) before squaring. That is itself the filter gradient
 of a depthwise convolution, with the examples folded into the channels: one call
-(`depthwise_filter_grads`) gives every example's gradient, for every term column (folded
-into the depth multiplier), without gathering patches. That call is the one op here
-without a `keras.ops` form (`_backend_ops.depthwise_filter_grad`).
+(`depthwise_filter_grads`) gives every example's gradient, for every term column of a
+stacked `[T, ...]` gradient (folded into the depth multiplier) or for one column of
+those kept apart (`_common.Columns`, a call each), without gathering patches. That call
+is the one op here without a `keras.ops` form (`_backend_ops.depthwise_filter_grad`).
 """
 
 from __future__ import annotations
