@@ -452,12 +452,8 @@ class _Loop:
             step = steps[key] = new_step(size)
         if self.auto and size > MIN_MEMORY_CHUNK:
             # Traced, not run: how much memory this batch size would take.
-            per_example = max(step.per_example_bytes(), 1)
-            affordable = MEMORY_BUDGET // per_example
-            if affordable < size:  # a large model: a few gradient steps' worth may do
-                affordable = max(affordable, GRADIENT_MEMORY_RATIO * DEFAULT_BATCH_SIZE
-                                 * gradient_bytes(self.model, self.variables, batch)
-                                 // per_example)
+            affordable = affordable_examples(self.model, self.variables, batch, size,
+                                             step.per_example_bytes())
             if affordable < size:
                 chunk = memory_chunk(affordable)
                 key = key[:4] + (chunk,) + key[5:]
@@ -597,6 +593,20 @@ _COUNTED_SIZE = 61
 taken for the batch."""
 
 
+def affordable_examples(model, variables, batch, size, per_example) -> int:
+    """How many examples a call of the automatic batch may take, for a step that holds
+    `per_example` bytes an example (as counted) and data of `size` examples: as many as
+    `MEMORY_BUDGET` allows, or, where that is fewer than `size` (a large model), as many
+    as `GRADIENT_MEMORY_RATIO` batched gradient steps of `DEFAULT_BATCH_SIZE` examples
+    hold, if more (`gradient_bytes`, traced only then). Either backend's loop calls it."""
+    per_example = max(per_example, 1)
+    affordable = MEMORY_BUDGET // per_example
+    if affordable < size:
+        affordable = max(affordable, GRADIENT_MEMORY_RATIO * DEFAULT_BATCH_SIZE
+                         * gradient_bytes(model, variables, batch) // per_example)
+    return affordable
+
+
 def gradient_bytes(model, variables, batch) -> int:
     """Bytes a batched gradient step's tensors hold an example, as `_per_example_bytes`
     counts them: the gradient of the sum of `model(x, training=False)` with respect to
@@ -610,26 +620,26 @@ def gradient_bytes(model, variables, batch) -> int:
     key = (str(backend.nest().map_structure(
         lambda t: (tuple(t.shape[1:]), str(t.dtype)), x)), tuple(id(v) for v in trained))
     if key not in cached:
-        if not backend.is_tensorflow():
-            from keras_ewc.backend.jax import fisher as jax_fisher
-
-            cached[key] = jax_fisher.gradient_bytes(model, trained, x, _COUNTED_SIZE)
-            return cached[key]
-        variables = trained
-        model_ref = weakref.ref(model)
-
-        def grad(x):
-            model = model_ref()
-            with tf.GradientTape() as tape:
-                loss = tf.add_n([tf.reduce_sum(tf.cast(t, tf.float32)) for t in
-                                 tf.nest.flatten(model(x, training=False))])
-            return tape.gradient(loss, variables)
-
-        spec = tf.nest.map_structure(
-            lambda t: tf.TensorSpec([_COUNTED_SIZE, *t.shape[1:]], t.dtype), x)
-        graph = tf.function(grad, autograph=False).get_concrete_function(spec).graph
-        cached[key] = _per_example_bytes(graph, _COUNTED_SIZE)
+        if backend.is_tensorflow():
+            count = _tf_gradient_bytes
+        else:
+            from keras_ewc.backend.jax.fisher import gradient_bytes as count
+        cached[key] = count(model, trained, x, _COUNTED_SIZE)
     return cached[key]
+
+
+def _tf_gradient_bytes(model, variables, x, batch_size) -> int:
+    """`gradient_bytes` on TensorFlow: the gradient's graph traced at `batch_size`."""
+    def grad(x):  # traced once and dropped: nothing cached holds the model
+        with tf.GradientTape() as tape:
+            loss = tf.add_n([tf.reduce_sum(tf.cast(t, tf.float32)) for t in
+                             tf.nest.flatten(model(x, training=False))])
+        return tape.gradient(loss, variables)
+
+    spec = tf.nest.map_structure(
+        lambda t: tf.TensorSpec([batch_size, *t.shape[1:]], t.dtype), x)
+    graph = tf.function(grad, autograph=False).get_concrete_function(spec).graph
+    return _per_example_bytes(graph, batch_size)
 
 
 def _per_example_bytes(graph, batch_size) -> int:

@@ -844,13 +844,9 @@ def make_loop_class():
             step.num_outputs = self.num_outputs
             if self.auto and size > diagonal.MIN_MEMORY_CHUNK:
                 # Traced, not run: how much memory this batch size would take.
-                per_example = max(step.per_example_bytes(batch, self.estimator), 1)
-                affordable = diagonal.MEMORY_BUDGET // per_example
-                if affordable < size:  # a large model: a few gradient steps' worth may do
-                    affordable = max(affordable, (
-                        diagonal.GRADIENT_MEMORY_RATIO * diagonal.DEFAULT_BATCH_SIZE
-                        * diagonal.gradient_bytes(self.model, self.variables, batch)
-                        // per_example))
+                affordable = diagonal.affordable_examples(
+                    self.model, self.variables, batch, size,
+                    step.per_example_bytes(batch, self.estimator))
                 if affordable < size:
                     # A multiple of the devices: the rows split evenly over them.
                     chunk = -(-diagonal.memory_chunk(affordable) // parts) * parts
