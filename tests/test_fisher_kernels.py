@@ -421,7 +421,8 @@ def refuse_stacking(monkeypatch) -> list:
     init = _common.Columns.__init__
 
     def spy(self, columns):
-        made.append(1)
+        columns = list(columns)
+        made.append(len(columns))
         init(self, columns)
 
     def refuse(self, *args, **kwargs):
@@ -433,7 +434,7 @@ def refuse_stacking(monkeypatch) -> list:
     return made
 
 
-def _apart_kernels_model():
+def _apart_kernels_model(classes=CLASSES):
     """Dense and LayerNorm called twice, a convolution on a 4×4 map (the pairs form when
     forced) and one on a 1×1 map (the factorised form), a transposed convolution, a
     depthwise convolution called twice, a separable one and a group normalisation."""
@@ -450,7 +451,67 @@ def _apart_kernels_model():
     h = L.Flatten()(h)
     shared, norm = L.Dense(4, activation="tanh"), L.LayerNormalization()
     h = norm(shared(norm(shared(h))))
-    return keras.Model(inputs, L.Dense(CLASSES)(h))
+    return keras.Model(inputs, L.Dense(classes)(h))
+
+
+@pytest.mark.parametrize("a_round, width", [(1, 1), (2, 2), (4, 3), (16, 5)])
+def test_the_term_columns_loop_in_rounds_and_stay_exact(monkeypatch, a_round, width):
+    """Five term columns (six classes) in rounds of at most `fast.COLUMNS_A_ROUND`: five
+    rounds of one, three of two and two of three (the last round's last column past the
+    end: zeros), or unrolled, all five at once (no more than a round). Every kernel kind
+    that reads the columns apart, and a layer-local layer, exact to the oracle; the
+    kernels get a round's columns apart, never stacked."""
+    from tests.test_fisher_local import Gated
+
+    made = refuse_stacking(monkeypatch)
+    monkeypatch.setattr(fast, "COLUMNS_A_ROUND", a_round)
+    model = _apart_kernels_model(classes=6)
+    inputs = model.input
+    gated = Gated(name="gated")(L.Reshape((4, 5))(L.Dense(20)(L.Flatten()(inputs))))
+    combined = keras.Model(inputs, L.Dense(6)(L.Flatten()(gated)) + model.output)
+    x = _x((6, 6, 2))
+    fn = engine.build_sum_squared_grads(
+        combined, combined.trainable_variables,
+        lambda out, extra: likelihoods.Categorical(from_logits=True).terms("exact", out,
+                                                                           extra))
+    fisher = [s / N for s in fn(tf.constant(x), None)]
+    assert set(fn.paths.values()) == {"fast", "layer-local"}, fn.paths
+    oracle.assert_close(fisher,
+                        oracle.categorical_exact(combined, combined.trainable_variables, x))
+    assert set(made) == {width}
+    graph = fn.get_concrete_function(tf.constant(x), None).graph
+    assert len(fast.loop_bodies(graph)) == (width < 5)
+
+
+def _step_graph(model, x):
+    fn = engine.build_sum_squared_grads(
+        model, model.trainable_variables,
+        lambda out, extra: likelihoods.Categorical(from_logits=True).terms("exact", out,
+                                                                           extra))
+    return fn.get_concrete_function(tf.constant(x), None).graph
+
+
+def _traced_ops(model, x) -> int:
+    """Ops of the traced exact step, with the bodies of its loops over the columns."""
+    graph = _step_graph(model, x)
+    return sum(len(g.get_operations()) for g in [graph, *fast.loop_bodies(graph)])
+
+
+def test_the_backward_pass_is_traced_once_a_round_whatever_the_columns(monkeypatch):
+    """The loop over the term columns traces a round's `fast.COLUMNS_A_ROUND` backward
+    passes (and kernel calls), not T: nine columns trace about the ops of six (two rounds
+    of three either way); unrolled they trace about three times as many, which the count
+    tells apart. The memory count adds the body once (one round alive at a time): less
+    than the unrolled step's."""
+    x = _x((6, 6, 2))
+    six, nine = _apart_kernels_model(classes=7), _apart_kernels_model(classes=10)
+    looped = _traced_ops(nine, x)
+    assert looped < 1.1 * _traced_ops(six, x)
+    counted = diagonal._per_example_bytes(_step_graph(nine, x), N)
+    assert counted > diagonal._batch_bytes(_step_graph(nine, x), N) // N  # the body counts
+    monkeypatch.setattr(fast, "looped", lambda terms: False)
+    assert _traced_ops(nine, x) > 2 * looped
+    assert diagonal._per_example_bytes(_step_graph(nine, x), N) > counted
 
 
 @pytest.mark.parametrize("gram, budget", [(True, _common.BUDGET), (False, 60)])

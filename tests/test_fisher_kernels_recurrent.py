@@ -99,6 +99,19 @@ def test_exact_matches_oracle(name):
     oracle.assert_close(fisher, oracle.categorical_exact(model, model.trainable_variables, x))
 
 
+@pytest.mark.parametrize("name", ["stacked_lstm_gru_masked", "bidirectional_gru"])
+def test_exact_matches_oracle_in_rounds_of_one_column(name, monkeypatch):
+    """The recurrences' backward passes (loops themselves) inside TensorFlow's loop over
+    the term columns, two rounds of one column here: still exact."""
+    from keras_ewc.fisher import fast
+
+    monkeypatch.setattr(fast, "COLUMNS_A_ROUND", 1)
+    model, x = CONFIGS[name](), _padded()
+    fisher, paths = _sums(model, x)
+    assert set(paths.values()) == {"fast"}, paths
+    oracle.assert_close(fisher, oracle.categorical_exact(model, model.trainable_variables, x))
+
+
 @pytest.mark.parametrize("name", _names("empirical"))
 def test_empirical_matches_oracle(name):
     model, x = CONFIGS[name](), _padded()

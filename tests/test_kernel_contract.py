@@ -87,6 +87,22 @@ def test_a_kernel_that_breaks_the_contract_is_refused_naming_it(case):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(v), b)
 
 
+@pytest.mark.parametrize("case", ["negative", "nan", "raises"])
+def test_a_broken_kernel_is_named_from_inside_the_loop_over_the_columns(case, monkeypatch):
+    """TensorFlow's engine runs the kernels inside its loop over the term columns (here
+    two rounds of one column): a broken kernel is still refused by name, whether its
+    error is raised while traced or by the in-graph check."""
+    from keras_ewc.fisher import fast
+
+    monkeypatch.setattr(fast, "COLUMNS_A_ROUND", 1)
+    broken, message = BROKEN[case]
+    net = scale_model(broken)
+    with pytest.raises(ValueError, match=(
+            r"the Fisher kernel ScaleKernel registered for layer 'scale' \(Scale\)"
+            r"[\s\S]*" + message)):
+        fisher_diagonal(net, data(), likelihood="categorical", verbose=0, batch_size=4)
+
+
 @pytest.mark.backend_neutral
 def test_a_kernel_that_keeps_the_contract_gives_the_reference_fisher():
     net = scale_model(lambda r, g: {"w": good_sums(r, g)})

@@ -647,16 +647,28 @@ def _per_example_bytes(graph, batch_size) -> int:
 
     Every such tensor counts, live or not, so this bounds the peak memory from above
     (a `[T, B, ...]` tensor is the gradient of T term columns). Nested function bodies
-    (`tf.cond` branches, loops) are not counted.
+    (`tf.cond` branches, loops) are not counted, except the body of the engine's loop over
+    the term columns (`fast.column_loop`), counted once: one iteration runs at a time.
     """
+    total = _batch_bytes(graph, batch_size) + sum(
+        _batch_bytes(body, batch_size, captured=False)
+        for body in fast_module.loop_bodies(graph))
+    return total // max(batch_size, 1)
+
+
+def _batch_bytes(graph, batch_size, captured=True) -> int:
+    """Σ bytes of `graph`'s batch-sized tensors; without `captured`, not counting its
+    placeholders (a loop body's captures of tensors the outer graph counts)."""
     total = 0
     for op in graph.get_operations():
+        if not captured and op.type == "Placeholder":
+            continue
         for t in op.outputs:
             shape = t.shape
             if (shape.rank and shape.is_fully_defined() and t.dtype.size
                     and batch_size in shape.as_list()[:2]):
                 total += shape.num_elements() * t.dtype.size
-    return total // max(batch_size, 1)
+    return total
 
 
 class _Cached:

@@ -3,9 +3,11 @@
 Data flows one way: `plan` picks the layers whose kernel covers requested variables;
 `kernel_sums` runs one forward pass with those layers recorded (each call's inputs and
 pre-activation output z, through the kernel's `forward`), back-propagates the T term
-columns to every recorded z (one batched backward pass a column, the T results kept
-apart as `_common.Columns` for the kernels that read them so), and hands inputs and
-gradients to each layer's kernel, which returns Σ_n Σ_t (∂ terms[n, t] / ∂ v)².
+columns to every recorded z (one batched backward pass a column, the results kept apart
+as `_common.Columns` for the kernels that read them so; in a graph loop of rounds of a
+few columns, `column_loop`, for up to `COLUMNS_AT_A_TIME` of them), and hands inputs and
+gradients to each layer's kernel, which returns Σ_n Σ_t (∂ terms[n, t] / ∂ v)² (summed
+over the rounds).
 
 A planned variable is left out of the result (for the reference path) when its layer
 was called where it could not be recorded (inside a loop body, a nested function, on a
@@ -126,30 +128,44 @@ def kernel_sums(model, layers, terms_fn, inputs, extra, loops=False, local=()) -
     kept_local = local_kept(recorder.local, leaks)
     zs = [z for _, _, _, calls in fast for _, z in calls]
     outputs = [y for entry in kept_local for y in entry.outputs]
-    grads = (column_grads(tape, terms, columns, total, zs + outputs, loops, apart=True)
-             if zs or outputs else [])
-    del tape
-    grads, local_grads = grads[: len(zs)], grads[len(zs):]
-    local_grads = [_stacked(g) for g in local_grads]
 
-    sums = {}
-    for layer, kernel, params, calls in fast:
-        part, grads = grads[: len(calls)], grads[len(calls):]
-        if not kernels.reads_columns_apart(kernel):
-            part = [_stacked(g) for g in part]
-        values = (checks.checked_sum_squared(layer, kernel, params, [r for r, _ in calls],
-                                             part) if calls else {})
-        for name, v in params.items():
-            value = values[name] if name in values else tf.zeros(v.shape, tf.float32)
-            sums[id(v)] = tf.cast(value, tf.float32)
-    sums.update(local_module.local_sums(kept_local, local_grads))
+    def sums_of(grads):
+        """The kernels' and the layer-local path's sums from the gradients at `zs` and
+        `outputs` (of some or all of the term columns)."""
+        grads, local_grads = grads[: len(zs)], grads[len(zs):]
+        local_grads = [_stacked(g) for g in local_grads]
+        sums = {}
+        for layer, kernel, params, calls in fast:
+            part, grads = grads[: len(calls)], grads[len(calls):]
+            if not kernels.reads_columns_apart(kernel):
+                part = [_stacked(g) for g in part]
+            values = (checks.checked_sum_squared(layer, kernel, params,
+                                                 [r for r, _ in calls], part)
+                      if calls else {})
+            for name, v in params.items():
+                value = values[name] if name in values else tf.zeros(v.shape, tf.float32)
+                sums[id(v)] = tf.cast(value, tf.float32)
+        sums.update(local_module.local_sums(kept_local, local_grads))
+        return sums
+
+    targets = zs + outputs
+    if targets and looped(terms):
+        owned = ([v for _, _, params, _ in fast for v in params.values()]
+                 + [v for entry in kept_local for v in entry.variables])
+        sums = column_loop(tape, columns, targets, owned, sums_of)
+    else:
+        sums = sums_of(column_grads(tape, terms, columns, total, targets, loops, apart=True)
+                       if targets else [])
+    del tape
     return sums
 
 
 def _stacked(g):
     """`[T, *z]` as one tensor, for a kernel (or the layer-local path) that takes tensors.
     (Not `Columns.stacked`: tests make that raise, to catch a kernel that stacks.)"""
-    return tf.stack(g.columns) if isinstance(g, _common.Columns) else g
+    if not isinstance(g, _common.Columns):
+        return g
+    return g.columns[0][None] if len(g) == 1 else tf.stack(g.columns)
 
 
 def leaked(tape, total, variables) -> set:
@@ -199,13 +215,84 @@ def record(model, layers, terms_fn, inputs, extra, local=()):
     return tape, recorder, terms, columns, total
 
 
+def looped(terms) -> bool:
+    """Whether `kernel_sums` takes the T term columns in rounds of a graph loop
+    (`column_loop`): `COLUMNS_A_ROUND` < T <= `COLUMNS_AT_A_TIME` (one round is unrolled:
+    `column_grads(apart=True)`)."""
+    count = terms.shape[1]
+    return count is not None and COLUMNS_A_ROUND < int(count) <= COLUMNS_AT_A_TIME
+
+
+_BODIES = "_keras_ewc_column_loops"
+"""The attribute of a traced graph holding its `column_loop` bodies (by loop): on the
+graph itself, not in a weak dictionary keyed by it, as a body holds the graph through its
+captures (the entry would never be freed)."""
+
+
+def column_loop(tape, columns, targets, owned, sums_of) -> dict:
+    """`{id(v): Σ_t sums_of(column t's gradients at targets)[id(v)]}` for `v` in `owned`.
+
+    A `tf.while_loop` over the T term columns in rounds of at most `COLUMNS_A_ROUND`, one
+    round at a time: a round back-propagates its columns to every target (a batched
+    backward pass a column) and hands their gradients to the kernels as a
+    `_common.Columns`; the sums add up across rounds (every kernel's sum is a sum over
+    the terms; a column past the last, in the last round, is zeros, and costs a backward
+    pass: 5 columns take two rounds of 3). The graph holds a round's backward passes and
+    kernel calls, not T of them, and only a round's columns are alive at once: unrolled,
+    the exact Fisher of MobileNetV2 traced 27,866 ops and ResNet50's peaked at 8.3 GB.
+    `loop_bodies` gives the body to the memory count."""
+    count = int(columns.shape[0])
+    rounds = -(-count // COLUMNS_A_ROUND)
+    width = -(-count // rounds)  # columns a round; a column past the last is zeros
+    outer = tf.compat.v1.get_default_graph()
+    if not hasattr(outer, _BODIES):
+        setattr(outer, _BODIES, {})
+    key = object()
+
+    def body(r, totals):
+        grads = [tape.gradient(columns, targets,
+                               output_gradients=tf.one_hot(r * width + j, count),
+                               unconnected_gradients="zero") for j in range(width)]
+        for column in grads:  # their static shapes can be lost inside the loop
+            for g, z in zip(column, targets):
+                g.set_shape(z.shape)
+        sums = sums_of([_common.Columns(g) for g in zip(*grads)])
+        getattr(outer, _BODIES)[key] = tf.compat.v1.get_default_graph()
+        return r + 1, [a + sums[id(v)] for a, v in zip(totals, owned)]
+
+    _, totals = tf.while_loop(
+        lambda r, _: r < rounds, body,
+        (tf.constant(0), [tf.zeros(v.shape, tf.float32) for v in owned]),
+        parallel_iterations=1, maximum_iterations=rounds)
+    return {id(v): s for v, s in zip(owned, totals)}
+
+
+def loop_bodies(graph) -> list:
+    """The bodies of the `column_loop`s traced in `graph` (FuncGraphs, one each)."""
+    return list(getattr(graph, _BODIES, {}).values())
+
+
+COLUMNS_A_ROUND = 3
+"""The most term columns a round of `column_loop` back-propagates (and its kernels read).
+One backward pass and the kernels' calls are traced this many times, and this many
+columns' gradients are alive at once; the kernels' work on a layer's inputs (patches,
+transposes, the pairs form's input products) is repeated once a round. One exact step of
+64 examples, side by side in fresh processes (docs/fisher_speed.md), a round of 3
+against the T = 9 columns unrolled: first call (trace + first run) 19 s against 33 s on
+MobileNetV2, 34 s against 50 s on EfficientNetB0, 73 s against 90 s on ResNet50; peak
+memory 1.7 against 2.6, 3.0 against 5.5, 4.3 against 8.3 GB; the steady step 9%, 15% and
+5% slower. A round of 1 halves the memory again on ResNet50 (2.9 GB), but its steady step
+was 55% slower on MobileNetV2."""
+
 COLUMNS_AT_A_TIME = 16
-"""Up to this many term columns, `column_grads(apart=True)` back-propagates them one at a
-time and keeps the results apart; above it (and at 0), pfor's vectorised jacobian. With
-9 columns one at a time was as fast or faster on every model measured (MobileNetV2 and
-ResNet50 1.6× faster; docs/fisher_speed.md), but the graph holds a backward pass a
-column: on a small MLP with 99 columns it traced 15× the ops of pfor's (5.2 s against
-0.35 s). 16 covers the exact Fisher of up to 17 classes."""
+"""Up to this many term columns, they are back-propagated one at a time (in rounds of
+`column_loop`, or unrolled by `column_grads(apart=True)`) and the results kept apart;
+above it (and at 0), pfor's vectorised jacobian. With 9 columns one at a time was as fast
+or faster on every model measured (MobileNetV2 and ResNet50 1.6× faster;
+docs/fisher_speed.md). Unrolled, the graph held a backward pass a column: on a small MLP
+with 99 columns it traced 15× the ops of pfor's (5.2 s against 0.35 s); in rounds it
+holds `COLUMNS_A_ROUND`, but 33 rounds against pfor's one vectorised pass was not
+measured. 16 covers the exact Fisher of up to 17 classes."""
 
 
 def column_grads(tape, terms, columns, total, zs, loops=False, apart=False):

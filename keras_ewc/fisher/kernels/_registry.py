@@ -28,9 +28,12 @@ class Kernel:
       differentiation sees them only where they are used outside the layer.
     - `sum_squared(layer, records, grads) -> dict[name, tensor]`: `records` and `grads`
       list the layer's calls in the forward pass; `grads[c]` is `[T, B, *z.shape[1:]]`,
-      the gradients of the T term columns at call c's `z`. Row n of a gradient is
+      the gradients of T term columns at call c's `z`. Row n of a gradient is
       example n's own. The batch size B and the number of terms T are static
-      (Python loops and slices over them are fine on every backend).
+      (Python loops and slices over them are fine on every backend). The result must
+      be a sum over the columns: TensorFlow's engine may call `sum_squared` on a few
+      columns at a time (inside a graph loop, columns past the last being zeros) and
+      add the results.
     - `supports(layer) -> bool` (optional): whether this instance's configuration is
       covered (default: every instance).
     """
