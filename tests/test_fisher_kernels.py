@@ -502,7 +502,9 @@ def test_the_backward_pass_is_traced_once_a_round_whatever_the_columns(monkeypat
     passes (and kernel calls), not T: nine columns trace about the ops of six (two rounds
     of three either way); unrolled they trace about three times as many, which the count
     tells apart. The memory count adds the body once (one round alive at a time): less
-    than the unrolled step's."""
+    than the unrolled step's. (Rounds of 3 set here; by default T up to 16 is
+    unrolled.)"""
+    monkeypatch.setattr(fast, "COLUMNS_A_ROUND", 3)
     x = _x((6, 6, 2))
     six, nine = _apart_kernels_model(classes=7), _apart_kernels_model(classes=10)
     looped = _traced_ops(nine, x)

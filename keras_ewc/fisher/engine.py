@@ -13,8 +13,8 @@ Data flows one way, batch → recorded layers → kernels → sums:
   Dense, EinsumDense, Conv1D/2D/3D, Embedding, LayerNormalization, BatchNormalization,
   and any registered with `register_kernel`) covers requested variables;
 - `fast.kernel_sums` runs one batched forward pass that records those layers, one
-  batched backward pass a term column (the columns kept apart, in a graph loop of
-  rounds of a few columns), and lets each kernel form the sums, without materialising
+  batched backward pass a term column (the columns kept apart; optionally in a graph
+  loop of rounds of a few columns), and lets each kernel form the sums, without materialising
   per-example gradients where it can;
 - `local.plan` picks, for the other variables, the innermost layer that owns them; the
   same pass records that layer's inputs and outputs, and `local.local_sums` re-runs the

@@ -4,8 +4,8 @@ Data flows one way: `plan` picks the layers whose kernel covers requested variab
 `kernel_sums` runs one forward pass with those layers recorded (each call's inputs and
 pre-activation output z, through the kernel's `forward`), back-propagates the T term
 columns to every recorded z (one batched backward pass a column, the results kept apart
-as `_common.Columns` for the kernels that read them so; in a graph loop of rounds of a
-few columns, `column_loop`, for up to `COLUMNS_AT_A_TIME` of them), and hands inputs and
+as `_common.Columns` for the kernels that read them so; with `COLUMNS_A_ROUND` below T,
+in a graph loop of rounds of that many columns, `column_loop`), and hands inputs and
 gradients to each layer's kernel, which returns Σ_n Σ_t (∂ terms[n, t] / ∂ v)² (summed
 over the rounds).
 
@@ -272,17 +272,21 @@ def loop_bodies(graph) -> list:
     return list(getattr(graph, _BODIES, {}).values())
 
 
-COLUMNS_A_ROUND = 3
-"""The most term columns a round of `column_loop` back-propagates (and its kernels read).
-One backward pass and the kernels' calls are traced this many times, and this many
-columns' gradients are alive at once; the kernels' work on a layer's inputs (patches,
-transposes, the pairs form's input products) is repeated once a round. One exact step of
-64 examples, side by side in fresh processes (docs/fisher_speed.md), a round of 3
-against the T = 9 columns unrolled: first call (trace + first run) 19 s against 33 s on
-MobileNetV2, 34 s against 50 s on EfficientNetB0, 73 s against 90 s on ResNet50; peak
-memory 1.7 against 2.6, 3.0 against 5.5, 4.3 against 8.3 GB; the steady step 9%, 15% and
-5% slower. A round of 1 halves the memory again on ResNet50 (2.9 GB), but its steady step
-was 55% slower on MobileNetV2."""
+COLUMNS_A_ROUND = 16
+"""The most term columns a round of `column_loop` back-propagates (and its kernels read);
+T columns up to this many are unrolled in one round (`column_grads(apart=True)`). At 16
+(the default) every T up to `COLUMNS_AT_A_TIME` is unrolled: no loop. At 3, one backward
+pass and the kernels' calls are traced three times, not T, and three columns' gradients
+are alive at once, but the kernels' work on a layer's inputs (patches, transposes, the
+pairs form's input products) is repeated once a round. One exact step of 64 examples,
+side by side in fresh processes (docs/fisher_speed.md), rounds of 3 against the T = 9
+columns unrolled: first call (trace + first run) 19 s against 33 s on MobileNetV2, 34 s
+against 50 s on EfficientNetB0, 73 s against 90 s on ResNet50; peak memory 1.7 against
+2.6, 3.0 against 5.5, 4.3 against 8.3 GB; the steady step 9%, 15% and 5% slower. Through
+`fisher_diagonal` (the zoo, automatic batches, which the loop's smaller memory count
+made larger) the exact Fisher came out 12–20% slower in CPU time for 8–10% less memory,
+so the loop is not the default. Set 3 where the trace or the memory matters more."""
+
 
 COLUMNS_AT_A_TIME = 16
 """Up to this many term columns, they are back-propagated one at a time (in rounds of
