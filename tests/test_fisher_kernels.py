@@ -470,10 +470,7 @@ def test_the_term_columns_loop_in_rounds_and_stay_exact(monkeypatch, a_round, wi
     gated = Gated(name="gated")(L.Reshape((4, 5))(L.Dense(20)(L.Flatten()(inputs))))
     combined = keras.Model(inputs, L.Dense(6)(L.Flatten()(gated)) + model.output)
     x = _x((6, 6, 2))
-    fn = engine.build_sum_squared_grads(
-        combined, combined.trainable_variables,
-        lambda out, extra: likelihoods.Categorical(from_logits=True).terms("exact", out,
-                                                                           extra))
+    fn = _exact_fn(combined)
     fisher = [s / N for s in fn(tf.constant(x), None)]
     assert set(fn.paths.values()) == {"fast", "layer-local"}, fn.paths
     oracle.assert_close(fisher,
@@ -483,12 +480,16 @@ def test_the_term_columns_loop_in_rounds_and_stay_exact(monkeypatch, a_round, wi
     assert len(fast.loop_bodies(graph)) == (width < 5)
 
 
-def _step_graph(model, x):
-    fn = engine.build_sum_squared_grads(
+def _exact_fn(model):
+    """The engine's exact-Fisher step for a model with logits."""
+    return engine.build_sum_squared_grads(
         model, model.trainable_variables,
         lambda out, extra: likelihoods.Categorical(from_logits=True).terms("exact", out,
                                                                            extra))
-    return fn.get_concrete_function(tf.constant(x), None).graph
+
+
+def _step_graph(model, x):
+    return _exact_fn(model).get_concrete_function(tf.constant(x), None).graph
 
 
 def _traced_ops(model, x) -> int:
@@ -509,8 +510,9 @@ def test_the_backward_pass_is_traced_once_a_round_whatever_the_columns(monkeypat
     six, nine = _apart_kernels_model(classes=7), _apart_kernels_model(classes=10)
     looped = _traced_ops(nine, x)
     assert looped < 1.1 * _traced_ops(six, x)
-    counted = diagonal._per_example_bytes(_step_graph(nine, x), N)
-    assert counted > diagonal._batch_bytes(_step_graph(nine, x), N) // N  # the body counts
+    graph = _step_graph(nine, x)
+    counted = diagonal._per_example_bytes(graph, N)
+    assert counted > diagonal._batch_bytes(graph, N) // N  # the body counts
     monkeypatch.setattr(fast, "looped", lambda terms: False)
     assert _traced_ops(nine, x) > 2 * looped
     assert diagonal._per_example_bytes(_step_graph(nine, x), N) > counted

@@ -43,8 +43,8 @@ class Columns:
     reads it.
 
     TensorFlow's engine back-propagates the columns one at a time, which is faster than
-    its vectorised jacobian (`keras_ewc.fisher.fast.column_loop`, in rounds of a few
-    columns, and `column_grads`); stacking the T
+    its vectorised jacobian (`keras_ewc.fisher.fast.column_grads`, or, optionally, in
+    rounds of a few columns, `column_loop`); stacking the T
     results into one tensor would copy every gradient, 1.8× a gradient pass on the
     zoo's GroupNorm CNN (docs/fisher_speed.md). Kernels whose `_columns_apart` is True
     get this; the others get the stacked tensor. It reads as a tensor does: `g[t]` is
