@@ -308,6 +308,22 @@ def _step_sizes(model):
     return sorted(key[4] for key in diagonal._STEPS[model])
 
 
+def _chosen_sizes(monkeypatch):
+    """The batch sizes of the steps the automatic batch chooses from now on (a list
+    that fills as `fisher_diagonal` runs): the steps that run, not every step counted."""
+    from keras_ewc.fisher import diagonal
+
+    chosen, choose = [], diagonal.automatic_step
+
+    def spy(*args, **kwargs):
+        step = choose(*args, **kwargs)
+        chosen.append(step.batch_size)
+        return step
+
+    monkeypatch.setattr(diagonal, "automatic_step", spy)
+    return chosen
+
+
 def test_automatic_batches_combine_the_datasets_batches():
     """Without batch_size, small batches are re-cut into one traced call of up to
     AUTO_BATCH_SIZE examples; the Fisher is the same."""
@@ -349,8 +365,10 @@ def test_a_large_model_may_hold_a_few_gradient_steps_worth(monkeypatch):
     monkeypatch.setattr(diagonal, "GRADIENT_MEMORY_RATIO",
                         4.5 * per_example / (diagonal.DEFAULT_BATCH_SIZE * gradient))
     diagonal._STEPS.pop(model)
+    chosen = _chosen_sizes(monkeypatch)
     fisher = fisher_diagonal(model, x, likelihood="categorical", verbose=0)
-    assert _step_sizes(model) == [4, 64]  # the step sized from the data, and the chunk
+    assert chosen == [4]
+    assert 4 in _step_sizes(model) and len(_step_sizes(model)) <= 3  # (the guess's too)
     oracle.assert_close(fisher, oracle.categorical_exact(model, model.trainable_variables, x))
 
 
@@ -363,9 +381,52 @@ def test_the_memory_bound_cuts_no_call_below_min_memory_chunk(monkeypatch):
     x, _ = _data(model, n=40, classes=3)
     monkeypatch.setattr(diagonal, "MEMORY_BUDGET", 1)
     monkeypatch.setattr(diagonal, "GRADIENT_MEMORY_RATIO", 0)
+    chosen = _chosen_sizes(monkeypatch)
     fisher = fisher_diagonal(model, x, likelihood="categorical", verbose=0)
-    assert _step_sizes(model) == [16, 64]
+    assert chosen == [16]
+    assert _step_sizes(model) == [16]  # the guess (any) says 16 too: traced once
     oracle.assert_close(fisher, oracle.categorical_exact(model, model.trainable_variables, x))
+
+
+@pytest.mark.parametrize("guess, bytes_of, parts, traced, chosen", [
+    (30, lambda size: 30, 1, [32], 32),            # guessed right: traced once
+    (None, lambda size: 30, 1, [128, 32], 32),     # no guess: the data's size first
+    (5, lambda size: 30, 1, [128, 32], 32),        # guessed too few bytes: cut after
+    (100, lambda size: 30, 1, [16, 32], 32),       # guessed too many: grown after
+    (100, lambda size: 9 + size, 1, [16, 32], 16),  # grown, but the larger counts more
+    (2, lambda size: 2, 1, [128], 128),            # no cut at all
+    (30, lambda size: 30, 3, [33], 33),            # a multiple of the devices
+])
+def test_the_automatic_step_is_traced_at_the_guess_and_again_only_when_counted_off(
+        monkeypatch, guess, bytes_of, parts, traced, chosen):
+    """`automatic_step` traces first the size the loop's guess of the bytes implies;
+    the count of that step decides, and a size it allows is traced as well (a larger
+    one only if its own count allows it). The budget here: 1000 bytes a call."""
+    from keras_ewc.fisher import diagonal
+
+    monkeypatch.setattr(diagonal, "MEMORY_BUDGET", 1000)
+    monkeypatch.setattr(diagonal, "GRADIENT_MEMORY_RATIO", 0)
+    monkeypatch.setattr(diagonal, "gradient_bytes", lambda *args: 1)
+
+    class Step:
+        def __init__(self, batch_size):
+            self.batch_size = batch_size
+
+    class Loop:
+        model, variables = None, []
+
+        def guessed_bytes(self, batch):
+            return guess
+
+    steps = {}
+
+    def step_at(size):
+        return steps.setdefault(size, Step(size))
+
+    step = diagonal.automatic_step(Loop(), None, 128, step_at,
+                                   lambda step: bytes_of(step.batch_size), parts)
+    assert list(steps) == traced
+    assert step.batch_size == chosen
 
 
 def test_automatic_batches_are_cut_to_the_memory_budget(monkeypatch):
@@ -385,9 +446,10 @@ def test_automatic_batches_are_cut_to_the_memory_budget(monkeypatch):
     monkeypatch.setattr(diagonal, "MEMORY_BUDGET", 4 * per_example + per_example // 2)
     diagonal._STEPS.pop(model)
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(5)
+    chosen = _chosen_sizes(monkeypatch)
     fisher = fisher_diagonal(model, ds, likelihood="categorical", verbose=0)
     oracle.assert_close(fisher, oracle.categorical_exact(model, model.trainable_variables, x))
-    assert _step_sizes(model) == [4, 8]  # the step sized from the data, and the chunk
+    assert chosen == [4]
     traces = diagonal.trace_count(model)
     fisher_diagonal(model, (x, y), estimator="exact", likelihood="categorical", verbose=0)
     assert diagonal.trace_count(model) == traces

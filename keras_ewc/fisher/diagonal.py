@@ -422,6 +422,22 @@ class _Loop:
             return None
         return tuple(self.lik.noise_shape(self.probe, self.samples)[1:])
 
+    def guessed_bytes(self, batch) -> int | None:
+        """A guess of the step's bytes an example, as `_per_example_bytes` would count
+        them, from what is cheap to count: a batched gradient step's bytes
+        (`gradient_bytes`) × (the term columns + `_GUESSED_OVERHEAD`). None where no
+        guess is made (custom sums). `automatic_step` traces at the size it implies."""
+        if self.sums is not None:
+            return None
+        if self.estimator == "exact":
+            columns = int(self.lik.exact_terms(self.probe).shape[-1])
+        elif self.estimator == "sampled":
+            columns = int(self.samples or 1)
+        else:
+            columns = 1 if self.estimator == "empirical" else 0
+        gradient = gradient_bytes(self.model, self.variables, batch)
+        return int(gradient * (columns + _GUESSED_OVERHEAD))
+
     def _build(self, batch, size):
         noise = self._noise()
         spec = _relaxed_spec(batch)
@@ -443,23 +459,16 @@ class _Loop:
                kernels.version())
         steps = _STEPS.setdefault(self.model, {})
 
-        def new_step(batch_size):
-            return _Step(self.model, self.variables, self.lik, self.estimator, noise,
-                         int(batch_size), spec, self.num_outputs, self.sums)
+        def step_at(batch_size):  # the cached step of `batch_size` examples, or a new one
+            step_key = key[:4] + (int(batch_size),) + key[5:]
+            if step_key not in steps:
+                steps[step_key] = _Step(self.model, self.variables, self.lik,
+                                        self.estimator, noise, int(batch_size), spec,
+                                        self.num_outputs, self.sums)
+            return steps[step_key]
 
-        step = steps.get(key)
-        if step is None or step.batch_size < size:
-            step = steps[key] = new_step(size)
-        if self.auto and size > MIN_MEMORY_CHUNK:
-            # Traced, not run: how much memory this batch size would take.
-            affordable = affordable_examples(self.model, self.variables, batch, size,
-                                             step.per_example_bytes())
-            if affordable < size:
-                chunk = memory_chunk(affordable)
-                key = key[:4] + (chunk,) + key[5:]
-                if key not in steps:
-                    steps[key] = new_step(chunk)
-                step = steps[key]
+        step = (automatic_step(self, batch, size, step_at, _Step.per_example_bytes)
+                if self.auto else step_at(size))
         self.step = step
         self.paths = step.paths
 
@@ -591,6 +600,49 @@ _GRADIENT_BYTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _COUNTED_SIZE = 61
 """The batch size `gradient_bytes` traces at: odd, so that no weight's axis of 64 is
 taken for the batch."""
+
+
+_GUESSED_OVERHEAD = 1.25
+"""`_Loop.guessed_bytes`: a step of T term columns counts about (T + this) batched
+gradient steps' bytes an example. On the zoo's models (benchmarks/model_zoo.py, 64×64
+inputs) the counts were 9.4-15.7 gradient steps for the exact Fisher of 10 classes and
+2.3-4.5 for the empirical; a guess in the same power of two as the count is traced
+once."""
+
+
+def automatic_step(loop, batch, size, step_at, bytes_of, parts=1):
+    """The automatic batch's step for data of `size` examples: `step_at(n)` (the step
+    of n examples, traced when first counted or run), with n as large as the memory
+    bounds allow (`affordable_examples`), a multiple of `parts`.
+
+    Counting a step's bytes traces it, and a large model's trace is its first call's
+    largest cost (EfficientNetB0: 23 s, against 2.5 s for a gradient step's). So the
+    step is traced first at the size `loop.guessed_bytes` implies, and counted; traced
+    again only where the count allows a different size: smaller, always; larger, kept
+    only if its own count allows it (a `[B, B]` tensor counts more an example at a
+    larger B). Either backend's loop calls it; `bytes_of(step)` counts a step's bytes
+    an example."""
+    if size <= MIN_MEMORY_CHUNK:
+        return step_at(size)
+
+    def allowed(per_example):  # the call size `per_example` bytes allow, ≤ size
+        affordable = affordable_examples(loop.model, loop.variables, batch, size,
+                                         per_example)
+        if affordable >= size:
+            return size
+        return min(size, -(-memory_chunk(affordable) // parts) * parts)
+
+    guessed = loop.guessed_bytes(batch)
+    first = size if guessed is None else allowed(guessed)
+    step = step_at(first)
+    chunk = allowed(bytes_of(step))
+    if chunk < first:
+        return step_at(chunk)
+    if chunk > first:
+        larger = step_at(chunk)
+        if allowed(bytes_of(larger)) >= chunk:
+            return larger
+    return step
 
 
 def affordable_examples(model, variables, batch, size, per_example) -> int:

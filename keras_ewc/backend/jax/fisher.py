@@ -835,29 +835,22 @@ def make_loop_class():
             key = (what, self.estimator, diagonal._lik_key(self.lik), noise, int(size),
                    kernels.version())
             steps = _JAX_STEPS.setdefault(self.model, {})
-            step = steps.get(key)
-            if step is None:
-                step = steps[key] = Step(self.model, self.variables, self.lik,
-                                         self.estimator, noise, int(size),
-                                         factored=None if self.sums is None
-                                         else self.sums.layers)
-            step.num_outputs = self.num_outputs
-            if self.auto and size > diagonal.MIN_MEMORY_CHUNK:
-                # Traced, not run: how much memory this batch size would take.
-                affordable = diagonal.affordable_examples(
-                    self.model, self.variables, batch, size,
-                    step.per_example_bytes(batch, self.estimator))
-                if affordable < size:
-                    # A multiple of the devices: the rows split evenly over them.
-                    chunk = -(-diagonal.memory_chunk(affordable) // parts) * parts
-                    key = key[:4] + (chunk,) + key[5:]
-                    if key not in steps:
-                        steps[key] = Step(self.model, self.variables, self.lik,
-                                          self.estimator, noise, chunk,
-                                          factored=None if self.sums is None
-                                          else self.sums.layers)
-                    step = steps[key]
-                    step.num_outputs = self.num_outputs
+
+            def step_at(batch_size):  # the cached step of `batch_size` examples, or new
+                step_key = key[:4] + (int(batch_size),) + key[5:]
+                if step_key not in steps:
+                    steps[step_key] = Step(self.model, self.variables, self.lik,
+                                           self.estimator, noise, int(batch_size),
+                                           factored=None if self.sums is None
+                                           else self.sums.layers)
+                steps[step_key].num_outputs = self.num_outputs
+                return steps[step_key]
+
+            # A multiple of the devices: the rows split evenly over them.
+            step = (diagonal.automatic_step(
+                        self, batch, size, step_at,
+                        lambda step: step.per_example_bytes(batch, self.estimator), parts)
+                    if self.auto else step_at(size))
             self.step = step
             self.paths = step.paths
 
