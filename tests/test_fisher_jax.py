@@ -329,8 +329,8 @@ def test_the_automatic_batch_respects_the_memory_budget(monkeypatch):
     monkeypatch.setattr(diagonal, "GRADIENT_MEMORY_RATIO", 0)  # the fixed budget alone
     chosen, choose = [], diagonal.automatic_step  # the steps that run
 
-    def spy(*args):
-        step = choose(*args)
+    def spy(*args, **kwargs):
+        step = choose(*args, **kwargs)
         chosen.append(step.batch_size)
         return step
 

@@ -425,16 +425,25 @@ class _Loop:
     def guessed_bytes(self, batch) -> int | None:
         """A guess of the step's bytes an example, as `_per_example_bytes` would count
         them, from what is cheap to count: a batched gradient step's bytes
-        (`gradient_bytes`) × (the term columns + `_GUESSED_OVERHEAD`). None where no
-        guess is made (custom sums). `automatic_step` traces at the size it implies."""
+        (`gradient_bytes`, a trace of 0.02 s on an MLP, 1-5 s on the zoo's CNNs) ×
+        (the term columns the graph holds + `_GUESSED_OVERHEAD`). None where no guess
+        is made: custom sums (the Kronecker factors), or a likelihood whose terms fail
+        on the first rows (the step then says why). `automatic_step` traces first at the
+        size it implies."""
         if self.sums is not None:
             return None
         if self.estimator == "exact":
-            columns = int(self.lik.exact_terms(self.probe).shape[-1])
+            try:
+                terms = self.lik.exact_terms(self.probe)
+            except Exception:  # only a guess: the traced step raises, with context
+                return None
+            columns = int(np.prod(terms.shape[1:]))  # the engine's [B, T] of them
+            if fast_module.COLUMNS_A_ROUND < columns <= fast_module.COLUMNS_AT_A_TIME:
+                columns = fast_module.COLUMNS_A_ROUND  # in a loop: one round counted
         elif self.estimator == "sampled":
             columns = int(self.samples or 1)
         else:
-            columns = 1 if self.estimator == "empirical" else 0
+            columns = 1
         gradient = gradient_bytes(self.model, self.variables, batch)
         return int(gradient * (columns + _GUESSED_OVERHEAD))
 
@@ -604,10 +613,11 @@ taken for the batch."""
 
 _GUESSED_OVERHEAD = 1.25
 """`_Loop.guessed_bytes`: a step of T term columns counts about (T + this) batched
-gradient steps' bytes an example. On the zoo's models (benchmarks/model_zoo.py, 64×64
-inputs) the counts were 9.4-15.7 gradient steps for the exact Fisher of 10 classes and
-2.3-4.5 for the empirical; a guess in the same power of two as the count is traced
-once."""
+gradient steps' bytes an example. Counted at 128 examples on the zoo's CNNs
+(benchmarks/model_zoo.py, 64×64 inputs; docs/fisher_speed.md): 9.4-15.7 gradient steps
+for the exact Fisher of 10 classes, 2.3-4.5 for the empirical. The step is traced once
+where the guess and the count allow the same power of two (MobileNetV2, EfficientNetB0,
+ResNet50 and DenseNet121's exact there; DenseNet121's empirical, counted 4.5, twice)."""
 
 
 def automatic_step(loop, batch, size, step_at, bytes_of, parts=1):
@@ -620,8 +630,8 @@ def automatic_step(loop, batch, size, step_at, bytes_of, parts=1):
     step is traced first at the size `loop.guessed_bytes` implies, and counted; traced
     again only where the count allows a different size: smaller, always; larger, kept
     only if its own count allows it (a `[B, B]` tensor counts more an example at a
-    larger B). Either backend's loop calls it; `bytes_of(step)` counts a step's bytes
-    an example."""
+    larger B), else the size between the two that count allows. Either backend's loop
+    calls it; `bytes_of(step)` counts a step's bytes an example."""
     if size <= MIN_MEMORY_CHUNK:
         return step_at(size)
 
@@ -640,8 +650,11 @@ def automatic_step(loop, batch, size, step_at, bytes_of, parts=1):
         return step_at(chunk)
     if chunk > first:
         larger = step_at(chunk)
-        if allowed(bytes_of(larger)) >= chunk:
+        allows = allowed(bytes_of(larger))
+        if allows >= chunk:
             return larger
+        if allows > first:  # between the two: its count at a larger size allows it
+            return step_at(allows)
     return step
 
 
@@ -650,7 +663,7 @@ def affordable_examples(model, variables, batch, size, per_example) -> int:
     `per_example` bytes an example (as counted) and data of `size` examples: as many as
     `MEMORY_BUDGET` allows, or, where that is fewer than `size` (a large model), as many
     as `GRADIENT_MEMORY_RATIO` batched gradient steps of `DEFAULT_BATCH_SIZE` examples
-    hold, if more (`gradient_bytes`, traced only then). Either backend's loop calls it."""
+    hold, if more (`gradient_bytes`, cached a model). Either backend's loop calls it."""
     per_example = max(per_example, 1)
     affordable = MEMORY_BUDGET // per_example
     if affordable < size:
