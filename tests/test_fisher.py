@@ -308,22 +308,6 @@ def _step_sizes(model):
     return sorted(key[4] for key in diagonal._STEPS[model])
 
 
-def _chosen_sizes(monkeypatch):
-    """The batch sizes of the steps the automatic batch chooses from now on (a list
-    that fills as `fisher_diagonal` runs): the steps that run, not every step counted."""
-    from keras_ewc.fisher import diagonal
-
-    chosen, choose = [], diagonal.automatic_step
-
-    def spy(*args, **kwargs):
-        step = choose(*args, **kwargs)
-        chosen.append(step.batch_size)
-        return step
-
-    monkeypatch.setattr(diagonal, "automatic_step", spy)
-    return chosen
-
-
 def test_automatic_batches_combine_the_datasets_batches():
     """Without batch_size, small batches are re-cut into one traced call of up to
     AUTO_BATCH_SIZE examples; the Fisher is the same."""
@@ -342,7 +326,7 @@ def test_automatic_batches_combine_the_datasets_batches():
     assert diagonal.trace_count(model) == 1
 
 
-def test_a_large_model_may_hold_a_few_gradient_steps_worth(monkeypatch):
+def test_a_large_model_may_hold_a_few_gradient_steps_worth(monkeypatch, chosen_sizes):
     """Where MEMORY_BUDGET would cut a call below what GRADIENT_MEMORY_RATIO batched
     gradient steps of DEFAULT_BATCH_SIZE examples hold (counted the same way), the
     automatic batch takes the latter; the Fisher is the same."""
@@ -365,14 +349,14 @@ def test_a_large_model_may_hold_a_few_gradient_steps_worth(monkeypatch):
     monkeypatch.setattr(diagonal, "GRADIENT_MEMORY_RATIO",
                         4.5 * per_example / (diagonal.DEFAULT_BATCH_SIZE * gradient))
     diagonal._STEPS.pop(model)
-    chosen = _chosen_sizes(monkeypatch)
+    chosen = chosen_sizes()
     fisher = fisher_diagonal(model, x, likelihood="categorical", verbose=0)
     assert chosen == [4]
     assert 4 in _step_sizes(model) and len(_step_sizes(model)) <= 2  # (the guess's too)
     oracle.assert_close(fisher, oracle.categorical_exact(model, model.trainable_variables, x))
 
 
-def test_the_memory_bound_cuts_no_call_below_min_memory_chunk(monkeypatch):
+def test_the_memory_bound_cuts_no_call_below_min_memory_chunk(monkeypatch, chosen_sizes):
     """However little memory the bounds allow, a call takes MIN_MEMORY_CHUNK examples
     (16); the Fisher is the same."""
     from keras_ewc.fisher import diagonal
@@ -381,7 +365,7 @@ def test_the_memory_bound_cuts_no_call_below_min_memory_chunk(monkeypatch):
     x, _ = _data(model, n=40, classes=3)
     monkeypatch.setattr(diagonal, "MEMORY_BUDGET", 1)
     monkeypatch.setattr(diagonal, "GRADIENT_MEMORY_RATIO", 0)
-    chosen = _chosen_sizes(monkeypatch)
+    chosen = chosen_sizes()
     fisher = fisher_diagonal(model, x, likelihood="categorical", verbose=0)
     assert chosen == [16]
     assert _step_sizes(model) == [16]  # the guess (any) says 16 too: traced once
@@ -443,7 +427,7 @@ def _automatic_loop(model, x, estimator="exact"):
     return loop
 
 
-def test_a_good_guess_of_the_memory_traces_the_cut_step_once(monkeypatch):
+def test_a_good_guess_of_the_memory_traces_the_cut_step_once(monkeypatch, chosen_sizes):
     """Where the guess and the step's count allow the same size, the automatic batch
     traces one step (not one at the data's size to count, then the cut one); the Fisher
     is the same."""
@@ -461,7 +445,7 @@ def test_a_good_guess_of_the_memory_traces_the_cut_step_once(monkeypatch):
     # A budget for 16 to 31 examples by either: calls of 16 (MIN_MEMORY_CHUNK).
     monkeypatch.setattr(diagonal, "MEMORY_BUDGET",
                         int(min(17 * max(guess, count), 31.5 * min(guess, count))))
-    chosen = _chosen_sizes(monkeypatch)
+    chosen = chosen_sizes()
     fisher = fisher_diagonal(model, x, likelihood="categorical", verbose=0)
     assert chosen == [16]
     assert _step_sizes(model) == [16] and diagonal.trace_count(model) == 1
@@ -489,7 +473,7 @@ def test_the_guess_counts_the_columns_the_graph_holds(monkeypatch):
     assert loop.guessed_bytes((x,)) is None
 
 
-def test_automatic_batches_are_cut_to_the_memory_budget(monkeypatch):
+def test_automatic_batches_are_cut_to_the_memory_budget(monkeypatch, chosen_sizes):
     """A step whose batch-sized tensors pass MEMORY_BUDGET runs in chunks (never fewer
     than MIN_MEMORY_CHUNK examples), exactly, and later calls reuse the traces."""
     from keras_ewc.fisher import diagonal
@@ -506,7 +490,7 @@ def test_automatic_batches_are_cut_to_the_memory_budget(monkeypatch):
     monkeypatch.setattr(diagonal, "MEMORY_BUDGET", 4 * per_example + per_example // 2)
     diagonal._STEPS.pop(model)
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(5)
-    chosen = _chosen_sizes(monkeypatch)
+    chosen = chosen_sizes()
     fisher = fisher_diagonal(model, ds, likelihood="categorical", verbose=0)
     oracle.assert_close(fisher, oracle.categorical_exact(model, model.trainable_variables, x))
     assert chosen == [4]

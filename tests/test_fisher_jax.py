@@ -312,7 +312,7 @@ def test_kronecker_factors_match_a_numpy_oracle(estimator):
             np.testing.assert_allclose(got, want, rtol=0, atol=RTOL * np.abs(want).max())
 
 
-def test_the_automatic_batch_respects_the_memory_budget(monkeypatch):
+def test_the_automatic_batch_respects_the_memory_budget(monkeypatch, chosen_sizes):
     from keras_ewc.backend.jax import fisher as jax_fisher
     from keras_ewc.fisher import diagonal
 
@@ -327,14 +327,7 @@ def test_the_automatic_batch_respects_the_memory_budget(monkeypatch):
     # A budget for about 100 examples: calls of 64 (a power of two), the same Fisher.
     monkeypatch.setattr(diagonal, "MEMORY_BUDGET", 100 * per_example)
     monkeypatch.setattr(diagonal, "GRADIENT_MEMORY_RATIO", 0)  # the fixed budget alone
-    chosen, choose = [], diagonal.automatic_step  # the steps that run
-
-    def spy(*args, **kwargs):
-        step = choose(*args, **kwargs)
-        chosen.append(step.batch_size)
-        return step
-
-    monkeypatch.setattr(diagonal, "automatic_step", spy)
+    chosen = chosen_sizes()  # the steps that run
     jax_fisher._JAX_STEPS.pop(net)
     chunked = keras_ewc.fisher_diagonal(net, x, likelihood="categorical", verbose=0)
     assert chosen == [64]

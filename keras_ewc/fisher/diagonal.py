@@ -438,7 +438,7 @@ class _Loop:
             except Exception:  # only a guess: the traced step raises, with context
                 return None
             columns = int(np.prod(terms.shape[1:]))  # the engine's [B, T] of them
-            if fast_module.COLUMNS_A_ROUND < columns <= fast_module.COLUMNS_AT_A_TIME:
+            if fast_module.loops_over(columns):
                 columns = fast_module.COLUMNS_A_ROUND  # in a loop: one round counted
         elif self.estimator == "sampled":
             columns = int(self.samples or 1)

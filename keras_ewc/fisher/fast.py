@@ -216,11 +216,17 @@ def record(model, layers, terms_fn, inputs, extra, local=()):
 
 
 def looped(terms) -> bool:
-    """Whether `kernel_sums` takes the T term columns in rounds of a graph loop
-    (`column_loop`): `COLUMNS_A_ROUND` < T <= `COLUMNS_AT_A_TIME` (one round is unrolled:
-    `column_grads(apart=True)`)."""
+    """Whether `kernel_sums` takes the `[B, T]` terms' columns in rounds of a graph loop
+    (`column_loop`; `loops_over`)."""
     count = terms.shape[1]
-    return count is not None and COLUMNS_A_ROUND < int(count) <= COLUMNS_AT_A_TIME
+    return count is not None and loops_over(int(count))
+
+
+def loops_over(count: int) -> bool:
+    """Whether T = `count` term columns run in rounds of `column_loop`:
+    `COLUMNS_A_ROUND` < T <= `COLUMNS_AT_A_TIME` (one round is unrolled:
+    `column_grads(apart=True)`)."""
+    return COLUMNS_A_ROUND < count <= COLUMNS_AT_A_TIME
 
 
 _BODIES = "_keras_ewc_column_loops"
